@@ -1,0 +1,7 @@
+"""ComfyUI-TextVideoEdit (TVE): training-free, text-driven, temporally consistent video editing for ComfyUI.
+
+Loaded by ComfyUI from ``custom_nodes/<any folder name>/``; registers the V1 node classes of ``nodes/``.
+"""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,156 @@
+"""Optical flow, FLATTEN trajectories and their previews (FLATTEN §3.2; RAFT, Teed & Deng 2020)."""
+from __future__ import annotations
+
+import torch
+
+from ..flow.estimate import FlowField, build_raft, estimate_flow
+from ..flow.preview import draw_tracks, flow_to_color, occlusion_to_image
+from ..flow.trajectories import Trajectories, build_trajectories
+from . import host
+
+CATEGORY = "video editing/TVE"
+FLOW_METHODS = ["raft_large", "raft_small", "dis"]
+NO_WEIGHTS = "none (method dis)"
+GRID_CHOICES = ["latent", "latent/2", "latent/4", "latent/8"]
+
+
+def check_frames(images: torch.Tensor, name: str = "images") -> None:
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{name}: expected IMAGE frames (F, H, W, 3), got shape {tuple(images.shape)}")
+    if images.shape[0] < 2:
+        raise ValueError(f"{name}: optical flow needs at least 2 frames, got {images.shape[0]}")
+
+
+def check_flow_matches_latent(flow: FlowField, samples: torch.Tensor) -> None:
+    """Frame count and aspect ratio of the FLOW must be those of the LATENT it will steer."""
+    if samples.ndim != 4:
+        raise ValueError(f"latent: expected image latents (F, C, h, w), got shape {tuple(samples.shape)}")
+    frames, (h, w) = samples.shape[0], samples.shape[-2:]
+    if frames != flow.frames:
+        raise ValueError(f"latent: has {frames} frames but the flow was computed on {flow.frames}; "
+                         "use the same frames for both")
+    # h, w come from H/8, W/8 rounded: allow one latent cell of rounding on the shorter side.
+    if abs(flow.height * w - flow.width * h) > max(flow.height, flow.width) * (1 + 0.01 * min(h, w)):
+        raise ValueError(f"latent: aspect ratio {w}x{h} does not match the flow's {flow.width}x{flow.height}; "
+                         "compute the flow on the frames that were VAE-encoded")
+
+
+class OpticalFlow:
+    DESCRIPTION = ("Forward and backward optical flow between consecutive frames, with an occlusion mask from "
+                   "forward-backward consistency. RAFT needs a torchvision checkpoint in models/optical_flow; "
+                   "'dis' (OpenCV) needs none and runs on the CPU.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "The source video frames, in order."}),
+            "method": (FLOW_METHODS, {"default": "raft_large"}),
+            "raft_weights": ([NO_WEIGHTS] + host.optical_flow_files(), {
+                "tooltip": "torchvision RAFT checkpoint in models/optical_flow (ignored by 'dis')."}),
+            "batch_size": ("INT", {"default": 8, "min": 1, "max": 256,
+                                   "tooltip": "Frame pairs per RAFT call; lower it if you run out of memory."}),
+        }}
+
+    RETURN_TYPES = ("FLOW",)
+    FUNCTION = "estimate"
+    CATEGORY = CATEGORY
+
+    def estimate(self, images: torch.Tensor, method: str, raft_weights: str, batch_size: int):
+        check_frames(images)
+        if method not in FLOW_METHODS:
+            raise ValueError(f"method: expected one of {FLOW_METHODS}, got '{method}'")
+        raft = None
+        if method != "dis":
+            if raft_weights == NO_WEIGHTS:
+                raise ValueError(
+                    f"raft_weights: {method} needs a torchvision RAFT checkpoint; put "
+                    f"{'raft_large_C_T_SKHT_V2-ff5fadd5.pth' if method == 'raft_large' else 'raft_small_C_T_V2-01064c6d.pth'}"
+                    f" into one of {host.optical_flow_folders()} or choose method 'dis'")
+            raft = build_raft(method, host.load_optical_flow_weights(raft_weights)).to(host.torch_device())
+        pairs = images.shape[0] - 1
+        on_batch = host.progress(2 * pairs)
+        try:
+            flow = estimate_flow(images, method, raft=raft, batch_size=batch_size, on_batch=on_batch)
+        finally:
+            if raft is not None:
+                raft.to(host.offload_device())
+        device = host.intermediate_device()
+        return (FlowField(forward=flow.forward.to(device), backward=flow.backward.to(device),
+                          occlusion=flow.occlusion.to(device), method=flow.method),)
+
+
+class FlowTrajectories:
+    DESCRIPTION = ("FLATTEN's patch trajectories: cells linked along the flow at every token grid the UNet sees "
+                   "for this latent (latent size, /2, /4, /8). Every cell of every frame lies on exactly one "
+                   "trajectory.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "flow": ("FLOW",),
+            "latent": ("LATENT", {"tooltip": "The VAE-encoded frames the edit will start from."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                             "tooltip": "Decides which trajectory continues when several land on one cell."}),
+            "cut_at_occlusions": ("BOOLEAN", {"default": True,
+                                              "tooltip": "End a trajectory where its cell is mostly occluded."}),
+        }}
+
+    RETURN_TYPES = ("TRAJECTORIES",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    def build(self, flow: FlowField, latent: dict, seed: int, cut_at_occlusions: bool):
+        samples = latent["samples"]
+        check_flow_matches_latent(flow, samples)
+        return (build_trajectories(flow, tuple(samples.shape[-2:]), seed=seed, cut_occluded=cut_at_occlusions),)
+
+
+class PreviewFlow:
+    DESCRIPTION = "Colour-wheel picture of the forward flow (hue = direction, saturation = speed) and the occlusion mask."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"flow": ("FLOW",)}}
+
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("flow", "occlusion")
+    FUNCTION = "preview"
+    CATEGORY = CATEGORY
+
+    def preview(self, flow: FlowField):
+        return flow_to_color(flow.forward), occlusion_to_image(flow.occlusion)
+
+
+class PreviewTrajectories:
+    DESCRIPTION = "Draws a sample of the longest trajectories of one token grid over the frames."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "trajectories": ("TRAJECTORIES",),
+            "images": ("IMAGE",),
+            "grid": (GRID_CHOICES, {"default": "latent"}),
+            "tracks": ("INT", {"default": 64, "min": 1, "max": 4096}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "preview"
+    CATEGORY = CATEGORY
+
+    def preview(self, trajectories: Trajectories, images: torch.Tensor, grid: str, tracks: int, seed: int):
+        if images.shape[0] != trajectories.frames:
+            raise ValueError(f"images: has {images.shape[0]} frames but the trajectories span {trajectories.frames}")
+        grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])
+        level = GRID_CHOICES.index(grid)
+        if level >= len(grids):
+            raise ValueError(f"grid: '{grid}' is not available; these trajectories have {len(grids)} grids")
+        return (draw_tracks(images, trajectories.at(grids[level]), tracks, seed),)
+
+
+NODES = {
+    "TVE_OpticalFlow": (OpticalFlow, "Optical Flow (TVE)"),
+    "TVE_FlowTrajectories": (FlowTrajectories, "Flow Trajectories (TVE)"),
+    "TVE_PreviewFlow": (PreviewFlow, "Preview Flow (TVE)"),
+    "TVE_PreviewTrajectories": (PreviewTrajectories, "Preview Trajectories (TVE)"),
+}

@@ -1,0 +1,137 @@
+"""Tiny SD1.5-, SD2- (v-prediction, linear proj) and SDXL-shaped models for the two test hosts.
+
+``make_tiny_model(family)`` returns a ``ModelPatcher``: with ``COMFYUI_PATH`` set, a real comfy BaseModel built
+from comfy's own model configs with seeded random weights; otherwise the stand-in host's patcher around a UNet
+with the same block layout (replace keys, token grids, channels), enough for node logic.
+Conditioning and latents of the right shapes come from ``make_conditioning`` / ``make_latent``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+REAL_HOST = bool(os.environ.get("COMFYUI_PATH"))
+FAMILIES = ("sd15", "sd2", "sdxl")
+
+# Block layouts shared by both hosts: 2 resolution levels, 32 channels, SD1.5 / SD2 with attention at every
+# level, SDXL with none at the latent resolution and depth 2 below it (the real SDXL pattern, shrunk).
+_UNET = {
+    "sd15": dict(context_dim=768, use_linear_in_transformer=False, transformer_depth=[1, 1],
+                 transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, adm_in_channels=None),
+    "sd2": dict(context_dim=1024, use_linear_in_transformer=True, transformer_depth=[1, 1],
+                transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, adm_in_channels=None),
+    "sdxl": dict(context_dim=2048, use_linear_in_transformer=True, transformer_depth=[0, 2],
+                 transformer_depth_output=[0, 0, 2, 2], transformer_depth_middle=2, adm_in_channels=2816,
+                 num_classes="sequential"),
+}
+_COMMON = dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False, in_channels=4,
+               out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1],
+               use_temporal_resblock=False, use_temporal_attention=False)
+HEAD_CHANNELS = 8
+
+
+def unet_config(family: str) -> dict:
+    return {**_COMMON, **_UNET[family]}
+
+
+def make_tiny_model(family: str = "sd15", seed: int = 0):
+    return _real_model(family, seed) if REAL_HOST else _stand_in_model(family, seed)
+
+
+def make_conditioning(family: str = "sd15", seed: int = 1, batch: int = 1) -> list:
+    g = torch.Generator().manual_seed(seed)
+    dim = _UNET[family]["context_dim"]
+    extra = {"pooled_output": torch.randn(batch, 1280, generator=g)} if family == "sdxl" else {}
+    return [[torch.randn(batch, 77, dim, generator=g), extra]]
+
+
+def make_latent(frames: int = 4, height: int = 16, width: int = 16, seed: int = 2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(frames, 4, height, width, generator=g)}
+
+
+def _init_weights(module: nn.Module, seed: int) -> None:
+    """Seeded weights (comfy's ops leave parameters uninitialised): unit norms, zero biases, fan-in scaled."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".norm" in name or "norm." in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+
+
+def _real_model(family: str, seed: int):
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config_class = {"sd15": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
+                    "sdxl": comfy.supported_models.SDXL}[family]
+    mc = config_class(unet_config(family))
+    mc.unet_config.update(num_heads=-1, num_head_channels=HEAD_CHANNELS)
+    mc.set_inference_dtype(torch.float32, None)
+    model_type = comfy.model_base.ModelType.V_PREDICTION if family == "sd2" else comfy.model_base.ModelType.EPS
+    base = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
+    model = base(mc, model_type=model_type, device=torch.device("cpu"))
+    _init_weights(model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+# ------------------------------------------------------------------------------------------ stand-in host
+class Downsample(nn.Module):
+    """Named like comfy's so block-level counting works the same way."""
+
+
+class Upsample(nn.Module):
+    pass
+
+
+class _StandInResBlock(nn.Module):
+    pass
+
+
+def _stand_in_unet(family: str) -> nn.Module:
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    cfg = unet_config(family)
+    depth_out = list(cfg["transformer_depth_output"])
+    channels = [cfg["model_channels"] * m for m in cfg["channel_mult"]]
+
+    def spatial(ch: int, depth: int) -> list:
+        return [SpatialTransformer(ch, ch // HEAD_CHANNELS, HEAD_CHANNELS, depth)] if depth else []
+
+    unet = nn.Module()
+    inputs = [nn.Sequential(_StandInResBlock())]
+    for level, ch in enumerate(channels):
+        inputs.append(nn.Sequential(_StandInResBlock(), *spatial(ch, cfg["transformer_depth"][level])))
+        if level < len(channels) - 1:
+            inputs.append(nn.Sequential(Downsample()))
+    unet.input_blocks = nn.ModuleList(inputs)
+    unet.middle_block = nn.Sequential(_StandInResBlock(), *spatial(channels[-1], cfg["transformer_depth_middle"]),
+                                      _StandInResBlock())
+    outputs = []
+    for level in reversed(range(len(channels))):
+        for i in range(cfg["num_res_blocks"][level] + 1):
+            layers = [_StandInResBlock(), *spatial(channels[level], depth_out.pop())]
+            if level and i == cfg["num_res_blocks"][level]:
+                layers.append(Upsample())
+            outputs.append(nn.Sequential(*layers))
+    unet.output_blocks = nn.ModuleList(outputs)
+    return unet
+
+
+def _stand_in_model(family: str, seed: int):
+    from comfy.model_patcher import ModelPatcher
+
+    base = nn.Module()
+    base.diffusion_model = _stand_in_unet(family)
+    _init_weights(base, seed)
+    return ModelPatcher(base)

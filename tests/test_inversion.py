@@ -1,0 +1,145 @@
+"""DDIM inversion: the host-free sampler function, and the node inside the real ComfyUI sampling stack."""
+import math
+
+import pytest
+import torch
+
+from tve.nodes.inversion import sample_ddim_inversion
+from tve.tests.hosts import FAMILIES, make_conditioning, make_latent, make_tiny_model
+
+real_host = pytest.mark.real_host
+
+
+def gaussian_denoiser(s: float):
+    """Exact D(x; σ) for data ~ N(0, s²) per dimension: the posterior mean x·s²/(s²+σ²)."""
+    return lambda x, sigma: x * (s * s / (s * s + sigma.reshape(-1, *[1] * (x.ndim - 1)) ** 2))
+
+
+def euler_float64(x: torch.Tensor, sigmas: torch.Tensor, s: float, floor: float) -> torch.Tensor:
+    """Independent float64 Euler walk of the probability-flow ODE dx/dσ = (x − D(x;σ))/σ on ``sigmas``."""
+    x = x.double()
+    for a, b in zip(sigmas[:-1].double().tolist(), sigmas[1:].double().tolist()):
+        sig = max(a, floor)
+        x = x + (b - a) * (x - x * s * s / (s * s + sig * sig)) / sig
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inversion_sampler_matches_float64_euler_on_gaussian_data(dtype):
+    sigmas = torch.tensor([0.0, 0.03, 0.3, 1.0, 3.0, 14.6])
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    recorded = {}
+    x_T = sample_ddim_inversion(gaussian_denoiser(1.0), x0, sigmas.to(dtype), sigma_floor=0.03,
+                                record=lambda i, x: recorded.__setitem__(i, x))
+    expected = euler_float64(x0, sigmas, 1.0, 0.03)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert x_T.dtype == dtype
+    assert torch.allclose(x_T.double(), expected, rtol=tol, atol=tol * expected.abs().max())
+    assert sorted(recorded) == list(range(len(sigmas)))
+    assert torch.equal(recorded[0], x0) and torch.equal(recorded[len(sigmas) - 1], x_T)
+
+
+def test_inversion_sampler_first_step_evaluates_at_the_floor_not_zero():
+    seen = []
+
+    def model(x, sigma):
+        seen.append(float(sigma[0]))
+        return torch.zeros_like(x)
+
+    sample_ddim_inversion(model, torch.ones(1, 4, 2, 2), torch.tensor([0.0, 1.0, 2.0]), sigma_floor=0.0292)
+    assert seen == pytest.approx([0.0292, 1.0])
+
+
+# ---------------------------------------------------------------------------------------------- real host
+class AnalyticUNet(torch.nn.Module):
+    """EPS 'UNet' of Gaussian data N(0, s²): returns ε̂ = x·σ/(s²+σ²) for the host's scaled input."""
+
+    def __init__(self, model_sampling, s: float):
+        super().__init__()
+        self.model_sampling, self.s = model_sampling, s
+        self.dtype = torch.float32
+
+    def forward(self, xc, timesteps, context=None, control=None, transformer_options={}, **kwargs):
+        sigma = self.model_sampling.sigma(timesteps).reshape(-1, 1, 1, 1).to(xc.dtype)
+        x = xc * (sigma ** 2 + 1) ** 0.5
+        return x * sigma / (self.s ** 2 + sigma ** 2)
+
+
+def analytic_model(s: float = 1.0):
+    model = make_tiny_model("sd15").clone()
+    model.add_object_patch("diffusion_model", AnalyticUNet(model.get_model_object("model_sampling"), s))
+    return model
+
+
+def reconstruct(model, x_T, conditioning, sigmas):
+    import comfy.sample
+    import comfy.samplers
+    sampler = comfy.samplers.sampler_object("euler")
+    return comfy.sample.sample_custom(model, torch.zeros_like(x_T), 1.0, sampler, sigmas, conditioning, conditioning,
+                                      x_T, disable_pbar=True)
+
+
+@real_host
+def test_node_inversion_and_reconstruction_match_float64_euler_and_improve_with_steps():
+    from tve.nodes.inversion import invert
+    s = 1.0
+    model = analytic_model(s)
+    cond = make_conditioning("sd15")
+    latent = make_latent(3, 8, 8)["samples"] / 0.18215 * s          # model space: data ~ N(0, s²)
+    errors = []
+    for steps in (10, 50):
+        x_T, inversion = invert(model, latent, cond, steps, "ddim_uniform")
+        floor = float(model.get_model_object("model_sampling").sigma_min)
+        x0 = latent * 0.18215
+        expected_T = euler_float64(x0, inversion.sigmas.flip(0), s, floor)
+        assert torch.allclose((x_T * 0.18215).double(), expected_T, rtol=1e-4, atol=1e-4 * expected_T.abs().max())
+        recon = reconstruct(model, x_T, cond, inversion.sigmas)
+        expected_recon = euler_float64(expected_T, inversion.sigmas, s, floor) / 0.18215
+        assert torch.allclose(recon.double(), expected_recon, rtol=1e-3, atol=1e-3 * expected_recon.abs().max())
+        errors.append(float((recon - latent).norm() / latent.norm()))
+    assert errors[1] < errors[0] * 0.5, errors
+
+
+@real_host
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inversion_keys_are_the_sampling_grid_sigmas_and_latents_are_kept_in_model_dtype(family):
+    from tve.nodes import host
+    from tve.nodes.inversion import DDIMInversion
+    model = make_tiny_model(family)
+    latent = make_latent(4, 16, 16)
+    x_T, inversion, sigmas = DDIMInversion().invert(model, latent, make_conditioning(family), 4, "ddim_uniform")
+    grid = host.sigma_grid(model, "ddim_uniform", 4)
+    assert torch.equal(inversion.sigmas, grid) and torch.equal(sigmas, grid)
+    assert inversion.latents.shape == (5, 4, 4, 16, 16) and inversion.latents.dtype == host.model_dtype(model)
+    assert inversion.latents.device == host.intermediate_device()
+    ms = model.get_model_object("model_sampling")
+    assert torch.allclose(inversion.latents[-1], model.model.process_latent_in(latent["samples"]))
+    assert torch.allclose(inversion.latents[0], model.model.process_latent_in(x_T["samples"]), atol=1e-5)
+    assert inversion.family == host.model_family(model) and inversion.frames == 4
+    assert float(ms.sigma_min) > 0
+
+
+@real_host
+def test_inversion_rejects_too_few_steps_and_leaves_the_artists_model_unpatched():
+    from tve.nodes.inversion import invert
+    model = make_tiny_model("sd15")
+    before = repr(model.model_options)
+    with pytest.raises(ValueError, match="steps"):
+        invert(model, make_latent(2, 8, 8)["samples"], make_conditioning(), 1, "ddim_uniform")
+    invert(model, make_latent(2, 8, 8)["samples"], make_conditioning(), 2, "ddim_uniform")
+    assert repr(model.model_options) == before
+
+
+@real_host
+def test_inversion_from_another_family_or_grid_is_refused():
+    from tve.nodes.inversion import invert
+    _, inversion = invert(make_tiny_model("sd15"), make_latent(2, 8, 8)["samples"], make_conditioning(), 3,
+                          "ddim_uniform")
+    with pytest.raises(ValueError, match="SD15"):
+        inversion.check_model(make_tiny_model("sdxl"))
+    with pytest.raises(ValueError, match="latent"):
+        inversion.check_latent(torch.zeros(2, 4, 8, 16))
+    with pytest.raises(ValueError, match="σ grid"):
+        inversion.index_of(float(inversion.sigmas[1]) * 1.1)
+    assert inversion.index_of(float(inversion.sigmas[1])) == 1
+    assert math.isfinite(float(inversion.latents.abs().max()))
