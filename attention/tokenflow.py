@@ -1,0 +1,223 @@
+"""TokenFlow propagation: nearest-neighbour fields between source tokens and keyframe-output blending.
+
+TokenFlow (Geyer et al., ICLR 2024), §3.2–3.3: the keyframes are edited jointly; every other frame's
+self-attention output tokens (after ``to_out``) are the keyframes' output tokens gathered through the
+nearest-neighbour field of the SOURCE video's tokens (cosine similarity, argmax; the official code matches the
+normed self-attention input of the source branch at the same step) and blended between two keyframes (Eq. 5).
+
+Two blending rules (``PROPAGATION_MODES``):
+
+* ``paper`` — the two keyframes nearest in time, the one at or before the frame and the one after it,
+  weighted linearly by frame id: ``w_prev = (k_next - f) / (k_next - k_prev)``. Before the first or after
+  the last keyframe only one exists (weight 1). A keyframe gets exactly its own output tokens.
+* ``official`` — the rule of omerbt/TokenFlow (``tokenflow_utils.py``, ``make_tokenflow_attention_block``):
+  the keyframe of the frame's window and, unless it is the call's first window, the keyframe of the previous
+  window; distances to the window CENTRES ``window * interval + interval // 2``; the current window's keyframe
+  gets ``sigmoid(d_prev / (d_cur + d_prev))`` (always in [0.5, 0.731]), the previous one the rest. Hence, as in
+  the official code, a keyframe outside the first window does NOT get exactly its own tokens.
+
+Windows of ``official`` are windows of GLOBAL frame ids, ``window = frame_id // interval`` — the windows
+``pick_keyframes`` draws one keyframe from — and the call's first window plays the official code's window 0
+(it has no previous window). When the call's frames are ``0..F-1`` (the official code's whole video), or any
+run of consecutive ids starting at a multiple of ``interval`` (e.g. frames 16..31 of a context window), this is
+exactly the official rule on the positions within the call. For other context windows (starting mid-window,
+strided) window positions within the call would not hold one keyframe each; global windows always do.
+
+Exact copies: the official argmax picks the first of several equal tokens. Here a token that is bit-identical
+to the keyframe token at the same position maps to that position (a maximum of the cosine similarity all the
+same), so a frame matched to itself, or a static region, maps by identity even with duplicate tokens.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+PROPAGATION_MODES = ("paper", "official")
+
+SIMILARITY_BUDGET = 1 << 26     # float32 elements of one chunk's similarities and copies (256 MiB)
+
+
+def nearest_neighbour_field(source_frames: torch.Tensor, source_keyframes: torch.Tensor,
+                            chunk_size: int | None = None) -> torch.Tensor:
+    """For each frame f, keyframe j and token t of f, the index of the most cosine-similar token of keyframe j.
+
+    source_frames (frames, tokens, channels), source_keyframes (keyframes, tokens, channels) -> (frames,
+    keyframes, tokens) long. Similarities in float32 (normalised keyframe tokens, matmul), ``chunk_size`` frames
+    at a time (None: as many as fit ``SIMILARITY_BUDGET``), never as the whole (F·T, K·T) matrix.
+    """
+    frames, tokens, keyframes = _check_sources(source_frames, source_keyframes)
+    frame_index = torch.arange(frames).repeat_interleave(keyframes)                   # (F·K,)
+    keyframe_index = torch.arange(keyframes).repeat(frames)                            # (F·K,)
+    per_chunk = None if chunk_size is None else _check_chunk_size(chunk_size) * keyframes
+    return _field(source_frames, source_keyframes, frame_index, keyframe_index, per_chunk).view(
+        frames, keyframes, tokens)
+
+
+def pair_nearest_neighbour_field(source_frames: torch.Tensor, source_keyframes: torch.Tensor, pair: torch.Tensor,
+                                 chunk_size: int | None = None) -> torch.Tensor:
+    """The nearest-neighbour field of each frame to the two keyframes it blends, ``pair`` (frames, 2).
+
+    Equals ``nearest_neighbour_field(...)`` gathered at ``pair`` along the keyframe axis, but only computes
+    the needed (frame, keyframe) couples, once each: -> (frames, 2, tokens) long.
+    """
+    frames, tokens, keyframes = _check_sources(source_frames, source_keyframes)
+    _check_pair(pair, frames, keyframes)
+    pair = pair.to(torch.long).cpu()
+    couples, inverse = torch.unique(torch.arange(frames)[:, None] * keyframes + pair, return_inverse=True)
+    per_chunk = None if chunk_size is None else _check_chunk_size(chunk_size) * 2      # about chunk_size frames
+    field = _field(source_frames, source_keyframes, couples // keyframes, couples % keyframes, per_chunk)
+    return field[inverse.to(field.device)]                                               # (F, 2, T)
+
+
+def propagation_weights(frame_ids: Sequence[int] | torch.Tensor, keyframe_ids: Sequence[int] | torch.Tensor,
+                        mode: str, interval: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two keyframes each frame blends and their weights (TokenFlow Eq. 5; see the module doc for modes).
+
+    frame_ids (frames,) and keyframe_ids (keyframes,) are GLOBAL frame ids; keyframe_ids strictly increasing
+    and among frame_ids. Returns pair (frames, 2) long indices into keyframe_ids and weights (frames, 2)
+    float32, rows summing to 1; a frame blending one keyframe has pair (j, j) and weights (1, 0).
+    """
+    if mode not in PROPAGATION_MODES:
+        raise ValueError(f"mode: expected one of {PROPAGATION_MODES}, got {mode!r}")
+    if interval < 1:
+        raise ValueError(f"interval: expected at least 1, got {interval}")
+    f = _ids(frame_ids, "frame_ids")                                                   # (F,)
+    k = _ids(keyframe_ids, "keyframe_ids")                                             # (K,)
+    if len(f) == 0 or len(k) == 0:
+        raise ValueError(f"frame_ids, keyframe_ids: expected at least one of each, got {len(f)} and {len(k)}")
+    if len(torch.unique(f)) != len(f):
+        raise ValueError(f"frame_ids: expected distinct ids, got {f.tolist()}")
+    if (k[1:] <= k[:-1]).any():
+        raise ValueError(f"keyframe_ids: expected strictly increasing ids, got {k.tolist()}")
+    if not torch.isin(k, f).all():
+        raise ValueError(f"keyframe_ids: expected ids among frame_ids, got {k.tolist()} for frames {f.tolist()}")
+    if mode == "paper":
+        return _paper_weights(f, k)
+    return _official_weights(f, k, interval)
+
+
+def propagate(keyframe_out: torch.Tensor, field: torch.Tensor, pair: torch.Tensor,
+              weights: torch.Tensor) -> torch.Tensor:
+    """Each frame's tokens gathered from its two keyframes through the field and blended (TokenFlow Eq. 5).
+
+    keyframe_out (chunks, keyframes, tokens, channels) — the keyframes' self-attention outputs of every cond
+    chunk; field (frames, 2, tokens) from ``pair_nearest_neighbour_field``; pair (frames, 2) and weights
+    (frames, 2) from ``propagation_weights``, rows summing to 1. The same field serves every chunk.
+    -> (chunks, frames, tokens, channels) in keyframe_out's dtype; blended as ``lerp`` in float32, so weight 0
+    or two equal tokens give the token exactly.
+    """
+    if keyframe_out.ndim != 4:
+        raise ValueError(f"keyframe_out: expected (chunks, keyframes, tokens, channels), "
+                         f"got {tuple(keyframe_out.shape)}")
+    chunks, keyframes, tokens, channels = keyframe_out.shape
+    if field.ndim != 3 or field.shape[1:] != (2, tokens):
+        raise ValueError(f"field: expected (frames, 2, {tokens}), got {tuple(field.shape)}")
+    frames = field.shape[0]
+    _check_pair(pair, frames, keyframes)
+    if tuple(weights.shape) != (frames, 2):
+        raise ValueError(f"weights: expected ({frames}, 2), got {tuple(weights.shape)}")
+    if not torch.allclose(weights.sum(1).float(), torch.ones((), device=weights.device), atol=1e-4):
+        raise ValueError(f"weights: expected rows summing to 1, got sums {weights.sum(1).tolist()}")
+    device = keyframe_out.device
+    flat = keyframe_out.reshape(chunks, keyframes * tokens, channels)                  # (chunks, K·T, C)
+    index = pair.to(device, torch.long)[:, :, None] * tokens + field.to(device, torch.long)  # (F, 2, T)
+    first = flat[:, index[:, 0].reshape(-1)].float()                                   # (chunks, F·T, C)
+    second = flat[:, index[:, 1].reshape(-1)].float()                                  # (chunks, F·T, C)
+    w_second = weights[:, 1].to(device, torch.float32).repeat_interleave(tokens)[:, None]   # (F·T, 1)
+    out = torch.lerp(first, second, w_second)                                          # (chunks, F·T, C)
+    return out.to(keyframe_out.dtype).view(chunks, frames, tokens, channels)
+
+
+# ---------------------------------------------------------------------------------------------- internals
+def _field(source_frames: torch.Tensor, source_keyframes: torch.Tensor, frame_index: torch.Tensor,
+           keyframe_index: torch.Tensor, per_chunk: int | None) -> torch.Tensor:
+    """Argmax cosine similarity of the tokens of frame_index[p] over those of keyframe_index[p]: (P, tokens)."""
+    tokens, channels = source_frames.shape[1:]
+    device = source_frames.device
+    if per_chunk is None:
+        per_chunk = max(1, SIMILARITY_BUDGET // (tokens * (tokens + 3 * channels)))
+    keyframes_unit = F.normalize(source_keyframes.float(), dim=-1)                    # (K, T, C)
+    same_position = torch.arange(tokens, device=device)                                # (T,)
+    fields = []
+    for start in range(0, len(frame_index), per_chunk):
+        fi = frame_index[start:start + per_chunk].to(device)                            # (P,)
+        ki = keyframe_index[start:start + per_chunk].to(device)                         # (P,)
+        frame = source_frames[fi]                                                        # (P, T, C)
+        # cosine similarity up to the positive factor |frame token|, which leaves the argmax over keyframe tokens
+        similarity = torch.bmm(frame.float(), keyframes_unit[ki].transpose(1, 2))         # (P, T, T)
+        nearest = similarity.argmax(dim=-1)                                              # (P, T)
+        copy = (frame == source_keyframes[ki]).all(dim=-1)                               # (P, T)
+        fields.append(torch.where(copy, same_position, nearest))
+    return torch.cat(fields)
+
+
+def _paper_weights(f: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest keyframe at or before and after each frame, linear weights by frame id."""
+    after = torch.searchsorted(k, f, right=True)                                       # (F,) first keyframe > f
+    before = after - 1                                                                   # (F,) last keyframe <= f
+    has_before, has_after = before >= 0, after < len(k)
+    before, after = before.clamp(min=0), after.clamp(max=len(k) - 1)
+    k_prev, k_next = k[before], k[after]
+    between = has_before & has_after & (k_prev != f)
+    w_prev = torch.where(between, (k_next - f).double() / (k_next - k_prev).double(), 1.0)
+    first = torch.where(has_before, before, after)
+    second = torch.where(between, after, first)
+    return torch.stack([first, second], 1), torch.stack([w_prev, 1 - w_prev], 1).float()
+
+
+def _official_weights(f: torch.Tensor, k: torch.Tensor, interval: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """omerbt/TokenFlow: own window's keyframe and the previous window's, sigmoid of centre distances."""
+    window, keyframe_window = f // interval, k // interval                              # (F,), (K,)
+    if (keyframe_window[1:] == keyframe_window[:-1]).any():
+        raise ValueError(f"keyframe_ids: expected at most one keyframe per window of {interval} frame ids "
+                         f"(official mode), got {k.tolist()}")
+    current = torch.searchsorted(keyframe_window, window).clamp(max=len(k) - 1)        # (F,)
+    if (keyframe_window[current] != window).any():
+        missing = sorted(set(window.tolist()) - set(keyframe_window.tolist()))
+        raise ValueError(f"keyframe_ids: expected one keyframe in every window of {interval} frame ids "
+                         f"(official mode), windows {missing} have none (keyframes {k.tolist()})")
+    previous = (current - 1).clamp(min=0)
+    has_previous = (current > 0) & (keyframe_window[previous] == window - 1)
+    centre = window * interval + interval // 2                                           # (F,)
+    d_cur = (f - centre).abs().double()
+    d_prev = (f - (centre - interval)).abs().double()                                   # d_cur + d_prev >= interval
+    w_cur = torch.where(has_previous, torch.sigmoid(d_prev / (d_cur + d_prev)), 1.0)
+    second = torch.where(has_previous, previous, current)
+    return torch.stack([current, second], 1), torch.stack([w_cur, 1 - w_cur], 1).float()
+
+
+def _ids(ids: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
+    ids = torch.as_tensor(ids).cpu()
+    if ids.numel() == 0:
+        return ids.reshape(0).to(torch.long)
+    if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or (ids < 0).any():
+        raise ValueError(f"{name}: expected a 1-D sequence of non-negative integer frame ids, got {ids.tolist()}")
+    return ids.to(torch.long)
+
+
+def _check_sources(source_frames: torch.Tensor, source_keyframes: torch.Tensor) -> tuple[int, int, int]:
+    if source_frames.ndim != 3:
+        raise ValueError(f"source_frames: expected (frames, tokens, channels), got {tuple(source_frames.shape)}")
+    if source_keyframes.ndim != 3 or source_keyframes.shape[1:] != source_frames.shape[1:]:
+        raise ValueError(f"source_keyframes: expected (keyframes, {source_frames.shape[1]}, "
+                         f"{source_frames.shape[2]}) like source_frames, got {tuple(source_keyframes.shape)}")
+    if len(source_keyframes) == 0:
+        raise ValueError("source_keyframes: expected at least one keyframe, got none")
+    return source_frames.shape[0], source_frames.shape[1], source_keyframes.shape[0]
+
+
+def _check_pair(pair: torch.Tensor, frames: int, keyframes: int) -> None:
+    if pair.ndim != 2 or tuple(pair.shape) != (frames, 2):
+        raise ValueError(f"pair: expected ({frames}, 2) keyframe indices, got {tuple(pair.shape)}")
+    if pair.dtype.is_floating_point or pair.dtype == torch.bool:
+        raise ValueError(f"pair: expected integer keyframe indices, got {pair.dtype}")
+    if pair.numel() and (pair.min() < 0 or pair.max() >= keyframes):
+        raise ValueError(f"pair: expected indices in [0, {keyframes}), got {pair.min().item()}..{pair.max().item()}")
+
+
+def _check_chunk_size(chunk_size: int) -> int:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected at least 1 frame, got {chunk_size}")
+    return chunk_size
