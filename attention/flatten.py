@@ -1,0 +1,228 @@
+"""FLATTEN trajectory attention: each token attends to the tokens on its own optical-flow trajectory.
+
+FLATTEN (Cong et al., ICLR 2024), §3.2–3.3: after the dense spatio-temporal attention, every patch token
+attends to the tokens its trajectory passes through in the frames of the call; all tokens of a trajectory share
+one key set. The official code and the ComfyUI ports gather a private key/value list per query, O(F²·T·C)
+memory. Here the attention is GROUPED: gather the tokens of each trajectory into one row, attend along the row
+with a key-padding mask, put the rows back: O(F·T·C) memory.
+
+Rows are bucketed by length (lengths in (2^(b-1), 2^b] share a bucket, padded to the longest of them), so
+padding at most doubles the tokens however many short trajectories the flow leaves; a bucket is cut into groups
+of at most 1/``GROUPS_PER_CALL`` of the call's tokens, each one gather, one attention and one write-back, so the
+temporaries stay a fraction of the output. A length-1 row is its own value (softmax over one key). Padding
+slots repeat the row's first token and are masked as keys only: every row has a real key, so no softmax row is
+empty and no NaN can arise; padding outputs are never written back.
+
+The index is built once per (trajectories, frames of the call) by ``trajectory_index``; the attention takes it
+with q, k, v of the block: FLATTEN's default (``old_qk=0``) passes the dense-attention output as all three,
+``old_qk=1`` passes the block's own q/k projections with the dense output as v.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Attention = Callable[..., torch.Tensor]     # ComfyUI's attention(q, k, v, heads, mask=None), (B, L, heads·d)
+
+GROUPS_PER_CALL = 8                         # a group holds at most 1/8 of the call's F·T tokens (with padding)
+
+
+@dataclass(frozen=True, eq=False)
+class TrajectoryGroup:
+    """Rows of trajectories of similar length, each of ``length`` slots (the longest of them)."""
+    length: int
+    gather: torch.Tensor                # (rows·length,) long: flat position frame·T + cell of each slot
+    key_mask: torch.Tensor | None       # (rows, length) bool, True = real token; None when no row is padded
+    slots: torch.Tensor | None          # (real,) long: the real slots' positions in ``gather``; None = all
+    tokens: torch.Tensor                # (real,) long: flat position of each real slot, ``gather[slots]``
+
+    def to(self, device: torch.device) -> "TrajectoryGroup":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+        return TrajectoryGroup(self.length, move(self.gather), move(self.key_mask), move(self.slots),
+                                move(self.tokens))
+
+
+@dataclass(frozen=True, eq=False)
+class TrajectoryIndex:
+    """Where the tokens of each trajectory lie in a call's ``(F·T)`` tokens, in groups of similar length.
+
+    Every one of the ``frames·tokens`` positions is a real slot of exactly one row of one group.
+    """
+    frames: int                         # F: frames of the call
+    tokens: int                         # T = h·w of the token grid
+    groups: tuple[TrajectoryGroup, ...]
+    _on_device: dict = field(default_factory=dict, repr=False)
+
+    def to(self, device: torch.device | str) -> "TrajectoryIndex":
+        """This index on ``device`` (copies are kept, so each device is copied to once)."""
+        device = torch.device(device)
+        if all(g.gather.device == device for g in self.groups):
+            return self
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = TrajectoryIndex(self.frames, self.tokens,
+                                                   tuple(g.to(device) for g in self.groups))
+        return self._on_device[key]
+
+
+def trajectory_index(tracks: torch.Tensor, track_of: torch.Tensor,
+                     frame_ids: Sequence[int] | torch.Tensor | None = None) -> TrajectoryIndex:
+    """The gather/scatter index of trajectory attention over the frames ``frame_ids`` (FLATTEN §3.2).
+
+    tracks (n_traj, frames) long: flat cell y·w + x of each trajectory per frame, -1 where absent; track_of
+    (frames, h·w) long: the trajectory of each cell (every cell on exactly one trajectory). frame_ids: the global
+    frames of the call in its order (e.g. a context window); None = all frames. The trajectories are cut to
+    those frames; trajectories absent from all of them are dropped.
+    """
+    all_frames, tokens = _check_grid(tracks, track_of)
+    ids = _check_frame_ids(frame_ids, all_frames)
+    tracks = tracks.detach().to("cpu", torch.long)[:, ids]                         # (n, F)
+    track_of = track_of.detach().to("cpu", torch.long)[ids]                        # (F, T)
+    _check_inverse(tracks, track_of)
+    frames = len(ids)
+    present = tracks >= 0
+    kept = present.any(1)
+    tracks, present = tracks[kept], present[kept]
+    lengths = present.sum(1)                                                        # (n,)
+    position = torch.arange(frames)[None, :] * tokens + tracks                      # (n, F) flat frame·T + cell
+    first = position.gather(1, present.long().argmax(1, keepdim=True))             # (n, 1) first real token
+    compact = first.expand(-1, frames).clone()                                     # (n, F) padding = first token
+    row, frame = present.nonzero(as_tuple=True)
+    compact[row, present.cumsum(1)[row, frame] - 1] = position[row, frame]         # real tokens to the left
+    real = torch.arange(frames)[None, :] < lengths[:, None]                         # (n, F)
+    bucket_of = torch.log2(lengths.double()).ceil().long()                         # lengths in (2^(b-1), 2^b]
+    group_slots = -(-frames * tokens // GROUPS_PER_CALL)
+    groups = []
+    for b in bucket_of.unique().tolist():
+        bucket = (bucket_of == b).nonzero().squeeze(1)
+        length = int(lengths[bucket].max())
+        for rows in bucket.split(max(1, group_slots // length)):
+            gather, mask = compact[rows, :length], real[rows, :length]             # (rows, length)
+            if bool(mask.all()):
+                groups.append(TrajectoryGroup(length, gather.reshape(-1), None, None, gather.reshape(-1)))
+            else:
+                slots = mask.reshape(-1).nonzero().squeeze(1)
+                groups.append(TrajectoryGroup(length, gather.reshape(-1), mask, slots, gather.reshape(-1)[slots]))
+    return TrajectoryIndex(frames, tokens, tuple(groups))
+
+
+def trajectory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: TrajectoryIndex, heads: int,
+                         chunks: int, attention: Attention | None = None) -> torch.Tensor:
+    """Multi-head attention of every token over the tokens of its trajectory (FLATTEN §3.3).
+
+    q, k, v (chunks·F, T, C): the block's tokens, ``chunks`` CFG chunks each holding the F frames of the call in
+    ``index``'s order; FLATTEN's default passes the dense-attention output as q, k and v. Returns (chunks·F, T, C)
+    like v. ``attention``: ComfyUI's ``attention(q, k, v, heads, mask=None)`` on (B, L, heads·d) with an
+    additive (B, 1, L) mask; None = ``scaled_dot_product_attention`` with a boolean mask.
+    """
+    frames, tokens, channels = _check_call(q, k, v, index, heads, chunks)
+    index = index.to(v.device)
+    flat = [t.reshape(chunks, frames * tokens, channels) for t in (q, k, v)]       # (chunks, F·T, C)
+    out = torch.empty_like(flat[2])
+    for group in index.groups:
+        gathered = _gather(flat, (q, k, v), group.gather)                         # 3 × (chunks, rows·L, C)
+        rows_out = gathered[2]
+        if group.length > 1:
+            rows_out = _attend(*gathered, group, heads, chunks, attention)
+        if group.slots is not None:
+            rows_out = rows_out.index_select(1, group.slots)                        # drop padding slots
+        out.index_copy_(1, group.tokens, rows_out)
+    return out.view(chunks * frames, tokens, channels)
+
+
+def _gather(flat: list[torch.Tensor], originals: tuple[torch.Tensor, ...],
+            position: torch.Tensor) -> list[torch.Tensor]:
+    """The slots of q, k, v; a tensor passed more than once is gathered once."""
+    gathered: list[torch.Tensor] = []
+    for i, t in enumerate(flat):
+        same = next((j for j in range(i) if originals[j] is originals[i]), None)
+        gathered.append(gathered[same] if same is not None else t.index_select(1, position))
+    return gathered
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: TrajectoryGroup, heads: int,
+            chunks: int, attention: Attention | None) -> torch.Tensor:
+    """Attention along the rows of one group: (chunks, rows·L, C) each -> (chunks, rows·L, C)."""
+    length, channels = group.length, v.shape[-1]
+    batch = v.shape[1] // length * chunks
+    q, k, v = (t.view(batch, length, channels) for t in (q, k, v))                # (chunks·rows, L, C)
+    mask = None if group.key_mask is None else group.key_mask.repeat(chunks, 1)  # (chunks·rows, L)
+    if attention is not None:
+        if mask is not None:
+            mask = torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_fill_(
+                ~mask, torch.finfo(v.dtype).min)[:, None, :]                      # (B, 1, L) additive
+        out = attention(q, k, v, heads, mask=mask)
+    else:
+        q, k, v = (t.view(batch, length, heads, channels // heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+        out = out.transpose(1, 2)                                                   # (B, L, heads, d)
+    return out.reshape(chunks, -1, channels)
+
+
+def _check_grid(tracks: torch.Tensor, track_of: torch.Tensor) -> tuple[int, int]:
+    for name, t in (("tracks", tracks), ("track_of", track_of)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"{name}: expected a 2-D integer tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                             f"{' ' + str(t.dtype) if isinstance(t, torch.Tensor) else ''}")
+    if tracks.shape[1] != track_of.shape[0] or track_of.shape[1] == 0:
+        raise ValueError(f"tracks/track_of: expected tracks (n_traj, frames) and track_of (frames, h*w), got "
+                         f"{tuple(tracks.shape)} and {tuple(track_of.shape)}")
+    return track_of.shape[0], track_of.shape[1]
+
+
+def _check_frame_ids(frame_ids: Sequence[int] | torch.Tensor | None, all_frames: int) -> torch.Tensor:
+    if frame_ids is None:
+        return torch.arange(all_frames)
+    ids = torch.as_tensor(frame_ids).reshape(-1)
+    if ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"frame_ids: expected a non-empty sequence of frame indices, got {frame_ids!r}")
+    ids = ids.to("cpu", torch.long)
+    if len(ids) > all_frames:
+        raise ValueError(f"frame_ids: {len(ids)} frames but the trajectories have only {all_frames}")
+    if int(ids.min()) < 0 or int(ids.max()) >= all_frames:
+        raise ValueError(f"frame_ids: expected indices in [0, {all_frames}) (the trajectories' frames), got "
+                         f"{ids.tolist()}")
+    if len(ids.unique()) != len(ids):
+        raise ValueError(f"frame_ids: expected distinct frames, got {ids.tolist()}")
+    return ids
+
+
+def _check_inverse(tracks: torch.Tensor, track_of: torch.Tensor) -> None:
+    """Every cell of every frame on exactly one trajectory, and track_of the inverse of tracks."""
+    n, tokens = tracks.shape[0], track_of.shape[1]
+    if int(tracks.min()) < -1 or int(tracks.max()) >= tokens:
+        raise ValueError(f"tracks: expected cells in [0, {tokens}) or -1 (absent), got values in "
+                         f"[{int(tracks.min())}, {int(tracks.max())}]")
+    if int(track_of.min()) < 0 or int(track_of.max()) >= n:
+        raise ValueError(f"track_of: expected trajectory ids in [0, {n}), got values in "
+                         f"[{int(track_of.min())}, {int(track_of.max())}]")
+    frame = torch.arange(track_of.shape[0])[:, None]
+    if (bool((tracks[track_of, frame] != torch.arange(tokens)).any())
+            or int((tracks >= 0).sum()) != track_of.numel()):
+        raise ValueError("tracks/track_of: expected every cell of every frame on exactly one trajectory, with "
+                         "track_of the inverse map of tracks")
+
+
+def _check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: TrajectoryIndex, heads: int,
+                chunks: int) -> tuple[int, int, int]:
+    if not isinstance(index, TrajectoryIndex):
+        raise ValueError(f"index: expected a TrajectoryIndex from trajectory_index(), got {type(index).__name__}")
+    if v.ndim != 3 or q.shape != v.shape or k.shape != v.shape:
+        raise ValueError(f"q, k, v: expected three (chunks*frames, tokens, channels) tensors of one shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, tokens, channels = v.shape
+    if chunks < 1 or batch % chunks:
+        raise ValueError(f"chunks: the batch of {batch} is not a multiple of chunks={chunks}")
+    if heads < 1 or channels % heads:
+        raise ValueError(f"heads: {channels} channels do not split into {heads} heads")
+    if tokens != index.tokens:
+        raise ValueError(f"q, k, v: {tokens} tokens per frame but the trajectories' grid has h*w={index.tokens}")
+    if batch // chunks != index.frames:
+        raise ValueError(f"q, k, v: {batch // chunks} frames per chunk ({batch} rows / {chunks} chunks) but the "
+                         f"trajectory index holds {index.frames} frames; build it with this call's frame_ids")
+    return index.frames, tokens, channels
