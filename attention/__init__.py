@@ -1,0 +1,1 @@
+"""Host-free attention math: tensors in, tensors out; no ComfyUI imports."""
