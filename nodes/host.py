@@ -150,12 +150,22 @@ def call_layout(batch: int, extra_options: Mapping[str, Any]) -> CallLayout:
     if batch % chunks:
         raise ValueError(f"attention batch {batch} is not a multiple of {chunks} cond chunks")
     frames = batch // chunks
-    window = extra_options.get("context_window")
-    frame_ids = tuple(int(i) for i in window.index_list) if window is not None else tuple(range(frames))
+    frame_ids = call_frame_ids(frames, extra_options)
     if len(frame_ids) != frames:
         raise ValueError(f"context window lists {len(frame_ids)} frames but the call holds {frames} per chunk")
     h, w = (int(s) for s in extra_options["activations_shape"][-2:])
     return CallLayout(chunks=chunks, frame_ids=frame_ids, grid_hw=(h, w), step=current_step(extra_options))
+
+
+def call_frame_ids(frames: int, transformer_options: Mapping[str, Any]) -> tuple[int, ...]:
+    """Global frame ids of a call's frames: set by a TVE pass over some frames, else the core context window's,
+    else 0..frames-1."""
+    if "tve_frame_ids" in transformer_options:
+        return tuple(transformer_options["tve_frame_ids"])
+    window = transformer_options.get("context_window")
+    if window is not None:
+        return tuple(int(i) for i in window.index_list)
+    return tuple(range(frames))
 
 
 def current_step(extra_options: Mapping[str, Any]) -> int:
@@ -214,6 +224,10 @@ def process_latent_in(model: Any, samples: torch.Tensor) -> torch.Tensor:
     return model.model.process_latent_in(samples)
 
 
+def process_latent_out(model: Any, samples: torch.Tensor) -> torch.Tensor:
+    return model.model.process_latent_out(samples)
+
+
 def sample_with(model: Any, sampler_function: Callable, extra_options: dict, sigmas: torch.Tensor,
                 positive: list, latent: torch.Tensor, callback: Callable | None = None) -> torch.Tensor:
     """Run ``sampler_function`` (k-diffusion signature) through comfy's whole sampling stack with guidance 1
@@ -223,6 +237,16 @@ def sample_with(model: Any, sampler_function: Callable, extra_options: dict, sig
     sampler = comfy.samplers.KSAMPLER(sampler_function, extra_options=extra_options)
     return comfy.sample.sample_custom(model, torch.zeros_like(latent), 1.0, sampler, sigmas, positive, positive,
                                       latent, callback=callback, disable_pbar=True)
+
+
+def sample_euler_guided(model: Any, noise: torch.Tensor, latent: torch.Tensor, sigmas: torch.Tensor, positive: list,
+                        negative: list, cfg: float, seed: int, callback: Callable | None = None) -> torch.Tensor:
+    """Core Euler (DDIM, η = 0) with CFG over ``sigmas``: raw latent in, raw latent out, through comfy's whole
+    sampling stack (the sampler a core KSampler runs)."""
+    import comfy.sample
+    import comfy.samplers
+    return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas, positive,
+                                      negative, latent, callback=callback, disable_pbar=True, seed=seed)
 
 
 def step_callback(steps: int) -> Callable[[int, Any, Any, int], None]:

@@ -18,6 +18,7 @@ from .passes import ORDERS, SourceBranch, install_source_branch
 
 CATEGORY = "video editing/TVE"
 PRESETS = ["tokenflow", "flatten"]
+INJECTED_PASSES = ("edit", "keyframes")
 
 
 def injection_targets(model: Any, preset: str) -> tuple[list[host.AttentionBlock], list[int]]:
@@ -72,8 +73,8 @@ class FeatureInjection:
         branch, pass_name = self.branch, extra_options.get("tve_pass")
         if pass_name == "source" and self.attn_active(branch.step, branch.steps):
             branch.features[key] = n                                     # (F, T, C)
-        elif pass_name == "edit" and key in branch.features:
-            source = branch.features[key]
+        elif pass_name in INJECTED_PASSES and key in branch.features:
+            source = branch.source_frames(branch.features[key])
             source = source.repeat(n.shape[0] // source.shape[0], 1, 1)  # (chunks·F, T, C)
             return source, source, value
         return n, context, value
@@ -85,8 +86,8 @@ class FeatureInjection:
             branch = self.branch
             if branch.pass_name == "source" and self.conv_active(branch.step, branch.steps):
                 branch.features[key] = output                                          # (F, C, h, w)
-            elif branch.pass_name == "edit" and key in branch.features:
-                source = branch.features[key]
+            elif branch.pass_name in INJECTED_PASSES and key in branch.features:
+                source = branch.source_frames(branch.features[key])
                 return source.repeat(output.shape[0] // source.shape[0], 1, 1, 1)       # (chunks·F, C, h, w)
             return None
 
@@ -103,16 +104,23 @@ class FeatureInjection:
                 handle.remove()
 
 
+def install_feature_injection(m: Any, branch: SourceBranch, preset: str, attn_end: float, conv_end: float
+                              ) -> FeatureInjection:
+    """Add the injection patches reading ``branch`` to the clone ``m``."""
+    attn_blocks, conv_ids = injection_targets(m, preset)
+    injection = FeatureInjection(branch, attn_blocks, conv_ids, attn_end, conv_end)
+    m.set_model_attn1_patch(injection.attn1_patch)
+    host.add_wrapper(m, host.OUTER_SAMPLE, injection.outer_sample)
+    return injection
+
+
 def apply_feature_injection(model: Any, inversion: Inversion, attn_end: float, conv_end: float, preset: str,
                             order: str) -> Any:
     inversion.check_model(model)
-    attn_blocks, conv_ids = injection_targets(model, preset)
+    injection_targets(model, preset)                     # refuse an unsupported model before cloning
     m = model.clone()
     branch = SourceBranch(inversion, order)
-    injection = FeatureInjection(branch, attn_blocks, conv_ids, attn_end, conv_end)
-    branch.wants_source = injection.wants_source
-    m.set_model_attn1_patch(injection.attn1_patch)
-    host.add_wrapper(m, host.OUTER_SAMPLE, injection.outer_sample)
+    branch.wants_source = install_feature_injection(m, branch, preset, attn_end, conv_end).wants_source
     install_source_branch(m, branch)
     return m
 

@@ -29,6 +29,9 @@ class SourceBranch:
         self.order = order
         # (step, steps) -> run the source pass at this step? Set by the patch that reads the features.
         self.wants_source: Callable[[int, int], bool] = lambda step, steps: True
+        # Passes to run between the source pass and the edit pass (TokenFlow's keyframe pass), called like the
+        # wrapper itself: (executor, model, conds, x_in, timestep, model_options).
+        self.extra_passes: list[Callable] = []
         self.reset()
 
     def reset(self) -> None:
@@ -37,10 +40,15 @@ class SourceBranch:
         self.steps = 0
         self.frame_ids: tuple[int, ...] = ()
         self.source_sigma: float | None = None
+        self.pass_frames: torch.Tensor | None = None  # local indices (into the source pass) of a partial pass
         self.features: dict[Any, torch.Tensor] = {}   # per block / module: the source pass's features, (F, ...)
 
     def __deepcopy__(self, memo: dict) -> "SourceBranch":
         return self
+
+    def source_frames(self, features: torch.Tensor) -> torch.Tensor:
+        """The source pass's ``features`` (F, ...) restricted to the frames of the pass now running."""
+        return features if self.pass_frames is None else features[self.pass_frames.to(features.device)]
 
     def source_index(self, sigma: float) -> int:
         """Grid index of the source latent used at σ: the same σ (papers), or mirrored (ComfyUI peers)."""
@@ -52,18 +60,20 @@ class SourceBranch:
         options = model_options["transformer_options"]
         if options.get("tve_pass") == "inversion":
             return executor(model, conds, x_in, timestep, model_options)
-        window = options.get("context_window")
-        frame_ids = tuple(int(i) for i in window.index_list) if window is not None else tuple(range(x_in.shape[0]))
-        self._check_frames(x_in, frame_ids, window is not None)
+        frame_ids = host.call_frame_ids(x_in.shape[0], options)
+        self._check_frames(x_in, frame_ids, options.get("context_window") is not None)
         sigma = float(timestep.reshape(-1)[0])
-        steps = len(options["sample_sigmas"]) - 1
-        self.step, self.steps, self.frame_ids = self.inversion.index_of(sigma), steps, frame_ids
+        # Steps count on the inversion's grid, so a sampler started part-way keeps the schedule fractions.
+        self.step, self.steps = self.inversion.index_of(sigma), len(self.inversion.sigmas) - 1
+        self.frame_ids = frame_ids
         self.features.clear()
-        if self.wants_source(self.step, steps):
+        if self.wants_source(self.step, self.steps):
             self._source_pass(executor, model, x_in, model_options, frame_ids, sigma)
+        for extra_pass in self.extra_passes:
+            extra_pass(executor, model, conds, x_in, timestep, model_options)
         self.pass_name = "edit"
         try:
-            return executor(model, conds, x_in, timestep, _with_pass(model_options, "edit"))
+            return executor(model, conds, x_in, timestep, with_pass(model_options, "edit"))
         finally:
             self.pass_name = None
 
@@ -76,7 +86,7 @@ class SourceBranch:
         conds = host.encode_conditioning(model, self.inversion.conditioning, x_src)
         self.pass_name = "source"
         try:
-            executor(model, [conds], x_src, t_src, _with_pass(model_options, "source"))
+            executor(model, [conds], x_src, t_src, with_pass(model_options, "source"))
         finally:
             self.pass_name = None
 
@@ -91,10 +101,13 @@ class SourceBranch:
             raise ValueError(f"latent: frame {max(frame_ids)} is sampled but the inversion has {frames} frames")
 
 
-def _with_pass(model_options: dict, name: str) -> dict:
-    """A shallow copy of ``model_options`` whose transformer_options say which pass runs."""
+def with_pass(model_options: dict, name: str, frame_ids: Sequence[int] | None = None) -> dict:
+    """A shallow copy of ``model_options`` whose transformer_options say which pass runs (and, for a pass over
+    a subset of the frames, their global ids: attention patches read them instead of the context window)."""
     options = model_options.copy()
     options["transformer_options"] = {**model_options["transformer_options"], "tve_pass": name}
+    if frame_ids is not None:
+        options["transformer_options"]["tve_frame_ids"] = tuple(frame_ids)
     return options
 
 

@@ -4,7 +4,6 @@ Without ``COMFYUI_PATH`` the nodes run against the stand-in host in ``tests/stan
 ModelPatcher and the few comfy functions the nodes call). With ``COMFYUI_PATH`` set, the real ComfyUI is
 imported in-process on the CPU and the same tests, plus the ``real_host`` ones, run against it.
 """
-import importlib.util
 import os
 import sys
 import types

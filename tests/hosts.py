@@ -7,6 +7,7 @@ Conditioning and latents of the right shapes come from ``make_conditioning`` / `
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -135,3 +136,48 @@ def _stand_in_model(family: str, seed: int):
     base.diffusion_model = _stand_in_unet(family)
     _init_weights(base, seed)
     return ModelPatcher(base)
+
+
+@contextlib.contextmanager
+def cond_chunks_split():
+    """Real host: make ``_calc_cond_batch`` believe the device is full, so it runs each cond chunk (uncond, cond)
+    in its own UNet call. Only the sampler's view of free memory changes; attention backends are untouched."""
+    import comfy.samplers
+
+    real = comfy.samplers.model_management
+
+    class NearlyFull:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def get_free_memory(dev=None, torch_free_too=False):
+            return (1, 1) if torch_free_too else 1
+
+    comfy.samplers.model_management = NearlyFull()
+    try:
+        yield
+    finally:
+        comfy.samplers.model_management = real
+
+
+def with_context_windows(model, length: int, overlap: int = 0):
+    """Real host: core Context Windows over the frame (batch) dimension.
+
+    At ComfyUI a125cd84 ``IndexListContextHandler.set_step`` compares ``sample_sigmas`` with the whole per-frame
+    timestep tensor, which fails for image models whose frames are the batch (dim 0); this subclass compares its
+    first entry, which is what the handler means. Everything else is core's windowing.
+    """
+    import comfy.context_windows as cw
+
+    class FrameBatchContextHandler(cw.IndexListContextHandler):
+        def set_step(self, timestep, model_options):
+            super().set_step(timestep.reshape(-1)[:1], model_options)
+
+    m = model.clone()
+    m.model_options["context_handler"] = FrameBatchContextHandler(
+        context_schedule=cw.get_matching_context_schedule(cw.ContextSchedules.STATIC_STANDARD),
+        fuse_method=cw.get_matching_fuse_method(cw.ContextFuseMethods.PYRAMID),
+        context_length=length, context_overlap=overlap, context_stride=1, closed_loop=False, dim=0)
+    cw.create_prepare_sampling_wrapper(m)
+    return m

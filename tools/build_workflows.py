@@ -83,29 +83,66 @@ def prompt(name: str, column: int, text: str, title: str) -> Node:
     return Node(name, "CLIPTextEncode", column, {"text": text}, {"clip": ("checkpoint", "CLIP")}, title=title)
 
 
-def inversion(steps: int = 50) -> list[Node]:
-    """The source prompt and TVE_DDIMInversion of the encoded frames (columns 2-3)."""
+def inversion(steps: int = 50, model: tuple[str, str] = ("checkpoint", "MODEL"), column: int = 3) -> list[Node]:
+    """The source prompt and TVE_DDIMInversion of the encoded frames with ``model``."""
     return [
-        prompt("source_prompt", 2, "", "Source prompt (empty is usual)"),
-        Node("inversion", "TVE_DDIMInversion", 3, {"steps": steps, "scheduler": "ddim_uniform"},
-             {"model": ("checkpoint", "MODEL"), "latent": ("encode", "LATENT"),
-              "conditioning": ("source_prompt", "CONDITIONING")}),
+        prompt("source_prompt", column - 1, "", "Source prompt (empty is usual)"),
+        Node("inversion", "TVE_DDIMInversion", column, {"steps": steps, "scheduler": "ddim_uniform"},
+             {"model": model, "latent": ("encode", "LATENT"), "conditioning": ("source_prompt", "CONDITIONING")}),
     ]
 
 
-def sample_and_save(column: int, guider: tuple[str, str], prefix: str) -> list[Node]:
-    """SamplerCustomAdvanced from the inverted latent on the inversion's σ grid (no noise), decode, save."""
+def sample_and_save(column: int, guider: tuple[str, str], prefix: str,
+                    sigmas: tuple[str, str] = ("inversion", "sigmas"),
+                    latent: tuple[str, str] = ("inversion", "inverted_latent"),
+                    fps: tuple[str, str] | None = ("components", "fps")) -> list[Node]:
+    """SamplerCustomAdvanced from ``latent`` on the σ grid ``sigmas`` with no new noise, decode, save."""
     return [
         Node("no_noise", "DisableNoise", column - 1),
         Node("sampler", "KSamplerSelect", column - 1, {"sampler_name": "euler"}),
         Node("sample", "SamplerCustomAdvanced", column,
              links={"noise": ("no_noise", "NOISE"), "guider": guider, "sampler": ("sampler", "SAMPLER"),
-                    "sigmas": ("inversion", "sigmas"), "latent_image": ("inversion", "inverted_latent")}),
+                    "sigmas": sigmas, "latent_image": latent}),
         Node("decode", "VAEDecode", column + 1, links={"samples": ("sample", "output"), "vae": ("checkpoint", "VAE")}),
-        Node("to_video", "CreateVideo", column + 2, {"fps": 24.0},
-             {"images": ("decode", "IMAGE"), "fps": ("components", "fps")}),
+        Node("to_video", "CreateVideo", column + 2, {"fps": 8.0 if fps is None else 24.0},
+             {"images": ("decode", "IMAGE"), **({"fps": fps} if fps else {})}),
         Node("save", "SaveVideo", column + 3, {"filename_prefix": f"video/{prefix}"}, {"video": ("to_video", "VIDEO")}),
     ]
+
+
+def optical_flow(column: int) -> Node:
+    return Node("flow", "TVE_OpticalFlow", column,
+                {"method": "raft_large", "raft_weights": RAFT_LARGE, "batch_size": 8},
+                {"images": ("components", "images")},
+                properties={"models": [{"name": RAFT_LARGE, "directory": "optical_flow",
+                                        "url": f"https://download.pytorch.org/models/{RAFT_LARGE}"}]})
+
+
+def flatten(column: int) -> list[Node]:
+    """Flow → trajectories on the encoded latent → FLATTEN on the checkpoint's model (columns ``column``..+2)."""
+    return [
+        optical_flow(column),
+        Node("trajectories", "TVE_FlowTrajectories", column + 1, {"seed": 0, "cut_at_occlusions": True},
+             {"flow": ("flow", "FLOW"), "latent": ("encode", "LATENT")}),
+        Node("flatten", "TVE_ApplyFLATTEN", column + 2, {"token_grids": "highest resolution",
+                                                          "qk_source": "dense_output"},
+             {"model": ("checkpoint", "MODEL"), "trajectories": ("trajectories", "TRAJECTORIES")}),
+    ]
+
+
+def tokenflow(column: int, model: tuple[str, str]) -> Node:
+    return Node("tokenflow", "TVE_ApplyTokenFlow", column,
+                {"keyframe_interval": 8, "seed": 0, "propagation": "paper", "attention_injection_end": 0.5,
+                 "conv_injection_end": 0.8},
+                {"model": model, "inversion": ("inversion", "inversion")})
+
+
+def consistency(column: int, flow_column: int | None = None) -> list[Node]:
+    """Warp error and flicker of the edit under the source flow (adds the flow node when ``flow_column``)."""
+    nodes = [optical_flow(flow_column)] if flow_column is not None else []
+    return nodes + [Node("metrics", "TVE_ConsistencyMetrics", column,
+                         links={"images": ("decode", "IMAGE"), "flow": ("flow", "FLOW"),
+                                "source_images": ("components", "images")}, title="Consistency")]
 
 
 def edit_prompts() -> list[Node]:
@@ -159,16 +196,38 @@ attends to the anchor frame, which ties appearance across frames and reduces fli
 'fine_coarse' (EI²) are the other cross-frame modes.
 • token_grids / start_percent / end_percent limit where and when it applies."""
 
+TOKENFLOW_NOTE = """TokenFlow (Geyer et al., ICLR 2024): each step edits random keyframes together (extended \
+attention + PnP injection) and carries their self-attention outputs to every frame along nearest-neighbour \
+matches of the SOURCE video's features, so all frames share the keyframes' look.
+
+• keyframe_interval: one keyframe per this many frames, re-drawn every step (8 in the paper). Smaller = more \
+keyframes = closer to per-frame editing (and more memory for the keyframe pass).
+• propagation: 'paper' blends the two keyframes nearest in time; 'official' reproduces the reference code.
+• attention/conv_injection_end: how long the source structure is enforced (0.5 / 0.8 in the paper).
+• Consistency Metrics: warp error of the edit under the source flow; compare with pnp_per_frame_edit."""
+
+FLATTEN_NOTE = """FLATTEN (Cong et al., ICLR 2024): dense spatio-temporal attention in every block plus \
+attention along the source's optical-flow trajectories, used for the inversion AND the edit (same MODEL).
+
+• Optical Flow: RAFT weights in models/optical_flow, or 'dis' on the CPU.
+• token_grids: 'highest resolution' (the paper) or 'all'. qk_source: 'dense_output' (the paper) or 'projections'.
+• Injection uses FLATTEN's block preset. Dense attention costs frames² compute: long videos are slow."""
+
+TOKENFLOW_FLATTEN_NOTE = """FLATTEN and TokenFlow stacked: FLATTEN shapes the inversion and the keyframe pass, \
+TokenFlow propagates the keyframes. Apply FLATTEN first; TokenFlow must be the last attention patch."""
+
+T2V_ZERO_NOTE = """Text2Video-Zero (Khachatryan et al., ICCV 2023): zero-shot text-to-video with an image model.
+
+• Motion Dynamics Latents: one noise, denoised to t1 and t0 (44/47 of 50 steps), translated by motion_x/y latent \
+cells per frame, re-noised: the start latents of all frames. Its sigmas output is the rest of the schedule.
+• Cross-frame attention 'anchor': every frame attends to frame 0, which keeps the subject's appearance."""
+
 WORKFLOWS: dict[str, list[Node | Note]] = {
     "optical_flow_preview.json": [
         Note("note", 0, FLOW_NOTE),
         *source_frames(),
         checkpoint(1),
-        Node("flow", "TVE_OpticalFlow", 2,
-             {"method": "raft_large", "raft_weights": RAFT_LARGE, "batch_size": 8},
-             {"images": ("components", "images")},
-             properties={"models": [{"name": RAFT_LARGE, "directory": "optical_flow",
-                                     "url": f"https://download.pytorch.org/models/{RAFT_LARGE}"}]}),
+        optical_flow(2),
         Node("preview_flow", "TVE_PreviewFlow", 3, links={"flow": ("flow", "FLOW")}),
         Node("trajectories", "TVE_FlowTrajectories", 3, {"seed": 0, "cut_at_occlusions": True},
              {"flow": ("flow", "FLOW"), "latent": ("encode", "LATENT")}),
@@ -210,6 +269,63 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
              {"model": ("injection", "MODEL")}),
         cfg_guider(6, ("cross_frame", "MODEL")),
         *sample_and_save(7, ("guider", "GUIDER"), "TVE_anchor_edit"),
+    ],
+    "tokenflow_edit.json": [
+        Note("note", 0, TOKENFLOW_NOTE),
+        checkpoint(),
+        *source_frames(),
+        *edit_prompts(),
+        *inversion(),
+        tokenflow(4, ("checkpoint", "MODEL")),
+        cfg_guider(5, ("tokenflow", "MODEL")),
+        *sample_and_save(6, ("guider", "GUIDER"), "TVE_tokenflow_edit"),
+        *consistency(9, flow_column=8),
+    ],
+    "flatten_edit.json": [
+        Note("note", 0, FLATTEN_NOTE),
+        checkpoint(),
+        *source_frames(),
+        *edit_prompts(),
+        *flatten(3),
+        *inversion(model=("flatten", "MODEL"), column=6),
+        Node("injection", "TVE_ApplyFeatureInjection", 7,
+             {"attention_injection_end": 0.8, "conv_injection_end": 0.8, "block_preset": "flatten",
+              "order": "sigma-matched"},
+             {"model": ("flatten", "MODEL"), "inversion": ("inversion", "inversion")}),
+        cfg_guider(8, ("injection", "MODEL")),
+        *sample_and_save(9, ("guider", "GUIDER"), "TVE_flatten_edit"),
+        *consistency(12),
+    ],
+    "tokenflow_flatten_edit.json": [
+        Note("note", 0, TOKENFLOW_FLATTEN_NOTE),
+        checkpoint(),
+        *source_frames(),
+        *edit_prompts(),
+        *flatten(3),
+        *inversion(model=("flatten", "MODEL"), column=6),
+        tokenflow(7, ("flatten", "MODEL")),
+        cfg_guider(8, ("tokenflow", "MODEL")),
+        *sample_and_save(9, ("guider", "GUIDER"), "TVE_tokenflow_flatten_edit"),
+        *consistency(12),
+    ],
+    "text2video_zero.json": [
+        Note("note", 0, T2V_ZERO_NOTE),
+        checkpoint(),
+        prompt("target_prompt", 1, "a horse galloping on a street, photorealistic", "Prompt"),
+        prompt("negative_prompt", 1, NEGATIVE_PROMPT, "Negative prompt"),
+        Node("size", "EmptyLatentImage", 1, {"width": 512, "height": 512, "batch_size": 1}),
+        Node("motion", "TVE_MotionDynamicsLatents", 2,
+             {"seed": 0, "frames": 8, "motion_x": -1.5, "motion_y": -1.5, "steps": 50, "cfg": 7.5,
+              "scheduler": "ddim_uniform", "t0": 44, "t1": 47},
+             {"model": ("checkpoint", "MODEL"), "positive": ("target_prompt", "CONDITIONING"),
+              "negative": ("negative_prompt", "CONDITIONING"), "latent": ("size", "LATENT")}),
+        Node("cross_frame", "TVE_ApplyCrossFrameAttention", 3,
+             {"mode": "anchor", "keyframe_interval": 8, "anchor_frame": 0, "anchor_include_self": False,
+              "coarse_factor": 2, "seed": 0, "token_grids": "all", "start_percent": 0.0, "end_percent": 1.0},
+             {"model": ("checkpoint", "MODEL")}),
+        cfg_guider(4, ("cross_frame", "MODEL")),
+        *sample_and_save(5, ("guider", "GUIDER"), "TVE_text2video_zero", sigmas=("motion", "sigmas"),
+                         latent=("motion", "latent"), fps=None),
     ],
 }
 

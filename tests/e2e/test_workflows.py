@@ -26,6 +26,8 @@ TYPE_OVERRIDES = {
     "LoadVideo": {"file": VIDEO},
     "TVE_OpticalFlow": {"method": "dis", "raft_weights": "none (method dis)"},
     "TVE_DDIMInversion": {"steps": 2},
+    "TVE_MotionDynamicsLatents": {"steps": 6, "t0": 2, "t1": 4, "frames": FRAMES},
+    "EmptyLatentImage": {"width": WIDTH, "height": HEIGHT, "batch_size": 1},
 }
 
 # Output nodes (by workflow file and node title) that do not show one image per source frame.

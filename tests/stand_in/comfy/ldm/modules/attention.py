@@ -1,5 +1,4 @@
 """Stand-in for comfy.ldm.modules.attention: the transformer module layout and ``optimized_attention``."""
-import torch
 from torch import nn
 
 

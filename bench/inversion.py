@@ -1,0 +1,71 @@
+"""Inversion and live-injection cost against plain sampling, on the real host (one run, ratios first).
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/inversion.py [--frames 16] [--size 32] [--steps 10]
+
+Targets (issue 3): inversion / plain CFG sampling ≤ 0.6× (one branch instead of two); live injection adds one
+source pass (one branch) to the two CFG branches, ≈ 1.5× plain.
+"""
+import argparse
+import time
+
+import _tve
+
+_tve.real_host()
+
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import torch  # noqa: E402
+
+from tve.nodes.injection import apply_feature_injection  # noqa: E402
+from tve.nodes.inversion import invert  # noqa: E402
+from tve.tests.hosts import make_conditioning, make_tiny_model  # noqa: E402
+
+
+def timed(fn, repeats: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10)
+    opts = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = make_tiny_model("sd15")
+    source, target, negative = make_conditioning(seed=1), make_conditioning(seed=2), make_conditioning(seed=3)
+    latent = torch.randn(opts.frames, 4, opts.size, opts.size, generator=torch.Generator().manual_seed(0))
+    euler = comfy.samplers.sampler_object("euler")
+    state = {}
+
+    def inversion():
+        state["x_T"], state["inv"] = invert(model, latent, source, opts.steps, "ddim_uniform")
+
+    t_inv = timed(inversion)
+    sigmas = state["inv"].sigmas
+    zeros = torch.zeros_like(latent)
+
+    def plain():
+        comfy.sample.sample_custom(model, zeros, 7.5, euler, sigmas, target, negative, state["x_T"], disable_pbar=True)
+
+    patched = apply_feature_injection(model, state["inv"], 0.5, 0.8, "tokenflow", "sigma-matched")
+
+    def injected():
+        comfy.sample.sample_custom(patched, zeros, 7.5, euler, sigmas, target, negative, state["x_T"],
+                                   disable_pbar=True)
+
+    t_plain = timed(plain)
+    t_inj = timed(injected)
+    shape = f"{opts.frames} frames, {opts.size}x{opts.size} latent, {opts.steps} steps, tiny SD1.5-shaped UNet, CPU"
+    print(f"{t_inv / t_plain:.2f}x  inversion / plain CFG sampling  ({t_inv:.2f} s vs {t_plain:.2f} s; {shape})")
+    print(f"{t_inj / t_plain:.2f}x  live injection edit (attn 0.5, conv 0.8) / plain CFG sampling  "
+          f"({t_inj:.2f} s vs {t_plain:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

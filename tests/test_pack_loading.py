@@ -1,0 +1,75 @@
+"""The pack loads the way ComfyUI loads custom nodes, from a folder of any name, and registers V1 nodes."""
+import asyncio
+import importlib.util
+import os
+import sys
+
+import pytest
+
+from tve.tests.hosts import REAL_HOST
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECTED_NODES = {"TVE_OpticalFlow", "TVE_FlowTrajectories", "TVE_PreviewFlow", "TVE_PreviewTrajectories",
+                  "TVE_DDIMInversion", "TVE_ApplyFeatureInjection", "TVE_ApplyCrossFrameAttention",
+                  "TVE_ApplyTokenFlow", "TVE_ApplyFLATTEN", "TVE_MotionDynamicsLatents", "TVE_ConsistencyMetrics",
+                  "TVE_PreviewFeatures"}
+
+
+def load_as(folder, module_name):
+    """Import the pack's __init__ the way ComfyUI does: a package whose name is not ``tve``."""
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    """The repository seen through a folder name that is not a valid Python identifier."""
+    link = tmp_path / "ComfyUI-TextVideoEdit copy.v2"
+    link.symlink_to(ROOT, target_is_directory=True)
+    return str(link)
+
+
+def test_root_registers_every_node_with_prefix_category_and_v1_shape(odd_folder):
+    pack = load_as(odd_folder, "_tve_loading_probe")
+    mappings, names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
+    assert set(mappings) == EXPECTED_NODES and set(names) == EXPECTED_NODES
+    for node_id, cls in mappings.items():
+        assert node_id.startswith("TVE_") and names[node_id].endswith("(TVE)")
+        assert cls.CATEGORY == "video editing/TVE"
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"}
+        assert callable(getattr(cls(), cls.FUNCTION))
+        assert isinstance(cls.RETURN_TYPES, tuple)
+    assert pack.WEB_DIRECTORY == "./web"
+
+
+def test_optical_flow_folder_keeps_paths_from_extra_model_paths():
+    import folder_paths
+
+    from tve.nodes import host
+    folder_paths.folder_names_and_paths["optical_flow"] = (["/artist/flow"], set())
+    host.register_optical_flow_folder()
+    paths = folder_paths.get_folder_paths("optical_flow")
+    assert paths == [os.path.join(folder_paths.models_dir, "optical_flow"), "/artist/flow"]
+    host.register_optical_flow_folder()
+    assert folder_paths.get_folder_paths("optical_flow") == paths
+
+
+@pytest.mark.real_host
+def test_comfyui_loads_the_pack_from_custom_nodes_under_any_folder_name(odd_folder):
+    import nodes
+    ok = asyncio.run(nodes.load_custom_node(odd_folder, module_parent="custom_nodes"))
+    assert ok
+    assert EXPECTED_NODES <= set(nodes.NODE_CLASS_MAPPINGS)
+    info = nodes.NODE_CLASS_MAPPINGS["TVE_ApplyCrossFrameAttention"].INPUT_TYPES()
+    assert "model" in info["required"]
+
+
+@pytest.mark.skipif(REAL_HOST, reason="checks the stand-in only")
+def test_stand_in_is_what_the_suite_runs_against_without_comfyui():
+    import comfy
+    assert "stand_in" in comfy.__file__
