@@ -1,0 +1,114 @@
+"""Pictures of flows, occlusions and trajectories for the preview nodes.
+
+Flow colours follow the Middlebury colour wheel (Baker et al., IJCV 2011, §3.3 and Fig. 5): hue = direction,
+saturation = speed, white = still; speeds beyond the normalising magnitude are darkened to 75 %.
+"""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+
+from .trajectories import TrajectoryGrid
+
+# Middlebury wheel: segments red-yellow, yellow-green, green-cyan, cyan-blue, blue-magenta, magenta-red.
+_SEGMENTS = (15, 6, 4, 11, 13, 6)
+_GOLDEN = (math.sqrt(5) - 1) / 2     # hue step between consecutive track colours
+
+
+def _colour_wheel() -> torch.Tensor:
+    """(55, 3) float32 RGB in [0, 1], the Middlebury colour wheel's entries."""
+    ramps = []
+    for index, length in enumerate(_SEGMENTS):
+        up = torch.floor(255 * torch.arange(length) / length) / 255          # 0 → 1
+        one, zero = torch.ones(length), torch.zeros(length)
+        ramps.append([
+            torch.stack([one, up, zero], 1),          # red → yellow
+            torch.stack([1 - up, one, zero], 1),      # yellow → green
+            torch.stack([zero, one, up], 1),          # green → cyan
+            torch.stack([zero, 1 - up, one], 1),      # cyan → blue
+            torch.stack([up, zero, one], 1),          # blue → magenta
+            torch.stack([one, zero, 1 - up], 1),      # magenta → red
+        ][index])
+    return torch.cat(ramps).float()
+
+
+def _hue(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(..., 3) float32: the wheel's fully saturated colour for the direction of (u, v)."""
+    wheel = _colour_wheel().to(u.device)
+    entries = wheel.shape[0]
+    position = (torch.atan2(-v, -u) / math.pi + 1) / 2 * (entries - 1)     # [0, entries-1]
+    k0 = position.floor().long().clamp(0, entries - 1)
+    k1 = (k0 + 1) % entries
+    fraction = (position - k0)[..., None]
+    return (1 - fraction) * wheel[k0] + fraction * wheel[k1]
+
+
+def flow_to_color(flow: torch.Tensor, max_magnitude: float | None = None) -> torch.Tensor:
+    """flow (N, 2, H, W) px → (N, H, W, 3) float32 RGB in [0, 1] on the Middlebury wheel.
+
+    ``max_magnitude`` (px) maps to full saturation; None = the largest speed over all N frames (one scale).
+    """
+    if flow.ndim != 4 or flow.shape[1] != 2:
+        raise ValueError(f"flow: expected (N, 2, H, W), got shape {tuple(flow.shape)}")
+    flow = flow.float()
+    if max_magnitude is None:
+        max_magnitude = float(flow.square().sum(1).sqrt().max()) if flow.numel() else 0.0
+    if not max_magnitude > 0:
+        max_magnitude = 1.0
+    u, v = flow[:, 0] / max_magnitude, flow[:, 1] / max_magnitude           # (N, H, W)
+    radius = torch.sqrt(u * u + v * v)[..., None]
+    colour = _hue(u, v)
+    return torch.where(radius <= 1, 1 - radius * (1 - colour), 0.75 * colour)
+
+
+def occlusion_to_image(mask: torch.Tensor) -> torch.Tensor:
+    """mask (N, H, W) bool → (N, H, W, 3) float32: white where occluded, black elsewhere."""
+    if mask.ndim != 3:
+        raise ValueError(f"mask: expected (N, H, W), got shape {tuple(mask.shape)}")
+    return mask.float()[..., None].expand(*mask.shape, 3).contiguous()
+
+
+def draw_tracks(frames: torch.Tensor, grid: TrajectoryGrid, count: int, seed: int) -> torch.Tensor:
+    """frames (F, H, W, 3) with ``count`` trajectories of ``grid`` drawn as coloured polylines.
+
+    The trajectories are a seeded sample of the longest ones (all as long as the ``count``-th longest). On
+    frame f each sampled trajectory present there is drawn from its start to f, through its cells' centres
+    scaled to pixels, with a dot at f. Returns the frames' dtype and device; undrawn pixels are unchanged.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames: expected IMAGE frames (F, H, W, 3), got shape {tuple(frames.shape)}")
+    count_frames, height, width, _ = frames.shape
+    if grid.track_of.shape[0] != count_frames:
+        raise ValueError(f"frames: {count_frames} frames but the trajectories span {grid.track_of.shape[0]}")
+    if count < 1:
+        raise ValueError(f"count: expected at least 1 trajectory, got {count}")
+    h, w = grid.grid_hw
+    tracks = grid.tracks.cpu()
+    present = tracks >= 0                                                  # (n, F)
+    lengths = present.sum(1)
+    count = min(count, len(tracks))
+    shortest = lengths.sort(descending=True).values[count - 1]
+    pool = (lengths >= shortest).nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = pool[torch.randperm(len(pool), generator=generator)[:count]]
+    cells = tracks[chosen].clamp(min=0)                                    # (count, F)
+    shift = 4                                                              # cv2 fixed point: 1/16 px
+    x = (((cells % w).double() + 0.5) * width / w - 0.5) * (1 << shift)
+    y = (((cells // w).double() + 0.5) * height / h - 0.5) * (1 << shift)
+    points = torch.stack([x, y], -1).round().int().numpy()                 # (count, F, 2)
+    first = present[chosen].long().argmax(1).tolist()                      # start frame of each track
+    hue = torch.arange(len(chosen), dtype=torch.float64) * _GOLDEN * 2 * math.pi
+    colours = _hue(torch.cos(hue).float(), torch.sin(hue).float()).tolist()
+    thickness = max(1, round(min(height, width) / 256))
+    canvas = frames.detach().float().cpu().numpy().copy()                  # (F, H, W, 3) float32
+    for f in range(count_frames):
+        image = canvas[f]
+        for i in present[chosen, f].nonzero().squeeze(1).tolist():
+            history = np.ascontiguousarray(points[i, first[i]:f + 1])
+            cv2.polylines(image, [history], False, colours[i], thickness, cv2.LINE_AA, shift)
+            cv2.circle(image, tuple(int(c) for c in history[-1]), (thickness + 1) << shift, colours[i], -1,
+                       cv2.LINE_AA, shift)
+    return torch.from_numpy(canvas).clamp(0, 1).to(frames.device, frames.dtype)

@@ -1,0 +1,121 @@
+"""FLATTEN's patch trajectories: grid cells chained along the optical flow (FLATTEN §3.2).
+
+Per consecutive pair, each cell's flow is the area mean of the image-resolution forward flow over the cell,
+in cells; the cell links to the cell it lands in, if that lies inside the grid and (optionally) the cell is at
+most half occluded. When several cells land on one, a seeded random priority picks the one that continues; the
+others end. Cells of the next frame that nothing reached start new trajectories, so every cell of every frame
+lies on exactly one trajectory. Vectorised over cells: the only loop is over frames (the official code and its
+ports loop over every cell in Python and seed with ``x // H, x % H``, which is wrong for non-square grids).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .estimate import FlowField
+
+
+@dataclass(frozen=True)
+class TrajectoryGrid:
+    """The trajectories of one token grid."""
+    grid_hw: tuple[int, int]
+    tracks: torch.Tensor         # (n_traj, F) long: flat cell y·w + x of the trajectory at frame f, -1 if absent
+    track_of: torch.Tensor       # (F, h·w) long: trajectory id of each cell (inverse of ``tracks``)
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """The TRAJECTORIES socket: trajectories at every token grid the UNet sees for one latent size."""
+    frames: int
+    latent_hw: tuple[int, int]
+    grids: dict[tuple[int, int], TrajectoryGrid]
+
+    def at(self, grid_hw: tuple[int, int]) -> TrajectoryGrid:
+        key = tuple(int(s) for s in grid_hw)
+        if key not in self.grids:
+            raise ValueError(f"trajectories: no {key[0]}x{key[1]} (h x w) token grid; built for "
+                             f"{sorted(self.grids, reverse=True)} from a {self.latent_hw} latent")
+        return self.grids[key]
+
+
+def unet_token_grids(latent_hw: tuple[int, int], levels: int = 4) -> list[tuple[int, int]]:
+    """Token grids (h, w) of the UNet's levels: each stride-2 conv (kernel 3, pad 1) gives ceil(size / 2)."""
+    h, w = (int(s) for s in latent_hw)
+    if h < 1 or w < 1 or levels < 1:
+        raise ValueError(f"latent_hw: expected a positive size and levels >= 1, got {latent_hw} and {levels}")
+    grids = [(h, w)]
+    for _ in range(levels - 1):
+        h, w = -(-h // 2), -(-w // 2)
+        grids.append((h, w))
+    return grids
+
+
+def build_trajectories(flow: FlowField, latent_hw: tuple[int, int], seed: int = 0, cut_occluded: bool = True,
+                       levels: int = 4) -> Trajectories:
+    """Trajectories at every grid of :func:`unet_token_grids` of ``latent_hw`` (the same seed for each)."""
+    grids = {hw: build_trajectory_grid(flow, hw, seed, cut_occluded)
+             for hw in dict.fromkeys(unet_token_grids(latent_hw, levels))}
+    return Trajectories(frames=flow.frames, latent_hw=tuple(int(s) for s in latent_hw), grids=grids)
+
+
+def build_trajectory_grid(flow: FlowField, grid_hw: tuple[int, int], seed: int = 0,
+                          cut_occluded: bool = True) -> TrajectoryGrid:
+    """Chain the cells of an (h, w) grid along ``flow`` over all frames (FLATTEN §3.2); see the module doc.
+
+    Links and collisions are resolved for all frames at once; the chaining then follows each cell's
+    predecessor frame by frame. Trajectory ids are numbered by (first frame, first cell).
+    """
+    h, w = (int(s) for s in grid_hw)
+    if h < 1 or w < 1:
+        raise ValueError(f"grid_hw: expected a positive (h, w), got {grid_hw}")
+    frames, cells = flow.frames, h * w
+    slot = _landing_slots(flow, h, w, cut_occluded)                          # (F-1, h·w)
+    cell_bits = max(1, (cells - 1).bit_length())
+    best = _winning_priorities(slot, cell_bits, seed)                        # (F-1, h·w), -1 where none lands
+    device = best.device
+    predecessor = best.clamp(min=0) & ((1 << cell_bits) - 1)                 # winner's cell in frame t (or 0)
+    starts = torch.cat([torch.ones(1, cells, dtype=torch.bool, device=device), best < 0])     # (F, h·w)
+    start_id = starts.flatten().cumsum(0).view(frames, cells) - 1            # new ids in (frame, cell) order
+    track_of = torch.empty(frames, cells, dtype=torch.long, device=device)
+    track_of[0] = start_id[0]
+    for t in range(frames - 1):
+        track_of[t + 1] = torch.where(starts[t + 1], start_id[t + 1], track_of[t][predecessor[t]])
+    tracks = torch.full((int(start_id[-1, -1]) + 1, frames), -1, dtype=torch.long, device=device)
+    tracks[track_of, torch.arange(frames, device=device)[:, None]] = torch.arange(cells, device=device)
+    return TrajectoryGrid(grid_hw=(h, w), tracks=tracks, track_of=track_of)
+
+
+def _landing_slots(flow: FlowField, h: int, w: int, cut_occluded: bool) -> torch.Tensor:
+    """(F-1, h·w) long: t·h·w + the cell of frame t+1 that each cell of frame t lands in, or (F-1)·h·w (a spare
+    slot) where it does not link: landing outside the grid, or (``cut_occluded``) more than half occluded."""
+    pairs, cells = flow.frames - 1, h * w
+    mean = F.adaptive_avg_pool2d(flow.forward.float(), (h, w))             # (F-1, 2, h, w) px, area mean
+    device = mean.device
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    centre = torch.stack([xs, ys]).float() + 0.5                            # (2, h, w) in cells
+    scale = torch.tensor([w / flow.width, h / flow.height], device=device).view(2, 1, 1)
+    size = torch.tensor([w, h], device=device).view(2, 1, 1)
+    landing = torch.addcmul(centre, mean, scale).floor_()                  # (F-1, 2, h, w) nearest cell (x, y)
+    linked = ((landing >= 0) & (landing < size)).all(1)                    # (F-1, h, w)
+    if cut_occluded:
+        occluded = F.adaptive_avg_pool2d(flow.occlusion.to(device, torch.float32)[:, None], (h, w))[:, 0]
+        linked &= occluded <= 0.5
+    slot = torch.add(landing[:, 0], landing[:, 1], alpha=w).long()          # flat cell y·w + x
+    slot += torch.arange(pairs, device=device).view(pairs, 1, 1) * cells
+    return torch.where(linked, slot, pairs * cells).flatten(1)
+
+
+def _winning_priorities(slot: torch.Tensor, cell_bits: int, seed: int) -> torch.Tensor:
+    """(F-1, h·w) long: per cell of frame t+1, the highest priority among the cells of frame t landing on it,
+    -1 if none. Priorities are seeded random high bits over the source cell in the low ``cell_bits``, so they
+    are distinct and the winner's cell can be read back from its priority."""
+    pairs, cells = slot.shape
+    device = slot.device
+    generator = torch.Generator().manual_seed(seed)
+    draw = torch.randint(0, 1 << (62 - cell_bits), (pairs, cells), generator=generator).to(device)
+    priority = torch.add(torch.arange(cells, device=device), draw, alpha=1 << cell_bits)      # (F-1, h·w)
+    best = torch.full((pairs * cells + 1,), -1, dtype=torch.long, device=device)
+    best.scatter_reduce_(0, slot.flatten(), priority.flatten(), reduce="amax")
+    return best[:-1].view(pairs, cells)
