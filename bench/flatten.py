@@ -10,6 +10,7 @@ Targets: grouped peak / dense output ≤ 2×; the per-query/grouped memory ratio
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -142,6 +143,27 @@ def figure_grouped_memory_vs_output(frame_counts: list[int], cache: dict) -> Non
               f"{grouped['trajectories']} trajectories, index built once in {grouped['index_seconds']:.2f} s)")
 
 
+def figure_edit_vs_cfg(frames: int = 16, size: int = 32, steps: int = 4) -> None:
+    """FLATTEN edit (dense attention everywhere + trajectories at the top grid) / plain CFG sampling, real host."""
+    if not os.environ.get("COMFYUI_PATH"):
+        print("skipped: FLATTEN edit / plain CFG needs the real host (set COMFYUI_PATH)")
+        return
+    _tve.real_host()
+    from _edits import best_of, cfg_edit, inverted_video
+    from tve.flow.estimate import FlowField
+    from tve.flow.trajectories import build_trajectories
+    from tve.nodes.flatten import apply_flatten
+    from tve.tools.video_world import render_clip
+    clip = render_clip(frames, size * 8, size * 8, seed=0, sprites=2)
+    flow = FlowField(clip.flow_forward, clip.flow_backward, clip.occlusion_forward, "ground truth")
+    model, x_T, inversion = inverted_video(frames, size, steps)
+    patched = apply_flatten(model, build_trajectories(flow, (size, size)), "highest resolution", "dense_output")
+    t_plain = best_of(lambda: cfg_edit(model, x_T, inversion.sigmas))
+    t_flatten = best_of(lambda: cfg_edit(patched, x_T, inversion.sigmas))
+    print(f"{t_flatten / t_plain:.2f}x FLATTEN edit / plain CFG sampling (target <= 2x): {t_flatten:.2f} s vs "
+          f"{t_plain:.2f} s, {frames} frames, {size}x{size} latent, {steps} steps, tiny SD1.5-shaped UNet, CPU")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32])
@@ -154,6 +176,7 @@ def main() -> None:
     cache: dict = {}
     figure_grouped_vs_per_query(opts.frames, cache)
     figure_grouped_memory_vs_output(opts.frames, cache)
+    figure_edit_vs_cfg()
 
 
 if __name__ == "__main__":
