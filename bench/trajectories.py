@@ -1,14 +1,16 @@
 """FLATTEN trajectory building (FLATTEN §3.2): the vectorised builder against a per-cell Python reference.
 
-    python bench/trajectories.py [--frames 32] [--grid 64]
+    python bench/trajectories.py [--frames 32] [--grid 64] [--threads 1]
 
 The reference chains cells one at a time in Python, as the official FLATTEN code and ComfyUI-FLATTEN do, with
 this pack's rule (area-mean flow per cell, nearest landing cell, at most half occluded, seeded collision
 priorities), so both give the same trajectories. Flow: a smooth synthetic field (zoom, swirl and waves, up to
-~1.5 cells per frame, so cells collide) given at the grid's own resolution (chaining only) and at 8x it
+~2 cells per frame, so cells collide) given at the grid's own resolution (chaining only) and at 8x it
 (512x512 px for a 64x64 grid: area pooling included). Each (builder, resolution) runs in a fresh subprocess:
 time is the best of several runs after a warm-up; peak memory is the rise of the peak resident size (VmHWM,
-reset once the flow is built) over the resident size then. Target: the vectorised builder ≥ 100x faster.
+reset once the flow is built) over the resident size then. Both run with ``--threads`` torch threads (default
+1: the reference is single-threaded Python, and on a small shared machine more threads mostly contend).
+Target: the vectorised builder ≥ 100x faster.
 """
 import argparse
 import hashlib
@@ -53,7 +55,7 @@ def per_cell_reference(flow: FlowField, grid_hw: tuple[int, int], seed: int = 0,
     occluded = F.adaptive_avg_pool2d(flow.occlusion.float()[:, None], (h, w))[:, 0].tolist()
     bits = max(1, (h * w - 1).bit_length())                                             # the builder's priorities
     generator = torch.Generator().manual_seed(seed)
-    draw = torch.randint(0, 1 << (62 - bits), (frames - 1, h * w), generator=generator).tolist()
+    draw = torch.empty(frames - 1, h * w, dtype=torch.int32).random_(generator=generator).tolist()
     priority = [[d * (1 << bits) + cell for cell, d in enumerate(row)] for row in draw]
     track_of = [list(range(h * w))]
     born = h * w
@@ -100,8 +102,9 @@ def _peak_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def measure(builder: str, frames: int, grid: int, scale: int, repeats: int) -> dict:
+def measure(builder: str, frames: int, grid: int, scale: int, repeats: int, threads: int) -> dict:
     """In a fresh process: best seconds of ``repeats`` runs after a warm-up, peak memory rise, a result digest."""
+    torch.set_num_threads(threads)
     flow = synthetic_flow(frames, grid * scale, grid * scale, cell=scale)
     if builder == "vectorised":
         def run() -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,10 +126,11 @@ def measure(builder: str, frames: int, grid: int, scale: int, repeats: int) -> d
     return {"seconds": best, "peak_rise": peak - baseline, "trajectories": len(tracks), "digest": digest}
 
 
-def measured(builder: str, frames: int, grid: int, scale: int, repeats: int) -> dict:
-    """``measure`` in a fresh subprocess, so ru_maxrss is this run's alone."""
+def measured(builder: str, frames: int, grid: int, scale: int, repeats: int, threads: int) -> dict:
+    """``measure`` in a fresh subprocess, so its peak memory is its own."""
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure", builder, str(frames),
-                          str(grid), str(scale), str(repeats)], check=True, capture_output=True, text=True).stdout
+                          str(grid), str(scale), str(repeats), str(threads)], check=True, capture_output=True,
+                         text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -134,25 +138,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--grid", type=int, default=64)
-    ap.add_argument("--measure", nargs=5, metavar=("BUILDER", "FRAMES", "GRID", "SCALE", "REPEATS"),
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--measure", nargs=6, metavar=("BUILDER", "FRAMES", "GRID", "SCALE", "REPEATS", "THREADS"),
                     help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.measure:
-        builder, frames, grid, scale, repeats = opts.measure
-        print(json.dumps(measure(builder, int(frames), int(grid), int(scale), int(repeats))))
+        builder, *numbers = opts.measure
+        print(json.dumps(measure(builder, *map(int, numbers))))
         return
-    frames, grid = opts.frames, opts.grid
+    frames, grid, threads = opts.frames, opts.grid, opts.threads
     for scale in (1, 8):
-        fast = measured("vectorised", frames, grid, scale, 5)
-        slow = measured("reference", frames, grid, scale, 1)
-        size = f"{grid * scale}x{grid * scale} px flow"
+        fast = measured("vectorised", frames, grid, scale, 30, threads)
+        slow = measured("reference", frames, grid, scale, 3, threads)
+        size = f"{grid * scale}x{grid * scale} px flow, {threads} torch thread{'s' * (threads > 1)}"
         print(f"vectorised/per-cell speed-up {slow['seconds'] / fast['seconds']:.0f}x ({frames} frames, {grid}x{grid} "
               f"grid, {size}): vectorised {fast['seconds'] * 1e3:.1f} ms, per-cell reference "
               f"{slow['seconds'] * 1e3:.0f} ms; {fast['trajectories']} trajectories, "
               f"identical: {fast['digest'] == slow['digest']}")
         print(f"per-cell/vectorised peak memory {slow['peak_rise'] / max(fast['peak_rise'], 1):.1f}x ({size}): "
               f"vectorised +{fast['peak_rise'] / MiB:.1f} MiB, per-cell reference +{slow['peak_rise'] / MiB:.1f} MiB "
-              f"(ru_maxrss rise over the resident size once the flow is built, peak reset there)")
+              f"(peak resident size rise after the flow is built)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Pictures of flows, occlusions and trajectories for the preview nodes.
 
-Flow colours follow the Middlebury colour wheel (Baker et al., IJCV 2011, §3.3 and Fig. 5): hue = direction,
+Flow colours follow the Middlebury colour wheel (Baker et al., IJCV 2011): hue = direction,
 saturation = speed, white = still; speeds beyond the normalising magnitude are darkened to 75 %.
 """
 from __future__ import annotations
@@ -21,17 +21,12 @@ _GOLDEN = (math.sqrt(5) - 1) / 2     # hue step between consecutive track colour
 def _colour_wheel() -> torch.Tensor:
     """(55, 3) float32 RGB in [0, 1], the Middlebury colour wheel's entries."""
     ramps = []
-    for index, length in enumerate(_SEGMENTS):
+    for segment, length in enumerate(_SEGMENTS):
         up = torch.floor(255 * torch.arange(length) / length) / 255          # 0 → 1
-        one, zero = torch.ones(length), torch.zeros(length)
-        ramps.append([
-            torch.stack([one, up, zero], 1),          # red → yellow
-            torch.stack([1 - up, one, zero], 1),      # yellow → green
-            torch.stack([zero, one, up], 1),          # green → cyan
-            torch.stack([zero, 1 - up, one], 1),      # cyan → blue
-            torch.stack([up, zero, one], 1),          # blue → magenta
-            torch.stack([one, zero, 1 - up], 1),      # magenta → red
-        ][index])
+        down, one, zero = 1 - up, torch.ones(length), torch.zeros(length)
+        rgb = [(one, up, zero), (down, one, zero), (zero, one, up),           # red → yellow → green → cyan
+               (zero, down, one), (up, zero, one), (one, zero, down)][segment]   # → blue → magenta → red
+        ramps.append(torch.stack(rgb, 1))
     return torch.cat(ramps).float()
 
 

@@ -72,18 +72,18 @@ def build_trajectory_grid(flow: FlowField, grid_hw: tuple[int, int], seed: int =
         raise ValueError(f"grid_hw: expected a positive (h, w), got {grid_hw}")
     frames, cells = flow.frames, h * w
     slot = _landing_slots(flow, h, w, cut_occluded)                          # (F-1, h·w)
-    cell_bits = max(1, (cells - 1).bit_length())
-    best = _winning_priorities(slot, cell_bits, seed)                        # (F-1, h·w), -1 where none lands
-    device = best.device
-    predecessor = best.clamp(min=0) & ((1 << cell_bits) - 1)                 # winner's cell in frame t (or 0)
-    starts = torch.cat([torch.ones(1, cells, dtype=torch.bool, device=device), best < 0])     # (F, h·w)
-    start_id = starts.flatten().cumsum(0).view(frames, cells) - 1            # new ids in (frame, cell) order
+    predecessor, reached = _collision_winners(slot, cells, seed)             # (F-1, h·w) each
+    device = slot.device
+    starts = torch.cat([torch.ones(1, cells, dtype=torch.bool, device=device), ~reached])    # (F, h·w)
+    start_id = starts.view(-1).cumsum(0, dtype=torch.int32).view(frames, cells) - 1   # new ids by (frame, cell)
+    every_cell = torch.arange(cells, device=device)
     track_of = torch.empty(frames, cells, dtype=torch.long, device=device)
-    track_of[0] = start_id[0]
-    for t in range(frames - 1):
-        track_of[t + 1] = torch.where(starts[t + 1], start_id[t + 1], track_of[t][predecessor[t]])
+    track_of[0] = every_cell
+    for t in range(frames - 1):                                              # follow each cell's predecessor
+        torch.where(reached[t], track_of[t].index_select(0, predecessor[t]), start_id[t + 1], out=track_of[t + 1])
     tracks = torch.full((int(start_id[-1, -1]) + 1, frames), -1, dtype=torch.long, device=device)
-    tracks[track_of, torch.arange(frames, device=device)[:, None]] = torch.arange(cells, device=device)
+    at = torch.add(torch.arange(frames, device=device)[:, None], track_of, alpha=frames)      # (F, h·w) flat
+    tracks.view(-1).scatter_(0, at.view(-1), every_cell.repeat(frames))
     return TrajectoryGrid(grid_hw=(h, w), tracks=tracks, track_of=track_of)
 
 
@@ -91,31 +91,42 @@ def _landing_slots(flow: FlowField, h: int, w: int, cut_occluded: bool) -> torch
     """(F-1, h·w) long: t·h·w + the cell of frame t+1 that each cell of frame t lands in, or (F-1)·h·w (a spare
     slot) where it does not link: landing outside the grid, or (``cut_occluded``) more than half occluded."""
     pairs, cells = flow.frames - 1, h * w
-    mean = F.adaptive_avg_pool2d(flow.forward.float(), (h, w))             # (F-1, 2, h, w) px, area mean
+    mean = _area_mean(flow.forward.float(), h, w)                           # (F-1, 2, h, w) px
     device = mean.device
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     centre = torch.stack([xs, ys]).float() + 0.5                            # (2, h, w) in cells
     scale = torch.tensor([w / flow.width, h / flow.height], device=device).view(2, 1, 1)
     size = torch.tensor([w, h], device=device).view(2, 1, 1)
     landing = torch.addcmul(centre, mean, scale).floor_()                  # (F-1, 2, h, w) nearest cell (x, y)
-    linked = ((landing >= 0) & (landing < size)).all(1)                    # (F-1, h, w)
+    inside = (landing >= 0) & (landing < size)
+    linked = inside[:, 0] & inside[:, 1]                                    # (F-1, h, w)
     if cut_occluded:
-        occluded = F.adaptive_avg_pool2d(flow.occlusion.to(device, torch.float32)[:, None], (h, w))[:, 0]
-        linked &= occluded <= 0.5
-    slot = torch.add(landing[:, 0], landing[:, 1], alpha=w).long()          # flat cell y·w + x
-    slot += torch.arange(pairs, device=device).view(pairs, 1, 1) * cells
-    return torch.where(linked, slot, pairs * cells).flatten(1)
+        linked &= _area_mean(flow.occlusion.to(device, torch.float32)[:, None], h, w)[:, 0] <= 0.5
+    landing = landing.to(torch.int32)
+    slot = torch.add(landing[:, 0], landing[:, 1], alpha=w)                 # flat cell y·w + x, int32
+    slot += torch.arange(0, pairs * cells, cells, device=device, dtype=torch.int32).view(pairs, 1, 1)
+    return torch.where(linked, slot, pairs * cells).view(pairs, cells).long()
 
 
-def _winning_priorities(slot: torch.Tensor, cell_bits: int, seed: int) -> torch.Tensor:
-    """(F-1, h·w) long: per cell of frame t+1, the highest priority among the cells of frame t landing on it,
-    -1 if none. Priorities are seeded random high bits over the source cell in the low ``cell_bits``, so they
-    are distinct and the winner's cell can be read back from its priority."""
-    pairs, cells = slot.shape
+def _collision_winners(slot: torch.Tensor, cells: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each cell of frame t+1: the cell of frame t whose trajectory continues there ((F-1, h·w) long, 0
+    where none) and whether one does ((F-1, h·w) bool).
+
+    Among the cells landing on one cell, the highest priority wins. Priorities are 31 seeded random bits over
+    the source cell's index in the low bits: distinct, and the winner's cell is read back from its priority.
+    """
+    pairs = slot.shape[0]
     device = slot.device
+    bits = max(1, (cells - 1).bit_length())
     generator = torch.Generator().manual_seed(seed)
-    draw = torch.randint(0, 1 << (62 - cell_bits), (pairs, cells), generator=generator).to(device)
-    priority = torch.add(torch.arange(cells, device=device), draw, alpha=1 << cell_bits)      # (F-1, h·w)
-    best = torch.full((pairs * cells + 1,), -1, dtype=torch.long, device=device)
-    best.scatter_reduce_(0, slot.flatten(), priority.flatten(), reduce="amax")
-    return best[:-1].view(pairs, cells)
+    draw = torch.empty(pairs, cells, dtype=torch.int32).random_(generator=generator).to(device)   # [0, 2^31)
+    priority = torch.add(torch.arange(cells, device=device), draw, alpha=1 << bits)           # int64
+    best = torch.full((pairs * cells + 1,), -(1 << bits), dtype=torch.long, device=device)   # low bits 0
+    best.scatter_reduce_(0, slot.view(-1), priority.view(-1), reduce="amax")
+    best = best[:-1].view(pairs, cells)
+    return best & ((1 << bits) - 1), best >= 0
+
+
+def _area_mean(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, h, w): the mean over each cell's pixels (adaptive pooling when H, W do not divide)."""
+    return x if tuple(x.shape[-2:]) == (h, w) else F.adaptive_avg_pool2d(x, (h, w))
