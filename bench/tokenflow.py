@@ -4,7 +4,7 @@
 
 1. TokenFlow edit time / plain CFG sampling time, same frames and steps (issue 5 target ≤ 1.3×; the reference
    implementation runs a 3-way batch, ≈ 1.5×). Also the per-frame PnP edit (injection only) for scale.
-2. Peak memory of a TokenFlow edit for 16, 32 and 64 frames, each in a fresh process (the resident-set rise during
+2. Peak memory of a TokenFlow edit for 16, 32, 64 and 128 frames, each in a fresh process (the resident-set rise during
    a second, warm edit, sampled from /proc): growth must be linear in frames.
 """
 import argparse
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--memory-frames", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--memory-frames", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--memory-size", type=int, default=16)
     ap.add_argument("--measure", nargs=3, type=int, help=argparse.SUPPRESS)
     opts = ap.parse_args()
