@@ -26,6 +26,8 @@ def _register_pack_alias() -> None:
 _register_pack_alias()
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+# Idle OpenMP workers sleep instead of spinning: on a loaded 2-core machine spinning stalls torch ~20x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _select_host() -> None:

@@ -182,8 +182,8 @@ def test_dis_flow_locks_onto_the_texture():
         assert end_point_error < 0.25 * clip.flow_forward[t].norm(dim=0)[visible].mean()
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_latent_to_frames_to_latent_is_identity_on_in_range_latents(dtype, atol):
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_latent_to_frames_to_latent_is_identity_on_in_range_latents(dtype, rtol):
     rgb = torch.rand(3, 5, 6, 3, generator=torch.Generator().manual_seed(0))
     latent = torch.einsum("lc,fhwc->flhw", LATENT_FROM_RGB.float(), rgb) + LATENT_BIAS.float()[:, None, None]
     latent = latent.to(dtype)
@@ -191,7 +191,7 @@ def test_latent_to_frames_to_latent_is_identity_on_in_range_latents(dtype, atol)
     assert frames.shape == (3, 40, 48, 3) and frames.dtype == dtype
     again = frames_to_latent(frames)
     assert again.shape == latent.shape and again.dtype == dtype
-    assert torch.allclose(again.float(), latent.float(), atol=atol)
+    assert torch.allclose(again.float(), latent.float(), atol=rtol * float(latent.abs().max()))  # of the range
 
 
 def test_frames_to_latent_averages_cells_and_decodes_to_the_cell_means():

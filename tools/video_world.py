@@ -26,6 +26,9 @@ Test latent space (a stand-in for a VAE): ``frames_to_latent`` averages 8x8 pixe
 fixed, well-conditioned affine map ``latent = LATENT_FROM_RGB @ rgb + LATENT_BIAS`` (2-norm condition
 number 1.12); ``latent_to_frames`` applies its pseudo-inverse, clamps to [0, 1] and repeats each cell over 8x8
 pixels, so ``frames_to_latent(latent_to_frames(z)) == z`` for every ``z`` in the image of [0, 1]^3.
+The map is scaled like a real SD VAE: raw latents are what VAEEncode returns, and the model-space latents
+comfy feeds the UNet (raw x 0.18215, the SD1.5 latent format's ``process_latent_in``) have mean ~0 and
+standard deviation ~1 over the world's frames (per channel 0.87..1.15).
 """
 import math
 from dataclasses import dataclass
@@ -38,12 +41,13 @@ CAMERAS = ("static", "translate", "zoom", "rotate", "random")
 MAX_SPRITES = 3
 LATENT_SCALE = 8  # pixels per latent cell, each way
 
-LATENT_FROM_RGB = torch.tensor(
+_LATENT_GAIN = 19.0  # model-space latents (raw x 0.18215) of the world's frames get a standard deviation ~1
+LATENT_FROM_RGB = _LATENT_GAIN * torch.tensor(
     [[0.9, 0.3, -0.2],
      [-0.4, 0.8, 0.5],
      [0.3, -0.6, 0.9],
      [0.5, 0.5, 0.5]], dtype=torch.float64)  # (4, 3)
-LATENT_BIAS = torch.tensor([-0.5, -0.45, -0.3, -0.75], dtype=torch.float64)  # (4,)
+LATENT_BIAS = _LATENT_GAIN * torch.tensor([-0.5, -0.45, -0.3, -0.75], dtype=torch.float64)  # (4,) centres them
 RGB_FROM_LATENT = torch.linalg.pinv(LATENT_FROM_RGB)  # (3, 4)
 
 _WAVES = 16

@@ -1,0 +1,74 @@
+"""The committed test model (tools/test_model, made by tools/train_test_model.py) inside the real ComfyUI."""
+import json
+
+import pytest
+import torch
+
+from tve.tests.trained_model import EMBEDDINGS, WEIGHTS, load_trained_model, trained_conditioning
+from tve.tools.train_test_model import CONDITIONING_NAMES, HELD_OUT_SEED, LUMA, UNET_CONFIG, render_frames
+from tve.tools.video_world import latent_to_frames
+
+pytestmark = pytest.mark.real_host
+MAX_BYTES = 5_000_000
+
+
+def _sample(model, noise: torch.Tensor, name: str, cfg: float, steps: int = 20) -> torch.Tensor:
+    import comfy.sample
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", trained_conditioning(name),
+                               trained_conditioning("empty"), torch.zeros_like(noise), disable_pbar=True, seed=0)
+
+
+def test_committed_weights_are_small_fp16_and_load_into_comfys_sd15_unet():
+    import comfy.model_base
+    import comfy.model_patcher
+    from safetensors import safe_open
+
+    assert WEIGHTS.stat().st_size <= MAX_BYTES
+    with safe_open(str(WEIGHTS), framework="pt") as f:
+        assert json.loads(f.metadata()["unet_config"]) == UNET_CONFIG
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    model = load_trained_model()
+    assert isinstance(model, comfy.model_patcher.ModelPatcher)
+    assert isinstance(model.model, comfy.model_base.BaseModel) and model.model.model_type.name == "EPS"
+    assert float(model.get_model_object("model_sampling").sigma_max) == pytest.approx(14.6146, rel=1e-4)  # SD1.5
+    state = model.model.diffusion_model.state_dict()
+    assert state.keys() == weights.keys()
+    assert all(torch.equal(state[k], v.float()) for k, v in weights.items())
+    assert EMBEDDINGS.stat().st_size <= 400_000
+    embeddings = [trained_conditioning(name)[0][0] for name in CONDITIONING_NAMES]
+    assert all(e.shape == (1, 77, 768) for e in embeddings)
+    assert min((a - b).abs().mean() for i, a in enumerate(embeddings) for b in embeddings[i + 1:]) > 0.5
+
+
+def test_inversion_then_reconstruction_of_a_held_out_clip_is_faithful():
+    import comfy.sample
+    import comfy.samplers
+    from tve.nodes.inversion import invert
+
+    model = load_trained_model()
+    cond = trained_conditioning("source")
+    raw = render_frames(1, 3, HELD_OUT_SEED + 7)  # (3, 4, 16, 16), a world seed never trained on
+    x_T, inversion = invert(model, raw, cond, 50, "ddim_uniform")
+    recon = comfy.sample.sample_custom(model, torch.zeros_like(x_T), 1.0, comfy.samplers.sampler_object("euler"),
+                                       inversion.sigmas, cond, cond, x_T, disable_pbar=True)
+    error = float((recon - raw).norm() / raw.norm())  # raw and model space differ by one factor: same ratio
+    assert error < 0.10
+    assert float((x_T - raw).norm() / raw.norm()) > 1.0  # x_T really is the noisy end of the walk
+
+
+def test_target_conditioning_recolours_to_the_warm_duotone():
+    model = load_trained_model()
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    frames = {name: latent_to_frames(_sample(model, noise, name, 5.0)).double() for name in ("source", "target")}
+
+    def warmth(f):  # mean R - B: the duotone puts every pixel between 0.17 and 0.40
+        return float((f[..., 0] - f[..., 2]).mean())
+
+    def chroma(f):  # colour left once the luminance grey is taken out; the duotone's is fixed by the luminance
+        luma = f @ torch.tensor(LUMA, dtype=f.dtype)
+        return float((f - luma[..., None]).std())
+
+    assert 0.17 < warmth(frames["target"]) < 0.45
+    assert warmth(frames["target"]) > warmth(frames["source"]) + 0.25
+    assert chroma(frames["target"]) < 0.7 * chroma(frames["source"])
