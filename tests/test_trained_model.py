@@ -72,3 +72,30 @@ def test_target_conditioning_recolours_to_the_warm_duotone():
     assert 0.17 < warmth(frames["target"]) < 0.45
     assert warmth(frames["target"]) > warmth(frames["source"]) + 0.25
     assert chroma(frames["target"]) < 0.7 * chroma(frames["source"])
+
+
+@pytest.mark.real_host
+def test_full_injection_with_the_source_prompt_reproduces_the_reconstruction():
+    """Issue #3 with a model that can invert: PnP injection of the source into an edit with the source prompt
+    keeps the reconstruction (both near the source)."""
+    import comfy.sample
+    import comfy.samplers
+
+    from tve.nodes.injection import apply_feature_injection
+    from tve.nodes.inversion import invert
+    from tve.tests.trained_model import load_trained_model, trained_conditioning
+    from tve.tools.train_test_model import HELD_OUT_SEED
+    from tve.tools.video_world import frames_to_latent, render_clip
+
+    model, source = load_trained_model(), trained_conditioning("source")
+    x0 = frames_to_latent(render_clip(3, 128, 128, seed=HELD_OUT_SEED + 7).frames)
+    x_T, inversion = invert(model, x0, source, 25, "ddim_uniform")
+
+    def sample(m):
+        return comfy.sample.sample_custom(m, torch.zeros_like(x_T), 1.0, comfy.samplers.sampler_object("euler"),
+                                          inversion.sigmas, source, source, x_T, disable_pbar=True)
+
+    plain = sample(model)
+    injected = sample(apply_feature_injection(model, inversion, 1.0, 1.0, "tokenflow", "sigma-matched"))
+    assert float((injected - plain).norm() / plain.norm()) < 0.05
+    assert float((injected - x0).norm() / x0.norm()) < 0.15
