@@ -239,6 +239,7 @@ def _render(layers: list[_Layer], frames: int, height: int, width: int, dtype: t
         return (q - pixels).permute(2, 0, 1).float(), occluded
 
     images, forward, backward = [], [], []
+    previous = None                      # (owner, u) of frame t-1
     for t in range(frames):
         coords = torch.stack([_apply(inverse[index, t], pixels) for index in range(len(layers))])  # (L, H, W, 2)
         owner = _owner(layers, inverse[:, t], pixels)  # (H, W)
