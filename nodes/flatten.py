@@ -77,7 +77,7 @@ def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_s
     if qk_source not in QK_SOURCES:
         raise ValueError(f"qk_source: expected one of {QK_SOURCES}, got '{qk_source}'")
     blocks = host.attention_blocks(model)
-    existing = model.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
+    existing = host.attn1_replaces(model)
     if any(getattr(fn, "tve_tokenflow", False) for fn in existing.values()):
         raise ValueError("model: apply FLATTEN before TokenFlow (TokenFlow replaces the attention outputs, so it "
                          "must be the last attention patch)")

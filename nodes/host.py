@@ -187,6 +187,11 @@ def schedule_percent(extra_options: Mapping[str, Any]) -> float:
     return step / max(1, len(schedule) - 1)
 
 
+def attn1_replaces(model: Any) -> dict[tuple, Callable]:
+    """The attn1 replaces already on ``model``, by replace key (what a new replace on that key would hide)."""
+    return dict(model.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {}))
+
+
 def set_attn1_replace(model: Any, fn: Callable, blocks: Sequence[AttentionBlock]) -> None:
     """Install ``fn(q, k, v, extra_options)`` as the attn1 replace of each block of ``model`` (a clone)."""
     for block in blocks:

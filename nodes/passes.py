@@ -39,7 +39,6 @@ class SourceBranch:
         self.step = -1
         self.steps = 0
         self.frame_ids: tuple[int, ...] = ()
-        self.source_sigma: float | None = None
         self.pass_frames: torch.Tensor | None = None  # local indices (into the source pass) of a partial pass
         self.features: dict[Any, torch.Tensor] = {}   # per block / module: the source pass's features, (F, ...)
 
@@ -81,8 +80,8 @@ class SourceBranch:
                      frame_ids: Sequence[int], sigma: float) -> None:
         i = self.source_index(sigma)
         x_src = self.inversion.latents[i][list(frame_ids)].to(x_in.device, x_in.dtype)     # (F, C, h, w)
-        self.source_sigma = max(float(self.inversion.sigmas[i]), float(model.model_sampling.sigma_min))
-        t_src = torch.full((x_src.shape[0],), self.source_sigma, device=x_in.device, dtype=x_in.dtype)
+        source_sigma = max(float(self.inversion.sigmas[i]), float(model.model_sampling.sigma_min))
+        t_src = torch.full((x_src.shape[0],), source_sigma, device=x_in.device, dtype=x_in.dtype)
         conds = host.encode_conditioning(model, self.inversion.conditioning, x_src)
         self.pass_name = "source"
         try:

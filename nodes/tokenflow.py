@@ -142,7 +142,7 @@ def apply_tokenflow(model: Any, inversion: Inversion, interval: int, seed: int, 
         raise ValueError(f"propagation: expected one of {PROPAGATION_MODES}, got '{mode}'")
     inversion.check_model(model)
     blocks = host.attention_blocks(model)
-    existing = model.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
+    existing = host.attn1_replaces(model)
     if any(getattr(fn, "tve_tokenflow", False) for fn in existing.values()):
         raise ValueError("model: TokenFlow is already applied to this model")
     m = model.clone()
