@@ -13,7 +13,7 @@ import torch
 from ..attention.cross_frame import dense_attention
 from ..attention.flatten import trajectory_attention, trajectory_index
 from ..flow.trajectories import Trajectories
-from . import host
+from . import host, sockets
 
 CATEGORY = "video editing/TVE"
 GRID_CHOICES = ["highest resolution", "all"]
@@ -100,7 +100,7 @@ class ApplyFLATTEN:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
-            "trajectories": ("TRAJECTORIES",),
+            "trajectories": (sockets.TRAJECTORIES, {"tooltip": "From Flow Trajectories (TVE), built on the latent you invert and sample."}),
             "token_grids": (GRID_CHOICES, {"default": "highest resolution", "tooltip": (
                 "Where trajectory attention runs: the highest-resolution self-attention (the paper) or every one.")}),
             "qk_source": (QK_SOURCES, {"default": "dense_output", "tooltip": (
@@ -113,6 +113,7 @@ class ApplyFLATTEN:
     CATEGORY = CATEGORY
 
     def apply(self, model, trajectories: Trajectories, token_grids: str, qk_source: str):
+        sockets.expect(trajectories, Trajectories, "trajectories", sockets.TRAJECTORIES)
         return (apply_flatten(model, trajectories, token_grids, qk_source),)
 
 

@@ -6,7 +6,7 @@ import torch
 from ..flow.estimate import FlowField, build_raft, estimate_flow
 from ..flow.preview import draw_tracks, flow_to_color, occlusion_to_image
 from ..flow.trajectories import Trajectories, build_trajectories
-from . import host
+from . import host, sockets
 
 CATEGORY = "video editing/TVE"
 FLOW_METHODS = ["raft_large", "raft_small", "dis"]
@@ -51,7 +51,8 @@ class OpticalFlow:
                                    "tooltip": "Frame pairs per RAFT call; lower it if you run out of memory."}),
         }}
 
-    RETURN_TYPES = ("FLOW",)
+    RETURN_TYPES = (sockets.FLOW,)
+    RETURN_NAMES = ("flow",)
     FUNCTION = "estimate"
     CATEGORY = CATEGORY
 
@@ -87,7 +88,7 @@ class FlowTrajectories:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "flow": ("FLOW",),
+            "flow": (sockets.FLOW, {"tooltip": "From Optical Flow (TVE) of the frames that were VAE-encoded."}),
             "latent": ("LATENT", {"tooltip": "The VAE-encoded frames the edit will start from."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
                              "tooltip": "Decides which trajectory continues when several land on one cell."}),
@@ -95,11 +96,13 @@ class FlowTrajectories:
                                               "tooltip": "End a trajectory where its cell is mostly occluded."}),
         }}
 
-    RETURN_TYPES = ("TRAJECTORIES",)
+    RETURN_TYPES = (sockets.TRAJECTORIES,)
+    RETURN_NAMES = ("trajectories",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
 
     def build(self, flow: FlowField, latent: dict, seed: int, cut_at_occlusions: bool):
+        sockets.expect(flow, FlowField, "flow", sockets.FLOW)
         samples = latent["samples"]
         check_flow_matches_latent(flow, samples)
         return (build_trajectories(flow, tuple(samples.shape[-2:]), seed=seed, cut_occluded=cut_at_occlusions),)
@@ -110,7 +113,7 @@ class PreviewFlow:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"flow": ("FLOW",)}}
+        return {"required": {"flow": (sockets.FLOW, {"tooltip": "From Optical Flow (TVE)."})}}
 
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("flow", "occlusion")
@@ -118,6 +121,7 @@ class PreviewFlow:
     CATEGORY = CATEGORY
 
     def preview(self, flow: FlowField):
+        sockets.expect(flow, FlowField, "flow", sockets.FLOW)
         return flow_to_color(flow.forward), occlusion_to_image(flow.occlusion)
 
 
@@ -127,7 +131,7 @@ class PreviewTrajectories:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "trajectories": ("TRAJECTORIES",),
+            "trajectories": (sockets.TRAJECTORIES, {"tooltip": "From Flow Trajectories (TVE)."}),
             "images": ("IMAGE",),
             "grid": (GRID_CHOICES, {"default": "latent"}),
             "tracks": ("INT", {"default": 64, "min": 1, "max": 4096}),
@@ -139,6 +143,7 @@ class PreviewTrajectories:
     CATEGORY = CATEGORY
 
     def preview(self, trajectories: Trajectories, images: torch.Tensor, grid: str, tracks: int, seed: int):
+        sockets.expect(trajectories, Trajectories, "trajectories", sockets.TRAJECTORIES)
         if images.shape[0] != trajectories.frames:
             raise ValueError(f"images: has {images.shape[0]} frames but the trajectories span {trajectories.frames}")
         grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import host
+from . import host, sockets
 from .inversion import Inversion
 from .passes import ORDERS, SourceBranch, install_source_branch
 
@@ -135,7 +135,7 @@ class ApplyFeatureInjection:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
-            "inversion": ("INVERSION",),
+            "inversion": (sockets.INVERSION, {"tooltip": "From DDIM Inversion (TVE): the source video at every σ."}),
             "attention_injection_end": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                                   "tooltip": "Fraction of the steps with q/k injection."}),
             "conv_injection_end": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -152,6 +152,7 @@ class ApplyFeatureInjection:
 
     def apply(self, model, inversion: Inversion, attention_injection_end: float, conv_injection_end: float,
               block_preset: str, order: str):
+        sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
         return (apply_feature_injection(model, inversion, attention_injection_end, conv_injection_end, block_preset,
                                         order),)
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import host
+from . import host, sockets
 
 CATEGORY = "video editing/TVE"
 SIGMA_RTOL = 1e-4
@@ -19,7 +19,7 @@ SIGMA_RTOL = 1e-4
 
 @dataclass(frozen=True, eq=False)
 class Inversion:
-    """The INVERSION socket value: the source video at every σ of the grid, and what it was made with."""
+    """The TVE_INVERSION socket value: the source video at every σ of the grid, and what it was made with."""
     sigmas: torch.Tensor        # (N+1,) descending σ grid ending with 0, float32 CPU
     latents: torch.Tensor       # (N+1, F, C, h, w) model-space source latents at each σ, model dtype
     conditioning: list          # the source CONDITIONING the inversion used
@@ -121,7 +121,7 @@ class DDIMInversion:
             "scheduler": (host.scheduler_names(), {"default": "ddim_uniform"}),
         }}
 
-    RETURN_TYPES = ("LATENT", "INVERSION", "SIGMAS")
+    RETURN_TYPES = ("LATENT", sockets.INVERSION, "SIGMAS")
     RETURN_NAMES = ("inverted_latent", "inversion", "sigmas")
     FUNCTION = "invert"
     CATEGORY = CATEGORY

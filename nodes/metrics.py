@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..attention.tokenflow import pair_nearest_neighbour_field
 from ..flow.consistency import measure_consistency
 from ..flow.estimate import FlowField
-from . import host
+from . import host, sockets
 from .inversion import Inversion
 
 CATEGORY = "video editing/TVE"
@@ -30,7 +30,7 @@ class ConsistencyMetrics:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"images": ("IMAGE", {"tooltip": "The edited frames."}),
-                             "flow": ("FLOW", {"tooltip": "Optical flow of the source video."})},
+                             "flow": (sockets.FLOW, {"tooltip": "Optical flow of the source video."})},
                 "optional": {"source_images": ("IMAGE", {"tooltip": "The source frames (for the floor)."})}}
 
     RETURN_TYPES = ("FLOAT", "FLOAT", "STRING")
@@ -40,6 +40,7 @@ class ConsistencyMetrics:
     CATEGORY = CATEGORY
 
     def measure(self, images: torch.Tensor, flow: FlowField, source_images: torch.Tensor | None = None):
+        sockets.expect(flow, FlowField, "flow", sockets.FLOW)
         edited = _measure(images, flow, "images")
         lines = [f"warp error ×10³: {edited.warp_error * 1e3:.3f}", f"flicker: {edited.flicker:.5f}"]
         if source_images is not None:
@@ -123,7 +124,7 @@ class PreviewFeatures:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
-            "inversion": ("INVERSION",),
+            "inversion": (sockets.INVERSION, {"tooltip": "From DDIM Inversion (TVE) of the source video."}),
             "step_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "Where on the σ grid to look (0 = noisiest)."}),
             "block": (FEATURE_BLOCKS, {"default": "output latent"}),
@@ -138,6 +139,7 @@ class PreviewFeatures:
 
     def preview(self, model, inversion: Inversion, step_percent: float, block: str, keyframe_interval: int,
                 scale: int):
+        sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
         inversion.check_model(model)
         chosen = pick_block(model, block)
         steps = len(inversion.sigmas) - 1

@@ -20,7 +20,7 @@ import torch
 from ..attention.cross_frame import dense_attention, pick_keyframes
 from ..attention.frames import frames_view
 from ..attention.tokenflow import PROPAGATION_MODES, pair_nearest_neighbour_field, propagate, propagation_weights
-from . import host
+from . import host, sockets
 from .injection import install_feature_injection
 from .inversion import Inversion
 from .passes import SourceBranch, install_source_branch, with_pass
@@ -169,7 +169,7 @@ class ApplyTokenFlow:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
-            "inversion": ("INVERSION",),
+            "inversion": (sockets.INVERSION, {"tooltip": "From DDIM Inversion (TVE) of the same frames, with this model."}),
             "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024,
                                           "tooltip": "One keyframe per this many frames (re-drawn every step)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
@@ -186,6 +186,7 @@ class ApplyTokenFlow:
 
     def apply(self, model, inversion: Inversion, keyframe_interval: int, seed: int, propagation: str,
               attention_injection_end: float, conv_injection_end: float):
+        sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
         return (apply_tokenflow(model, inversion, keyframe_interval, seed, propagation, attention_injection_end,
                                 conv_injection_end),)
 

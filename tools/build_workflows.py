@@ -123,10 +123,10 @@ def flatten(column: int) -> list[Node]:
     return [
         optical_flow(column),
         Node("trajectories", "TVE_FlowTrajectories", column + 1, {"seed": 0, "cut_at_occlusions": True},
-             {"flow": ("flow", "FLOW"), "latent": ("encode", "LATENT")}),
+             {"flow": ("flow", "flow"), "latent": ("encode", "LATENT")}),
         Node("flatten", "TVE_ApplyFLATTEN", column + 2, {"token_grids": "highest resolution",
                                                           "qk_source": "dense_output"},
-             {"model": ("checkpoint", "MODEL"), "trajectories": ("trajectories", "TRAJECTORIES")}),
+             {"model": ("checkpoint", "MODEL"), "trajectories": ("trajectories", "trajectories")}),
     ]
 
 
@@ -141,7 +141,7 @@ def consistency(column: int, flow_column: int | None = None) -> list[Node]:
     """Warp error and flicker of the edit under the source flow (adds the flow node when ``flow_column``)."""
     nodes = [optical_flow(flow_column)] if flow_column is not None else []
     return nodes + [Node("metrics", "TVE_ConsistencyMetrics", column,
-                         links={"images": ("decode", "IMAGE"), "flow": ("flow", "FLOW"),
+                         links={"images": ("decode", "IMAGE"), "flow": ("flow", "flow"),
                                 "source_images": ("components", "images")}, title="Consistency")]
 
 
@@ -228,13 +228,13 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
         *source_frames(),
         checkpoint(1),
         optical_flow(2),
-        Node("preview_flow", "TVE_PreviewFlow", 3, links={"flow": ("flow", "FLOW")}),
+        Node("preview_flow", "TVE_PreviewFlow", 3, links={"flow": ("flow", "flow")}),
         Node("trajectories", "TVE_FlowTrajectories", 3, {"seed": 0, "cut_at_occlusions": True},
-             {"flow": ("flow", "FLOW"), "latent": ("encode", "LATENT")}),
+             {"flow": ("flow", "flow"), "latent": ("encode", "LATENT")}),
         Node("show_flow", "PreviewImage", 4, links={"images": ("preview_flow", "flow")}, title="Flow"),
         Node("show_occlusion", "PreviewImage", 4, links={"images": ("preview_flow", "occlusion")}, title="Occlusion"),
         Node("preview_tracks", "TVE_PreviewTrajectories", 4, {"grid": "latent", "tracks": 64, "seed": 0},
-             {"trajectories": ("trajectories", "TRAJECTORIES"), "images": ("components", "images")}),
+             {"trajectories": ("trajectories", "trajectories"), "images": ("components", "images")}),
         Node("show_tracks", "PreviewImage", 5, links={"images": ("preview_tracks", "IMAGE")}, title="Trajectories"),
     ],
     "inversion_reconstruction.json": [
