@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -177,8 +176,19 @@ def _raft_padding(size: int) -> int:
     return max(RAFT_MIN_SIZE, -(-size // 8) * 8) - size
 
 
+def opencv():
+    """``cv2``, imported only where DIS runs: without a working OpenCV every other method and node still loads."""
+    try:
+        import cv2
+    except ImportError as error:                     # also a wheel whose shared libraries (libGL) are missing
+        raise RuntimeError(f"method: 'dis' needs OpenCV, which does not import here ({error}); install it with "
+                           "ComfyUI's Python (pip install opencv-python) or use a RAFT method") from error
+    return cv2
+
+
 def _dis_flows(frames: torch.Tensor, on_batch: Callable[[int, int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(F-1, 2, H, W) forward and backward float32 flows from OpenCV DIS on uint8 grayscale frames."""
+    cv2 = opencv()
     rgb = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()   # (F, H, W, 3)
     gray = [cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) for image in rgb]
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)

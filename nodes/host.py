@@ -75,6 +75,13 @@ def progress(total: int) -> Callable[[int, int], None]:
     return update
 
 
+def preview_images(images: torch.Tensor, prefix: str) -> list[dict]:
+    """Save ``images`` (N, H, W, 3) as the temporary PNGs core PreviewImage shows on a node; its ``ui.images``
+    entries (filename, subfolder, type) for a node's ``{"ui": {"images": ...}}``."""
+    import nodes
+    return nodes.PreviewImage().save_images(images, filename_prefix=prefix)["ui"]["images"]
+
+
 # ---------------------------------------------------------------------------------------------- attention blocks
 @dataclass(frozen=True)
 class AttentionBlock:

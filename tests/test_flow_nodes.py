@@ -1,4 +1,6 @@
 """The optical-flow nodes on both hosts: weights from models/optical_flow, errors, progress, previews."""
+import os
+
 import pytest
 import torch
 import torchvision
@@ -82,15 +84,30 @@ def test_trajectories_refuse_a_latent_of_another_frame_count_or_aspect():
         FlowTrajectories().build(flow, {"samples": torch.zeros(4, 4, 8, 12)}, 0, True)
 
 
-def test_previews_have_one_picture_per_pair_and_per_frame():
+def shown_files(ui: dict) -> list:
+    """The preview PNGs a node's ``ui.images`` names; on the real host each must exist in ComfyUI's temp folder."""
+    files = ui["images"]
+    if REAL_HOST:
+        import folder_paths
+        for entry in files:
+            assert entry["type"] == "temp"
+            assert os.path.isfile(os.path.join(folder_paths.get_temp_directory(), entry["subfolder"], entry["filename"]))
+    return files
+
+
+def test_previews_show_on_the_node_and_return_one_picture_per_pair_and_per_frame():
     video = clip(4, 64, 64)
     (flow,) = OpticalFlow().estimate(video.frames, "dis", NO_WEIGHTS, 8)
-    colours, occlusion = PreviewFlow().preview(flow)
+    shown = PreviewFlow().preview(flow)
+    colours, occlusion = shown["result"]
     assert colours.shape == occlusion.shape == (3, 64, 64, 3)
+    assert len(shown_files(shown["ui"])) == 3 + 3                       # flow pictures, then occlusion masks
     (trajectories,) = FlowTrajectories().build(flow, {"samples": frames_to_latent(video.frames)}, 0, True)
-    (tracks,) = PreviewTrajectories().preview(trajectories, video.frames, "latent", 16, 0)
+    shown = PreviewTrajectories().preview(trajectories, video.frames, "latent", 16, 0)
+    (tracks,) = shown["result"]
     assert tracks.shape == video.frames.shape and not torch.equal(tracks, video.frames)
-    (coarse,) = PreviewTrajectories().preview(trajectories, video.frames, "latent/8", 16, 0)
+    assert len(shown_files(shown["ui"])) == 4
+    (coarse,) = PreviewTrajectories().preview(trajectories, video.frames, "latent/8", 16, 0)["result"]
     assert coarse.shape == video.frames.shape
     with pytest.raises(ValueError, match="images"):
         PreviewTrajectories().preview(trajectories, video.frames[:3], "latent", 16, 0)

@@ -228,14 +228,12 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
         *source_frames(),
         checkpoint(1),
         optical_flow(2),
-        Node("preview_flow", "TVE_PreviewFlow", 3, links={"flow": ("flow", "flow")}),
+        Node("preview_flow", "TVE_PreviewFlow", 3, links={"flow": ("flow", "flow")}, title="Flow and occlusion"),
         Node("trajectories", "TVE_FlowTrajectories", 3, {"seed": 0, "cut_at_occlusions": True},
              {"flow": ("flow", "flow"), "latent": ("encode", "LATENT")}),
-        Node("show_flow", "PreviewImage", 4, links={"images": ("preview_flow", "flow")}, title="Flow"),
-        Node("show_occlusion", "PreviewImage", 4, links={"images": ("preview_flow", "occlusion")}, title="Occlusion"),
         Node("preview_tracks", "TVE_PreviewTrajectories", 4, {"grid": "latent", "tracks": 64, "seed": 0},
-             {"trajectories": ("trajectories", "trajectories"), "images": ("components", "images")}),
-        Node("show_tracks", "PreviewImage", 5, links={"images": ("preview_tracks", "IMAGE")}, title="Trajectories"),
+             {"trajectories": ("trajectories", "trajectories"), "images": ("components", "images")},
+             title="Trajectories"),
     ],
     "inversion_reconstruction.json": [
         Note("note", 0, RECONSTRUCTION_NOTE),
@@ -354,8 +352,10 @@ def is_upload(spec: list) -> bool:
 
 
 def has_control(name: str, spec: list) -> bool:
-    """The frontend adds a control_after_generate widget to seeds and to inputs that ask for one."""
-    return bool(input_options(spec).get("control_after_generate")) or (input_type(spec) == "INT" and name in SEED_NAMES)
+    """The frontend adds a control_after_generate widget to inputs that ask for one and, unless they say
+    ``control_after_generate: False``, to INTs named seed / noise_seed."""
+    default = input_type(spec) == "INT" and name in SEED_NAMES
+    return bool(input_options(spec).get("control_after_generate", default))
 
 
 def widget_layout(info: Mapping) -> list[tuple[str, str]]:

@@ -32,8 +32,7 @@ TYPE_OVERRIDES = {
 
 # Output nodes (by workflow file and node title) that do not show one image per source frame.
 FRAME_COUNTS = {
-    ("optical_flow_preview.json", "Flow"): FRAMES - 1,
-    ("optical_flow_preview.json", "Occlusion"): FRAMES - 1,
+    ("optical_flow_preview.json", "Flow and occlusion"): 2 * (FRAMES - 1),       # flow pictures, then masks
 }
 
 
