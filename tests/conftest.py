@@ -26,26 +26,7 @@ def _register_pack_alias() -> None:
 
 _register_pack_alias()
 
-
-def comfyui_around(pack: Path) -> Path | None:
-    """The ComfyUI whose ``custom_nodes/`` holds ``pack``: two levels up, with ``main.py`` and ``comfy/``."""
-    around = pack.parents[1]
-    if pack.parent.name == "custom_nodes" and (around / "main.py").is_file() \
-            and (around / "comfy" / "model_patcher.py").is_file():
-        return around
-    return None
-
-
-def find_comfyui() -> str | None:
-    """``COMFYUI_PATH``, else the ComfyUI this pack sits in (the folder as reached, e.g. a symlink in custom_nodes,
-    or its real location), else None: the stand-in host."""
-    if os.environ.get("COMFYUI_PATH"):
-        return os.environ["COMFYUI_PATH"]
-    for pack in (Path(__file__).absolute().parents[1], ROOT):
-        if comfyui_around(pack) is not None:
-            return str(comfyui_around(pack))
-    return None
-
+from tve.tools._tve_alias import find_comfyui  # noqa: E402  (the tools find their host the same way)
 
 COMFYUI_PATH = find_comfyui()
 if COMFYUI_PATH:

@@ -76,7 +76,7 @@ def test_stand_in_is_what_the_suite_runs_against_without_comfyui():
 
 
 def test_the_suite_finds_the_comfyui_whose_custom_nodes_hold_the_pack(tmp_path):
-    from conftest import comfyui_around
+    from tve.tools._tve_alias import comfyui_around
     comfyui = tmp_path / "ComfyUI"
     (comfyui / "comfy").mkdir(parents=True)
     (comfyui / "custom_nodes").mkdir()
