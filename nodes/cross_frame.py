@@ -11,7 +11,7 @@ import torch
 
 from ..attention.cross_frame import (anchor_attention, dense_attention, fine_coarse_attention,
                                      keyframe_attention, pick_keyframes)
-from . import host
+from . import host, validation
 
 CATEGORY = "video editing/TVE"
 MODES = ["keyframes", "dense", "anchor", "fine_coarse"]
@@ -100,8 +100,16 @@ class ApplyCrossFrameAttention:
 
     def apply(self, model, mode: str, keyframe_interval: int, anchor_frame: int, anchor_include_self: bool,
               coarse_factor: int, seed: int, token_grids: str, start_percent: float, end_percent: float):
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got '{mode}'")
+        validation.model(model)
+        validation.choice(mode, "mode", MODES)
+        validation.integer(keyframe_interval, "keyframe_interval", 1)
+        validation.integer(anchor_frame, "anchor_frame", 0)
+        if not isinstance(anchor_include_self, bool):
+            raise ValueError(f"anchor_include_self: expected a boolean, got {anchor_include_self!r}")
+        validation.integer(coarse_factor, "coarse_factor", 1)
+        validation.integer(seed, "seed", 0)
+        validation.number(start_percent, "start_percent", 0.0, 1.0)
+        validation.number(end_percent, "end_percent", 0.0, 1.0)
         if start_percent > end_percent:
             raise ValueError(f"start_percent: {start_percent} is after end_percent {end_percent}")
         blocks = selected_blocks(model, token_grids)

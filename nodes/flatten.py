@@ -13,7 +13,7 @@ import torch
 from ..attention.cross_frame import dense_attention
 from ..attention.flatten import trajectory_attention, trajectory_index
 from ..flow.trajectories import Trajectories
-from . import host, sockets
+from . import host, sockets, validation
 
 CATEGORY = "video editing/TVE"
 GRID_CHOICES = ["highest resolution", "all"]
@@ -72,10 +72,9 @@ class Flatten:
 
 
 def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_source: str) -> Any:
-    if token_grids not in GRID_CHOICES:
-        raise ValueError(f"token_grids: expected one of {GRID_CHOICES}, got '{token_grids}'")
-    if qk_source not in QK_SOURCES:
-        raise ValueError(f"qk_source: expected one of {QK_SOURCES}, got '{qk_source}'")
+    validation.model(model)
+    validation.choice(token_grids, "token_grids", GRID_CHOICES)
+    validation.choice(qk_source, "qk_source", QK_SOURCES)
     blocks = host.attention_blocks(model)
     existing = host.attn1_replaces(model)
     if any(getattr(fn, "tve_tokenflow", False) for fn in existing.values()):
@@ -88,6 +87,7 @@ def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_s
     flatten = Flatten(trajectories, chosen, qk_source)
     host.set_attn1_replace(m, flatten.attn1, blocks)
     host.add_wrapper(m, host.OUTER_SAMPLE, flatten.outer_sample)
+    validation.guard_sampling(m, trajectories)
     return m
 
 

@@ -13,8 +13,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import host
+from . import host, validation
 from .inversion import Inversion
+from .masked_edit import follow_source_outside_mask
 
 ORDERS = ["sigma-matched", "clean-first"]
 
@@ -111,7 +112,8 @@ def with_pass(model_options: dict, name: str, frame_ids: Sequence[int] | None = 
 
 
 def install_source_branch(model: Any, branch: SourceBranch) -> None:
-    """Add the branch's CALC_COND_BATCH wrapper and an OUTER_SAMPLE wrapper that resets it for every run."""
+    """Add the branch's CALC_COND_BATCH wrapper and an OUTER_SAMPLE wrapper that resets it for every run; the
+    inversion's checks before the first step (validation.guard_sampling) and its source outside a noise_mask."""
 
     def outer_sample(executor: Callable, *args: Any, **kwargs: Any) -> Any:
         branch.reset()
@@ -122,3 +124,5 @@ def install_source_branch(model: Any, branch: SourceBranch) -> None:
 
     host.add_wrapper(model, host.CALC_COND_BATCH, branch.wrapper)
     host.add_wrapper(model, host.OUTER_SAMPLE, outer_sample)
+    validation.guard_sampling(model, branch.inversion)
+    follow_source_outside_mask(model, branch.inversion)
