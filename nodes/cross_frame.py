@@ -54,12 +54,7 @@ def cross_frame_replace(mode: str, keyframe_interval: int, anchor_frame: int, an
         if mode == "dense":
             return dense_attention(q, k, v, heads, layout.chunks, attention=attention)
         if mode == "anchor":
-            if anchor_frame not in layout.frame_ids:
-                raise ValueError(
-                    f"anchor_frame: frame {anchor_frame} is not among the frames of this call "
-                    f"({layout.frame_ids[0]}..{layout.frame_ids[-1]}, {len(layout.frame_ids)} frames); pick a frame "
-                    "of the video (frames count from 0) that every context window contains")
-            local = layout.frame_ids.index(anchor_frame)
+            local = validation.frame_in_call(anchor_frame, layout.frame_ids, "anchor_frame")
             return anchor_attention(q, k, v, heads, layout.chunks, local, anchor_include_self, attention=attention)
         return fine_coarse_attention(q, k, v, heads, layout.chunks, layout.grid_hw, coarse_factor,
                                      attention=attention)

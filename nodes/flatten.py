@@ -47,27 +47,15 @@ class Flatten:
         dense = dense_attention(q, k, v, heads, layout.chunks, attention=attention)    # FLATTEN §3.1 (DSTA)
         if layout.grid_hw not in self.grids:
             return dense
-        self._check_frames(layout.frame_ids)
+        validation.frames_within(layout.frame_ids, self.trajectories.frames, "trajectories", "the trajectories")
         index = self.index(layout.grid_hw, layout.frame_ids)
         if self.qk_source == "dense_output":
             return trajectory_attention(dense, dense, dense, index, heads, layout.chunks)
         return trajectory_attention(q, k, dense, index, heads, layout.chunks)
 
-    def _check_frames(self, frame_ids: tuple[int, ...]) -> None:
-        if max(frame_ids) >= self.trajectories.frames:
-            raise ValueError(f"trajectories: built for {self.trajectories.frames} frames but frame "
-                             f"{max(frame_ids)} is being sampled; build them from the same video")
-
     def outer_sample(self, executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, *args, **kwargs):
         """Refuse a latent the trajectories were not built for, before any step runs."""
-        frames, hw = latent_image.shape[0], tuple(latent_image.shape[-2:])
-        if hw != tuple(self.trajectories.latent_hw):
-            raise ValueError(f"trajectories: built for a {self.trajectories.latent_hw[1]}x"
-                             f"{self.trajectories.latent_hw[0]} latent but a {hw[1]}x{hw[0]} latent is sampled; "
-                             "build them with TVE_FlowTrajectories from this latent")
-        if frames != self.trajectories.frames:
-            raise ValueError(f"trajectories: built for {self.trajectories.frames} frames but the latent has "
-                             f"{frames}; use the same frames for the flow and the latent")
+        validation.latent_fits_trajectories(latent_image, self.trajectories)
         return executor(noise, latent_image, *args, **kwargs)
 
 

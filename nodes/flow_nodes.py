@@ -154,8 +154,7 @@ class PreviewTrajectories:
         validation.choice(grid, "grid", GRID_CHOICES)
         validation.integer(tracks, "tracks", 1)
         validation.integer(seed, "seed", 0)
-        if images.shape[0] != trajectories.frames:
-            raise ValueError(f"images: has {images.shape[0]} frames but the trajectories span {trajectories.frames}")
+        validation.frame_count(images.shape[0], trajectories.frames, "images", "the trajectories")
         grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])
         level = GRID_CHOICES.index(grid)
         if level >= len(grids):

@@ -127,6 +127,53 @@ def flow(value: FlowField, name: str) -> FlowField:
     return value
 
 
+# ---------------------------------------------------------------------------------------------- frames of a run
+def frame_count(count: int, expected: int, name: str, source: str) -> None:
+    """``name`` holds ``count`` frames; ``source`` (what it must match) has ``expected``."""
+    if count != expected:
+        raise ValueError(f"{name}: has {count} frames but {source} has {expected}; use the frames of one video "
+                         "for both")
+
+
+def frames_within(frame_ids: Sequence[int], frames: int, name: str, source: str) -> None:
+    """Every global frame id of a UNet call lies among the ``frames`` frames ``source`` was made for."""
+    if max(frame_ids) >= frames:
+        raise ValueError(f"{name}: {source} has {frames} frames but frame {max(frame_ids)} is being sampled; "
+                         "build it from the same video")
+
+
+def frame_in_call(frame: int, frame_ids: Sequence[int], name: str) -> int:
+    """Local index of global ``frame`` among the frames of this call (a context window may hold only some)."""
+    if frame not in frame_ids:
+        raise ValueError(f"{name}: frame {frame} is not among the frames of this call ({frame_ids[0]}..{frame_ids[-1]}, "
+                         f"{len(frame_ids)} frames); pick a frame of the video (frames count from 0) that every "
+                         "context window contains")
+    return list(frame_ids).index(frame)
+
+
+def latent_fits_trajectories(latent_image: torch.Tensor, trajectories: Trajectories) -> None:
+    """A sampled latent has the size and frame count the trajectories were built for."""
+    hw = tuple(latent_image.shape[-2:])
+    if hw != tuple(trajectories.latent_hw):
+        raise ValueError(f"trajectories: built for a {trajectories.latent_hw[1]}x{trajectories.latent_hw[0]} latent "
+                         f"but a {hw[1]}x{hw[0]} latent is sampled; build them with TVE_FlowTrajectories from this "
+                         "latent")
+    if latent_image.shape[0] != trajectories.frames:
+        raise ValueError(f"trajectories: built for {trajectories.frames} frames but the latent has "
+                         f"{latent_image.shape[0]}; use the same frames for the flow and the latent")
+
+
+def call_fits_inversion(x_in: torch.Tensor, frame_ids: Sequence[int], windowed: bool, frames: int,
+                        latent_shape: tuple[int, ...]) -> None:
+    """One UNet call's latents (n, C, h, w) of global ``frame_ids`` against the inversion's (frames, C, h, w)."""
+    if tuple(x_in.shape[1:]) != tuple(latent_shape[1:]):
+        raise ValueError(f"latent: the sampled latent is {tuple(x_in.shape[1:])} per frame but the inversion's is "
+                         f"{tuple(latent_shape[1:])}; sample the inverted latent")
+    if not windowed and x_in.shape[0] != frames:
+        raise ValueError(f"latent: {x_in.shape[0]} frames are sampled but the inversion has {frames}")
+    frames_within(frame_ids, frames, "latent", "the inversion")
+
+
 # ---------------------------------------------------------------------------------------------- models
 def model(value: Any, name: str = "model", patched: bool = True) -> Any:
     """A MODEL TVE can use: 4-channel latents and, when TVE patches its attention (``patched``), a UNet with
