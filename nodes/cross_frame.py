@@ -112,6 +112,7 @@ class ApplyCrossFrameAttention:
         fn = cross_frame_replace(mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor, seed,
                                  start_percent, end_percent)
         host.set_attn1_replace(m, fn, blocks)
+        validation.guard_sampling(m)
         return (m,)
 
 

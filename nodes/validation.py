@@ -211,16 +211,19 @@ def same_fingerprint(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return bool(((a - b).abs() <= FINGERPRINT_RTOL * (b.abs() + scale) + 1e-6).all())
 
 
-def guard_sampling(m: Any, source: Any) -> None:
-    """Put ``source`` (an Inversion or Trajectories) on the clone ``m``, refusing one that was made from another
-    latent than the sources already there, and install the one sampling check (see the module doc) once."""
+def guard_sampling(m: Any, source: Any = None) -> None:
+    """Install the one sampling check (see the module doc) on the clone ``m`` once, and put ``source`` (an
+    Inversion or Trajectories, if any) on it, refusing one made from another latent than the sources there."""
     options = m.model_options["transformer_options"]
     sources = options.get(SOURCES_KEY)
-    for other in sources or ():
-        _check_same_source(source, other)
     if sources is None:
         host.add_wrapper(m, host.OUTER_SAMPLE, _check_run)
-    options[SOURCES_KEY] = _Sources((*(sources or ()), source))
+        sources = _Sources()
+    if source is not None:
+        for other in sources:
+            _check_same_source(source, other)
+        sources = _Sources((*sources, source))
+    options[SOURCES_KEY] = sources
 
 
 class _Sources(tuple):
@@ -246,10 +249,12 @@ def _check_same_source(a: Any, b: Any) -> None:
 
 def _check_run(executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
                sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """OUTER_SAMPLE: every source of the sampled MODEL checks the run before its first step."""
+    """OUTER_SAMPLE: the sampled latent, then every source of the sampled MODEL, checked before the first step."""
     options = host.sampling_transformer_options(executor)
     inverting = options.get("tve_pass") == "inversion"
     patcher = host.sampling_model(executor)
+    if not inverting:                            # the inversion checked its latent already
+        latent({"samples": latent_image}, "latent_image", channels=host.latent_channels(patcher))
     for source in options.get(SOURCES_KEY, ()):
         if isinstance(source, Trajectories):
             if inverting and source.source is not None and not same_fingerprint(fingerprint(latent_image),

@@ -203,3 +203,33 @@ def test_outside_the_mask_every_edit_step_sees_the_source_at_its_sigma():
     assert len(seen) == 4
     for i, x in enumerate(seen):
         assert torch.allclose(x, inversion.latents[i][..., 4:].float(), atol=1e-4)
+
+
+def test_an_outer_sample_wrapper_sees_the_sampled_patcher_and_its_transformer_options():
+    from comfy.patcher_extension import WrappersMP
+    from tve.nodes import host
+    model = make_tiny_model("sd15").clone()
+    model.model_options["transformer_options"]["marker"] = 7
+    seen = {}
+
+    def outer(executor, *args, **kwargs):
+        seen["patcher"], seen["options"] = host.sampling_model(executor), host.sampling_transformer_options(executor)
+        return executor(*args, **kwargs)
+
+    model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "test_spy", outer)
+    sample(model, torch.zeros(1, 4, 8, 8), host.sigma_grid(model, "ddim_uniform", 2))
+    assert seen["patcher"] is model and seen["options"]["marker"] == 7
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.zeros(0, 4, 8, 8), r"^latent_image: is empty \(0 frames\)"),
+    (torch.zeros(2, 4, 0, 8), r"^latent_image: latents are 8x0 cells"),
+    (torch.full((2, 4, 8, 8), float("nan")), r"^latent_image: 512 of 512 values are NaN"),
+    (torch.zeros(2, 16, 8, 8), r"^latent_image: has 16-channel latents"),
+])
+def test_a_cross_frame_model_refuses_an_empty_nan_or_foreign_latent_before_the_first_step(bad, message):
+    from tve.nodes import host
+    from tve.nodes.cross_frame import ApplyCrossFrameAttention
+    model, = ApplyCrossFrameAttention().apply(make_tiny_model("sd15"), "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0)
+    with pytest.raises(ValueError, match=message):
+        sample(model, bad, host.sigma_grid(model, "ddim_uniform", 2))
