@@ -6,7 +6,7 @@ inverts the sampler that walks it downwards (TokenFlow §4 / FLATTEN §4: invers
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -15,6 +15,7 @@ from . import host, sockets, validation
 
 CATEGORY = "video editing/TVE"
 SIGMA_RTOL = 1e-4
+REMEMBERED_ENDS = 8              # per grid index: the last runs that ended there
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,6 +28,9 @@ class Inversion:
     sampling: host.Sampling     # host.effective_sampling() of the inverting model
     source: torch.Tensor        # (F, k) validation.fingerprint of the raw latent that was inverted
     trace: torch.Tensor         # (N+1, F, k) fingerprints of ``latents`` before the cast to the model dtype
+    # grid index -> fingerprints of the latents sampling runs with this inversion ended at there (a second sampler
+    # may continue an edit from them); filled by ``remember_end``.
+    ends: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def frames(self) -> int:
@@ -70,7 +74,8 @@ class Inversion:
         self.check_latent(latent_image)
         i = self.index_of(float(sigmas[0]))
         start = validation.fingerprint(host.process_latent_in(model, latent_image.float()))
-        if validation.same_fingerprint(start, self.trace[i]):
+        if validation.same_fingerprint(start, self.trace[i]) or any(
+                validation.same_fingerprint(start, end) for end in self.ends.get(i, ())):
             return
         where = f"σ={float(self.sigmas[i]):.4g} (step {i} of {len(self.sigmas) - 1})"
         if validation.same_fingerprint(start, self.trace[-1]):
@@ -87,6 +92,17 @@ class Inversion:
         if tuple(samples.shape) != self.latent_shape:
             raise ValueError(f"latent: shape {tuple(samples.shape)} differs from the inverted frames' "
                              f"{self.latent_shape}; use the inversion's latent")
+
+
+    def remember_end(self, model: Any, samples: torch.Tensor, sigma_end: float) -> None:
+        """Keep the fingerprint of raw ``samples`` a run ended with at ``sigma_end`` (part-way down the grid), so
+        a second sampler may start from them there (an edit sampled in two stages, e.g. after SplitSigmas)."""
+        i = int(torch.argmin((self.sigmas - sigma_end).abs()))
+        if i == len(self.sigmas) - 1 or abs(float(self.sigmas[i]) - sigma_end) > SIGMA_RTOL * max(sigma_end, 1e-3):
+            return
+        ends = self.ends.setdefault(i, [])
+        ends.append(validation.fingerprint(host.process_latent_in(model, samples.float())))
+        del ends[:-REMEMBERED_ENDS]
 
 
 def sample_ddim_inversion(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,

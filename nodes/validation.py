@@ -10,8 +10,9 @@ traceback or a silently wrong result.
 - Sources: INVERSION and TRAJECTORIES carry a fingerprint (strided samples) of the latent they were made from,
   and the inversion the sampling (prediction type, σ range) of the model that made it. ``guard_sampling`` puts
   them on a patched MODEL, checks them against each other, and installs one OUTER_SAMPLE check that refuses,
-  before the first step, a start latent that is not the inversion's latent at the σ where sampling starts, new
-  noise on it, a model that samples differently, or trajectories of another latent than the one being inverted.
+  before the first step, a start latent that is not the inversion's latent at the σ where sampling starts (or
+  where an earlier run with it ended: an edit sampled in two stages), new noise on it, a model that samples
+  differently, or trajectories of another latent than the one being inverted.
 """
 from __future__ import annotations
 
@@ -264,4 +265,9 @@ def _check_run(executor: Callable, noise: torch.Tensor, latent_image: torch.Tens
                                  "(TVE)")
         elif not inverting:
             source.check_run(patcher, noise, latent_image, sigmas)
-    return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+    out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+    if not inverting:
+        for source in options.get(SOURCES_KEY, ()):
+            if not isinstance(source, Trajectories):
+                source.remember_end(patcher, out, float(sigmas[-1]))
+    return out

@@ -101,6 +101,17 @@ def test_the_inverted_latent_and_a_partial_start_down_the_grid_are_accepted():
     sample(patched, start, inversion.sigmas[k:])
 
 
+def test_an_edit_sampled_in_two_stages_continues_and_equals_the_one_stage_edit():
+    model, latent, x_T, inversion = inverted(steps=4)
+    patched = injected(model, inversion)
+    whole = sample(patched, x_T, inversion.sigmas)
+    first = sample(patched, x_T, inversion.sigmas[:3])               # SplitSigmas at step 2: the upper part
+    second = sample(patched, first, inversion.sigmas[2:])           # continues from where the first stage ended
+    assert torch.allclose(second, whole, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="^latent_image: sampling starts at σ"):
+        sample(patched, first * 1.1, inversion.sigmas[2:])
+
+
 @pytest.mark.parametrize("wired, message", [
     ("clean", "from the clean VAE latent of the frames, not the inverted one"),
     ("other_video", r"from a latent this inversion did not make \(another video, or another inversion\)"),
