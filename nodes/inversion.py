@@ -65,7 +65,7 @@ class Inversion:
         """Before the first step of sampling ``model`` (raw ``latent_image``, ``noise``, σ grid ``sigmas``): the
         model samples as the inverting one did, no new noise, and the start latent is this inversion's latent at
         the σ where sampling starts (x_T at the top of the grid; part-way down, e.g. after SplitSigmas, the
-        inversion's latent at that σ)."""
+        inversion's latent at that σ or one an earlier run with it ended at, see ``remember_end``)."""
         self.check_model(model)
         if bool(noise.ne(0).any()):
             raise ValueError("noise: the sampler adds new noise to the inverted latent, which then no longer "
@@ -90,9 +90,8 @@ class Inversion:
 
     def check_latent(self, samples: torch.Tensor) -> None:
         if tuple(samples.shape) != self.latent_shape:
-            raise ValueError(f"latent: shape {tuple(samples.shape)} differs from the inverted frames' "
+            raise ValueError(f"latent_image: shape {tuple(samples.shape)} differs from the inverted frames' "
                              f"{self.latent_shape}; use the inversion's latent")
-
 
     def remember_end(self, model: Any, samples: torch.Tensor, sigma_end: float) -> None:
         """Keep the fingerprint of raw ``samples`` a run ended with at ``sigma_end`` (part-way down the grid), so
