@@ -244,3 +244,14 @@ def test_a_cross_frame_model_refuses_an_empty_nan_or_foreign_latent_before_the_f
     model, = ApplyCrossFrameAttention().apply(make_tiny_model("sd15"), "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0)
     with pytest.raises(ValueError, match=message):
         sample(model, bad, host.sigma_grid(model, "ddim_uniform", 2))
+
+
+def test_preview_features_refuses_non_finite_features_naming_the_inversion():
+    import dataclasses
+    from tve.nodes.metrics import PreviewFeatures
+    model, latent, x_T, inversion = inverted(frames=2, steps=2)
+    broken = dataclasses.replace(inversion, latents=torch.full_like(inversion.latents, float("nan")))
+    with pytest.raises(ValueError, match="^inversion: .* NaN or infinite: the model's features at step 1"):
+        PreviewFeatures().preview(model, broken, 0.5, "output latent", 2, 2)
+    pca, field = PreviewFeatures().preview(model, inversion, 0.5, "output latent", 2, 2)
+    assert pca.shape == field.shape == (2, 16, 16, 3) and bool(torch.isfinite(pca).all())
