@@ -146,8 +146,8 @@ def frames_within(frame_ids: Sequence[int], frames: int, name: str, source: str)
 def frame_in_call(frame: int, frame_ids: Sequence[int], name: str) -> int:
     """Local index of global ``frame`` among the frames of this call (a context window may hold only some)."""
     if frame not in frame_ids:
-        raise ValueError(f"{name}: frame {frame} is not among the frames of this call ({frame_ids[0]}..{frame_ids[-1]}, "
-                         f"{len(frame_ids)} frames); pick a frame of the video (frames count from 0) that every "
+        raise ValueError(f"{name}: frame {frame} is not among the frames of this call "
+                         f"({frame_ids[0]}..{frame_ids[-1]}, {len(frame_ids)} frames); pick a frame of the video (frames count from 0) that every "
                          "context window contains")
     return list(frame_ids).index(frame)
 
