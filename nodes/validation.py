@@ -39,9 +39,7 @@ def integer(value: Any, name: str, minimum: int | None = None, maximum: int | No
     """``value`` if it is an int (not a bool) in [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        bounds = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name}: expected an integer {bounds}, got {value}")
+    _in_range(value, name, "an integer", minimum, maximum)
     return value
 
 
@@ -51,9 +49,15 @@ def number(value: Any, name: str, minimum: float | None = None, maximum: float |
         raise ValueError(f"{name}: expected a number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name}: expected a number in [{minimum}, {maximum}], got {value}")
+    _in_range(value, name, "a number", minimum, maximum)
     return float(value)
+
+
+def _in_range(value: float, name: str, what: str, minimum: float | None, maximum: float | None) -> None:
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = (f"in [{minimum}, {maximum}]" if minimum is not None and maximum is not None
+                  else f"at least {minimum}" if minimum is not None else f"at most {maximum}")
+        raise ValueError(f"{name}: expected {what} {bounds}, got {value}")
 
 
 def choice(value: Any, name: str, choices: Sequence[str]) -> str:

@@ -23,6 +23,8 @@ def test_non_finite_numbers_are_refused_naming_the_input(bad):
     with pytest.raises(ValueError, match="^start_percent: expected a finite number"):
         validation.number(bad, "start_percent", 0.0, 1.0)
     assert validation.number(0.25, "start_percent", 0.0, 1.0) == 0.25
+    with pytest.raises(ValueError, match=r"^cfg: expected a number at least 0.0, got -1"):
+        validation.number(-1, "cfg", 0.0)
 
 
 def test_a_bool_is_not_an_integer_and_ranges_are_said():
