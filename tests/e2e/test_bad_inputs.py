@@ -10,13 +10,11 @@ of other families, unreadable files. ``APPLICABLE`` says which classes each node
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import pytest
