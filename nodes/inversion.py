@@ -147,8 +147,8 @@ def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, sc
     trace = torch.empty((len(sigmas), samples.shape[0], min(validation.FINGERPRINT_SAMPLES, samples[0].numel())))
 
     def record(i: int, x: torch.Tensor) -> None:                    # i counts up the ascending grid
-        validation.finite(x, "inverted_latent", f": the model gave NaN/Inf at inversion step {i} of {steps} "
-                          "(fp16 overflow? try --force-fp32 or a bf16/fp32 UNet)")
+        validation.finite(x, "model", f" in the latent it inverted to at step {i} of {steps} (fp16 overflow? "
+                          "try --force-fp32 or a bf16/fp32 UNet)")
         latents[len(sigmas) - 1 - i] = x.detach().to(keep, dtype)
         trace[len(sigmas) - 1 - i] = validation.fingerprint(x)
 

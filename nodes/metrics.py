@@ -83,8 +83,8 @@ def source_features(model: Any, inversion: Inversion, step: int, block: host.Att
     sigma = max(float(inversion.sigmas[step]), host.sigma_min(model))
     latent = host.process_latent_out(model, inversion.latents[step].float())
     host.sample_with(m, evaluate_once, {}, torch.tensor([sigma, 0.0]), inversion.conditioning, latent)
-    return validation.finite(captured["n"], "inversion", f": the model's features at step {step} are not finite "
-                             "(fp16 overflow in the UNet? try --force-fp32)")
+    return validation.finite(captured["n"], "model", f" in its features of the source at step {step} (fp16 "
+                             "overflow in the UNet? try --force-fp32)")
 
 
 def pca_image(features: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:

@@ -193,8 +193,8 @@ class MotionDynamicsLatents:
         validation.integer(t1, "t1", 1)
         result = motion_dynamics(model, positive, negative, tuple(samples.shape[1:]), seed, frames, motion_x,
                                  motion_y, steps, cfg, scheduler, t0, t1)
-        validation.finite(result.raw_latents, "latent", ": the model gave NaN/Inf while denoising frame 0 (fp16 "
-                          "overflow? try --force-fp32 or a bf16/fp32 UNet)")
+        validation.finite(result.raw_latents, "model", " in the frames it denoised (fp16 overflow? try "
+                          "--force-fp32 or a bf16/fp32 UNet)")
         return {"samples": result.raw_latents}, result.sigmas, result.start_step
 
 

@@ -246,12 +246,27 @@ def test_a_cross_frame_model_refuses_an_empty_nan_or_foreign_latent_before_the_f
         sample(model, bad, host.sigma_grid(model, "ddim_uniform", 2))
 
 
-def test_preview_features_refuses_non_finite_features_naming_the_inversion():
+def test_preview_features_refuses_non_finite_features_naming_the_model():
     import dataclasses
     from tve.nodes.metrics import PreviewFeatures
     model, latent, x_T, inversion = inverted(frames=2, steps=2)
     broken = dataclasses.replace(inversion, latents=torch.full_like(inversion.latents, float("nan")))
-    with pytest.raises(ValueError, match="^inversion: .* NaN or infinite: the model's features at step 1"):
+    with pytest.raises(ValueError, match="^model: .* NaN or infinite in its features of the source at step 1"):
         PreviewFeatures().preview(model, broken, 0.5, "output latent", 2, 2)
     pca, field = PreviewFeatures().preview(model, inversion, 0.5, "output latent", 2, 2)
     assert pca.shape == field.shape == (2, 16, 16, 3) and bool(torch.isfinite(pca).all())
+
+
+def test_an_inversion_whose_model_gives_nan_stops_naming_the_model():
+    from tve.nodes.inversion import invert
+
+    class NaNUNet(torch.nn.Module):
+        dtype = torch.float32
+
+        def forward(self, x, *args, **kwargs):
+            return torch.full_like(x, float("nan"))
+
+    model = make_tiny_model("sd15").clone()
+    model.add_object_patch("diffusion_model", NaNUNet())
+    with pytest.raises(ValueError, match=r"^model: .* NaN or infinite in the latent it inverted to at step 1 of 3"):
+        invert(model, make_latent(2, 8, 8)["samples"], make_conditioning(), 3, "ddim_uniform")
