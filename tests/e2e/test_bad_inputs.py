@@ -199,8 +199,8 @@ PROBES = [
           _wire("SamplerCustomAdvanced", "latent_image", _other_video_inversion), "latent_image",
           raised_by="SamplerCustomAdvanced"),
     Probe("injection_sampled_on_another_sigma_grid", "TVE_ApplyFeatureInjection", MISMATCH, PNP,
-          _wire("SamplerCustomAdvanced", "sigmas", lambda g: g.add("BasicScheduler", model=g.out("CheckpointLoaderSimple"),
-                                                                   scheduler="karras", steps=2, denoise=1.0)),
+          _wire("SamplerCustomAdvanced", "sigmas", lambda g: g.add(
+              "BasicScheduler", model=g.out("CheckpointLoaderSimple"), scheduler="karras", steps=2, denoise=1.0)),
           "sigmas", raised_by="SamplerCustomAdvanced"),
     Probe("injection_with_new_noise", "TVE_ApplyFeatureInjection", MISMATCH, PNP,
           _wire("SamplerCustomAdvanced", "noise", lambda g: g.add("RandomNoise", noise_seed=1)), "noise",
@@ -282,7 +282,8 @@ def test_every_node_has_a_probe_of_every_class_that_applies(object_info):
     from tve.nodes import NODE_CLASS_MAPPINGS
     assert set(APPLICABLE) == set(NODE_CLASS_MAPPINGS)
     covered = {(p.node, p.kind) for p in PROBES + HANDLED}
-    missing = sorted((node, kind) for node, kinds in APPLICABLE.items() for kind in kinds if (node, kind) not in covered)
+    missing = sorted((node, kind) for node, kinds in APPLICABLE.items() for kind in kinds
+                     if (node, kind) not in covered)
     assert not missing, missing
     for probe in PROBES + HANDLED:                     # every probe edits a graph the server would accept
         for node in broken(probe, object_info).values():
