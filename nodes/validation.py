@@ -67,8 +67,11 @@ def choice(value: Any, name: str, choices: Sequence[str]) -> str:
 
 
 def finite(x: torch.Tensor, name: str, hint: str = "") -> torch.Tensor:
-    """``x`` if it holds no NaN/Inf; else an error counting them (``hint``: the likely cause)."""
-    bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+    """``x`` if it holds no NaN/Inf; else an error counting them (``hint``: the likely cause). One float32 sum
+    decides (NaN/Inf propagate); only a non-finite sum is followed by a count, in chunks (no full-size mask)."""
+    if not x.is_floating_point() or bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return x
+    bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in x.reshape(-1).split(1 << 24))
     if bad:
         raise ValueError(f"{name}: {bad} of {x.numel()} values are NaN or infinite{hint}")
     return x
