@@ -125,7 +125,7 @@ def latent(value: Any, name: str, min_frames: int = 1, channels: int = LATENT_CH
 
 
 def _latent_kind(channels: int) -> str:
-    return {16: "SD3 / Flux / Wan", 128: "LTX-Video", 12: "Cosmos"}.get(channels, "not SD1.x/SD2.x/SDXL")
+    return {16: "SD3 / Flux", 128: "LTX-Video"}.get(channels, "not SD1.x/SD2.x/SDXL")
 
 
 def flow(value: FlowField, name: str) -> FlowField:

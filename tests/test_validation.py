@@ -50,7 +50,7 @@ def test_frames_empty_single_tiny_or_nan_are_refused_with_the_reason():
 
 
 def test_latents_of_other_model_families_or_empty_are_refused():
-    with pytest.raises(ValueError, match=r"^latent: has 16-channel latents \(SD3 / Flux / Wan\); TVE edits with "
+    with pytest.raises(ValueError, match=r"^latent: has 16-channel latents \(SD3 / Flux\); TVE edits with "
                                          r"SD1.x, SD2.x and SDXL"):
         validation.latent({"samples": torch.zeros(2, 16, 8, 8)}, "latent")
     with pytest.raises(ValueError, match=r"^latent: is empty \(0 frames\)"):
