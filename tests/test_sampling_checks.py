@@ -101,6 +101,18 @@ def test_the_inverted_latent_and_a_partial_start_down_the_grid_are_accepted():
     sample(patched, start, inversion.sigmas[k:])
 
 
+@pytest.mark.parametrize("storage", [torch.float16, torch.bfloat16])
+def test_a_partial_start_from_latents_stored_in_half_precision_is_accepted(storage):
+    import dataclasses
+    from tve.nodes import host
+    model, latent, x_T, inversion = inverted(steps=4)
+    stored = dataclasses.replace(inversion, latents=inversion.latents.to(storage))    # an fp16/bf16 model's storage
+    patched = injected(model, stored)
+    sample(patched, x_T, stored.sigmas)
+    start = host.process_latent_out(model, stored.latents[1].float())
+    sample(patched, start, stored.sigmas[1:])
+
+
 def test_an_edit_sampled_in_two_stages_continues_and_equals_the_one_stage_edit():
     model, latent, x_T, inversion = inverted(steps=4)
     patched = injected(model, inversion)
