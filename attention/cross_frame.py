@@ -53,8 +53,7 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     its own. The anchor frame itself is plain self-attention either way (its keys are never duplicated)."""
     q4, k4, v4 = _frames(q, k, v, heads, chunks)
     frames, tokens = q4.shape[1], q4.shape[2]
-    if isinstance(anchor, bool) or not isinstance(anchor, int) or not 0 <= anchor < frames:
-        raise ValueError(f"anchor: expected a local frame index in [0, {frames}), got {anchor!r}")
+    assert 0 <= anchor < frames, f"anchor {anchor!r} is not a local frame index in [0, {frames})"
     k_anchor, v_anchor = k4[:, anchor], v4[:, anchor]                                # (chunks, T, C)
     if not include_self or frames == 1:
         return batch_view(_attend_shared(q4, k_anchor, v_anchor, heads, attention, budget))
@@ -81,8 +80,7 @@ def fine_coarse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     q4, k4, v4 = _frames(q, k, v, heads, chunks)
     frames, tokens = q4.shape[1], q4.shape[2]
     h, w = _check_grid(grid_hw, tokens)
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"factor: expected an integer pooling factor >= 1, got {factor!r}")
+    assert factor >= 1, f"pooling factor {factor!r} < 1"
     coarse_k, coarse_v = (_average_pool(t, h, w, factor) for t in (k4, v4))       # (chunks, F, T', C)
     others_of = torch.arange(frames - 1, device=q.device)
 
@@ -109,8 +107,7 @@ def pick_keyframes(frame_ids: Sequence[int] | torch.Tensor, interval: int, seed:
     ascending, (K,) long on the CPU. Interval 1 gives every frame.
     """
     ids = _check_frame_ids(frame_ids)
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval: expected an integer number of frames per keyframe >= 1, got {interval!r}")
+    assert interval >= 1, f"keyframe interval {interval!r} < 1"
     generator = torch.Generator().manual_seed((int(seed) * _GOLDEN + int(step)) % (1 << 64))
     priority = torch.rand(int(ids.max()) + 1, generator=generator)[ids]              # (F,) by global id
     window = ids // interval
@@ -163,41 +160,33 @@ def _frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
         raise ValueError(f"q, k, v: expected three (chunks*frames, tokens, channels) tensors of one shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     batch, _, channels = q.shape
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or batch % chunks:
-        raise ValueError(f"chunks: expected a positive divisor of the batch of {batch} rows, got {chunks!r}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-        raise ValueError(f"heads: expected a positive divisor of the {channels} channels, got {heads!r}")
+    assert chunks >= 1 and batch % chunks == 0, f"{chunks!r} chunks do not divide the batch of {batch} rows"
+    assert heads >= 1 and channels % heads == 0, f"{heads!r} heads do not divide {channels} channels"
     return frames_view(q, chunks), frames_view(k, chunks), frames_view(v, chunks)
 
 
 def _check_keyframes(keyframes: torch.Tensor | Sequence[int], frames: int) -> torch.Tensor:
+    """Keyframes (K,) long on the CPU: distinct local indices in [0, frames) (pick_keyframes makes them)."""
     index = torch.as_tensor(keyframes)
-    if index.ndim != 1 or index.numel() == 0 or index.dtype.is_floating_point or index.dtype == torch.bool:
-        raise ValueError(f"keyframes: expected a non-empty 1-D tensor of local frame indices, got {keyframes!r}")
-    index = index.to("cpu", torch.long)
-    if int(index.min()) < 0 or int(index.max()) >= frames:
-        raise ValueError(f"keyframes: expected local frame indices in [0, {frames}), got {index.tolist()}")
-    if index.unique().numel() != index.numel():
-        raise ValueError(f"keyframes: expected distinct frames, got {index.tolist()}")
+    assert not index.dtype.is_floating_point and index.dtype != torch.bool, f"keyframes {keyframes!r} are not indices"
+    index = index.to("cpu", torch.long).reshape(-1)
+    assert index.numel() and 0 <= int(index.min()) and int(index.max()) < frames, \
+        f"keyframes {index.tolist()} are not local frame indices in [0, {frames})"
+    assert index.unique().numel() == index.numel(), f"keyframes {index.tolist()} repeat a frame"
     return index
 
 
 def _check_grid(grid_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
-    if len(grid_hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in grid_hw):
-        raise ValueError(f"grid_hw: expected the token grid (h, w) as two positive integers, got {grid_hw!r}")
-    h, w = grid_hw
-    if h * w != tokens:
-        raise ValueError(f"grid_hw: the grid {h}x{w} has {h * w} cells but each frame has {tokens} tokens")
+    h, w = (int(s) for s in grid_hw)
+    assert h * w == tokens, f"the {h}x{w} token grid has {h * w} cells but each frame has {tokens} tokens"
     return h, w
 
 
 def _check_frame_ids(frame_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    ids = torch.as_tensor(frame_ids) if isinstance(frame_ids, torch.Tensor) else torch.as_tensor(list(frame_ids))
-    if ids.ndim != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"frame_ids: expected a non-empty 1-D sequence of global frame ids, got {frame_ids!r}")
-    ids = ids.to("cpu", torch.long)
-    if int(ids.min()) < 0:
-        raise ValueError(f"frame_ids: expected global frame ids >= 0, got {ids.tolist()}")
-    if ids.unique().numel() != ids.numel():
-        raise ValueError(f"frame_ids: expected distinct frames, got {ids.tolist()}")
+    """Global frame ids (F,) long on the CPU: distinct and non-negative (host.call_frame_ids makes them)."""
+    ids = torch.as_tensor(frame_ids if isinstance(frame_ids, torch.Tensor) else list(frame_ids))
+    assert not ids.dtype.is_floating_point and ids.dtype != torch.bool, f"frame ids {frame_ids!r} are not ids"
+    ids = ids.to("cpu", torch.long).reshape(-1)
+    assert ids.numel() and int(ids.min()) >= 0, f"frame ids {ids.tolist()} are empty or negative"
+    assert ids.unique().numel() == ids.numel(), f"frame ids {ids.tolist()} repeat a frame"
     return ids

@@ -164,31 +164,21 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Trajectory
 
 
 def _check_grid(tracks: torch.Tensor, track_of: torch.Tensor) -> tuple[int, int]:
-    for name, t in (("tracks", tracks), ("track_of", track_of)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise ValueError(f"{name}: expected a 2-D integer tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
-                             f"{' ' + str(t.dtype) if isinstance(t, torch.Tensor) else ''}")
-    if tracks.shape[1] != track_of.shape[0] or track_of.shape[1] == 0:
-        raise ValueError(f"tracks/track_of: expected tracks (n_traj, frames) and track_of (frames, h*w), got "
-                         f"{tuple(tracks.shape)} and {tuple(track_of.shape)}")
+    """(frames, tokens) of a trajectory grid: tracks (n_traj, frames) and track_of (frames, h·w), integer."""
+    assert not tracks.dtype.is_floating_point and not track_of.dtype.is_floating_point, "integer indices expected"
+    assert tracks.ndim == track_of.ndim == 2 and tracks.shape[1] == track_of.shape[0] and track_of.shape[1], \
+        f"tracks {tuple(tracks.shape)} and track_of {tuple(track_of.shape)} are not (n_traj, F) and (F, h·w)"
     return track_of.shape[0], track_of.shape[1]
 
 
 def _check_frame_ids(frame_ids: Sequence[int] | torch.Tensor | None, all_frames: int) -> torch.Tensor:
+    """Frame ids (F,) long on the CPU: distinct indices into the trajectories' ``all_frames`` frames."""
     if frame_ids is None:
         return torch.arange(all_frames)
-    ids = torch.as_tensor(frame_ids).reshape(-1)
-    if ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"frame_ids: expected a non-empty sequence of frame indices, got {frame_ids!r}")
-    ids = ids.to("cpu", torch.long)
-    if len(ids) > all_frames:
-        raise ValueError(f"frame_ids: {len(ids)} frames but the trajectories have only {all_frames}")
-    if int(ids.min()) < 0 or int(ids.max()) >= all_frames:
-        raise ValueError(f"frame_ids: expected indices in [0, {all_frames}) (the trajectories' frames), got "
-                         f"{ids.tolist()}")
-    if len(ids.unique()) != len(ids):
-        raise ValueError(f"frame_ids: expected distinct frames, got {ids.tolist()}")
+    ids = torch.as_tensor(frame_ids).to("cpu", torch.long).reshape(-1)
+    assert ids.numel() and 0 <= int(ids.min()) and int(ids.max()) < all_frames, \
+        f"frame ids {ids.tolist()} are not indices into the trajectories' {all_frames} frames"
+    assert ids.unique().numel() == ids.numel(), f"frame ids {ids.tolist()} repeat a frame"
     return ids
 
 

@@ -81,18 +81,13 @@ def propagation_weights(frame_ids: Sequence[int] | torch.Tensor, keyframe_ids: S
     """
     if mode not in PROPAGATION_MODES:
         raise ValueError(f"mode: expected one of {PROPAGATION_MODES}, got {mode!r}")
-    if interval < 1:
-        raise ValueError(f"interval: expected at least 1, got {interval}")
-    f = _ids(frame_ids, "frame_ids")                                                   # (F,)
-    k = _ids(keyframe_ids, "keyframe_ids")                                             # (K,)
-    if len(f) == 0 or len(k) == 0:
-        raise ValueError(f"frame_ids, keyframe_ids: expected at least one of each, got {len(f)} and {len(k)}")
-    if len(torch.unique(f)) != len(f):
-        raise ValueError(f"frame_ids: expected distinct ids, got {f.tolist()}")
-    if (k[1:] <= k[:-1]).any():
-        raise ValueError(f"keyframe_ids: expected strictly increasing ids, got {k.tolist()}")
-    if not torch.isin(k, f).all():
-        raise ValueError(f"keyframe_ids: expected ids among frame_ids, got {k.tolist()} for frames {f.tolist()}")
+    assert interval >= 1, f"keyframe interval {interval!r} < 1"
+    f = _ids(frame_ids)                                                                # (F,)
+    k = _ids(keyframe_ids)                                                             # (K,)
+    assert len(f) and len(k), f"{len(f)} frames and {len(k)} keyframes: at least one of each needed"
+    assert len(torch.unique(f)) == len(f), f"frame ids {f.tolist()} repeat a frame"
+    assert bool((k[1:] > k[:-1]).all()), f"keyframe ids {k.tolist()} are not strictly increasing"
+    assert bool(torch.isin(k, f).all()), f"keyframe ids {k.tolist()} are not among the frame ids {f.tolist()}"
     if mode == "paper":
         return _paper_weights(f, k)
     return _official_weights(f, k, interval)
@@ -188,12 +183,12 @@ def _official_weights(f: torch.Tensor, k: torch.Tensor, interval: int) -> tuple[
     return torch.stack([current, second], 1), torch.stack([w_cur, 1 - w_cur], 1).float()
 
 
-def _ids(ids: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
-    ids = torch.as_tensor(ids).cpu()
+def _ids(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Global frame ids (N,) long on the CPU, non-negative (host.call_frame_ids / pick_keyframes make them)."""
+    ids = torch.as_tensor(ids).cpu().reshape(-1)
     if ids.numel() == 0:
-        return ids.reshape(0).to(torch.long)
-    if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or (ids < 0).any():
-        raise ValueError(f"{name}: expected a 1-D sequence of non-negative integer frame ids, got {ids.tolist()}")
+        return ids.to(torch.long)
+    assert not ids.dtype.is_floating_point and not bool((ids < 0).any()), f"frame ids {ids.tolist()} are not ids"
     return ids.to(torch.long)
 
 

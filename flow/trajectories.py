@@ -31,6 +31,7 @@ class Trajectories:
     frames: int
     latent_hw: tuple[int, int]
     grids: dict[tuple[int, int], TrajectoryGrid]
+    source: torch.Tensor | None = None       # (F, k) fingerprint of the latent they were built for, if known
 
     def at(self, grid_hw: tuple[int, int]) -> TrajectoryGrid:
         key = tuple(int(s) for s in grid_hw)

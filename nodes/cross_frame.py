@@ -11,7 +11,7 @@ import torch
 
 from ..attention.cross_frame import (anchor_attention, dense_attention, fine_coarse_attention,
                                      keyframe_attention, pick_keyframes)
-from . import host
+from . import host, validation
 
 CATEGORY = "video editing/TVE"
 MODES = ["keyframes", "dense", "anchor", "fine_coarse"]
@@ -54,12 +54,7 @@ def cross_frame_replace(mode: str, keyframe_interval: int, anchor_frame: int, an
         if mode == "dense":
             return dense_attention(q, k, v, heads, layout.chunks, attention=attention)
         if mode == "anchor":
-            if anchor_frame not in layout.frame_ids:
-                raise ValueError(
-                    f"anchor_frame: frame {anchor_frame} is not among the frames of this call "
-                    f"({layout.frame_ids[0]}..{layout.frame_ids[-1]}, {len(layout.frame_ids)} frames); pick a frame "
-                    "of the video (frames count from 0) that every context window contains")
-            local = layout.frame_ids.index(anchor_frame)
+            local = validation.frame_in_call(anchor_frame, layout.frame_ids, "anchor_frame")
             return anchor_attention(q, k, v, heads, layout.chunks, local, anchor_include_self, attention=attention)
         return fine_coarse_attention(q, k, v, heads, layout.chunks, layout.grid_hw, coarse_factor,
                                      attention=attention)
@@ -106,8 +101,16 @@ class ApplyCrossFrameAttention:
 
     def apply(self, model, mode: str, keyframe_interval: int, anchor_frame: int, anchor_include_self: bool,
               coarse_factor: int, seed: int, token_grids: str, start_percent: float, end_percent: float):
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got '{mode}'")
+        validation.model(model)
+        validation.choice(mode, "mode", MODES)
+        validation.integer(keyframe_interval, "keyframe_interval", 1)
+        validation.integer(anchor_frame, "anchor_frame", 0)
+        if not isinstance(anchor_include_self, bool):
+            raise ValueError(f"anchor_include_self: expected a boolean, got {anchor_include_self!r}")
+        validation.integer(coarse_factor, "coarse_factor", 1)
+        validation.integer(seed, "seed", 0)
+        validation.number(start_percent, "start_percent", 0.0, 1.0)
+        validation.number(end_percent, "end_percent", 0.0, 1.0)
         if start_percent > end_percent:
             raise ValueError(f"start_percent: {start_percent} is after end_percent {end_percent}")
         blocks = selected_blocks(model, token_grids)
@@ -115,6 +118,7 @@ class ApplyCrossFrameAttention:
         fn = cross_frame_replace(mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor, seed,
                                  start_percent, end_percent)
         host.set_attn1_replace(m, fn, blocks)
+        validation.guard_sampling(m)
         return (m,)
 
 

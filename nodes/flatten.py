@@ -13,7 +13,7 @@ import torch
 from ..attention.cross_frame import dense_attention
 from ..attention.flatten import trajectory_attention, trajectory_index
 from ..flow.trajectories import Trajectories
-from . import host, sockets
+from . import host, sockets, validation
 
 CATEGORY = "video editing/TVE"
 GRID_CHOICES = ["highest resolution", "all"]
@@ -47,35 +47,22 @@ class Flatten:
         dense = dense_attention(q, k, v, heads, layout.chunks, attention=attention)    # FLATTEN §3.1 (DSTA)
         if layout.grid_hw not in self.grids:
             return dense
-        self._check_frames(layout.frame_ids)
+        validation.frames_within(layout.frame_ids, self.trajectories.frames, "trajectories", "the trajectories")
         index = self.index(layout.grid_hw, layout.frame_ids)
         if self.qk_source == "dense_output":
             return trajectory_attention(dense, dense, dense, index, heads, layout.chunks)
         return trajectory_attention(q, k, dense, index, heads, layout.chunks)
 
-    def _check_frames(self, frame_ids: tuple[int, ...]) -> None:
-        if max(frame_ids) >= self.trajectories.frames:
-            raise ValueError(f"trajectories: built for {self.trajectories.frames} frames but frame "
-                             f"{max(frame_ids)} is being sampled; build them from the same video")
-
     def outer_sample(self, executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, *args, **kwargs):
         """Refuse a latent the trajectories were not built for, before any step runs."""
-        frames, hw = latent_image.shape[0], tuple(latent_image.shape[-2:])
-        if hw != tuple(self.trajectories.latent_hw):
-            raise ValueError(f"trajectories: built for a {self.trajectories.latent_hw[1]}x"
-                             f"{self.trajectories.latent_hw[0]} latent but a {hw[1]}x{hw[0]} latent is sampled; "
-                             "build them with TVE_FlowTrajectories from this latent")
-        if frames != self.trajectories.frames:
-            raise ValueError(f"trajectories: built for {self.trajectories.frames} frames but the latent has "
-                             f"{frames}; use the same frames for the flow and the latent")
+        validation.latent_fits_trajectories(latent_image, self.trajectories)
         return executor(noise, latent_image, *args, **kwargs)
 
 
 def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_source: str) -> Any:
-    if token_grids not in GRID_CHOICES:
-        raise ValueError(f"token_grids: expected one of {GRID_CHOICES}, got '{token_grids}'")
-    if qk_source not in QK_SOURCES:
-        raise ValueError(f"qk_source: expected one of {QK_SOURCES}, got '{qk_source}'")
+    validation.model(model)
+    validation.choice(token_grids, "token_grids", GRID_CHOICES)
+    validation.choice(qk_source, "qk_source", QK_SOURCES)
     blocks = host.attention_blocks(model)
     existing = host.attn1_replaces(model)
     if any(getattr(fn, "tve_tokenflow", False) for fn in existing.values()):
@@ -88,6 +75,7 @@ def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_s
     flatten = Flatten(trajectories, chosen, qk_source)
     host.set_attn1_replace(m, flatten.attn1, blocks)
     host.add_wrapper(m, host.OUTER_SAMPLE, flatten.outer_sample)
+    validation.guard_sampling(m, trajectories)
     return m
 
 

@@ -1,12 +1,14 @@
 """Optical flow, FLATTEN trajectories and their previews (FLATTEN §3.2; RAFT, Teed & Deng 2020)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..flow.estimate import FlowField, build_raft, estimate_flow
 from ..flow.preview import draw_tracks, flow_to_color, occlusion_to_image
 from ..flow.trajectories import Trajectories, build_trajectories
-from . import host, sockets
+from . import host, sockets, validation
 
 CATEGORY = "video editing/TVE"
 FLOW_METHODS = ["raft_large", "raft_small", "dis"]
@@ -14,17 +16,16 @@ NO_WEIGHTS = "none (method dis)"
 GRID_CHOICES = ["latent", "latent/2", "latent/4", "latent/8"]
 
 
-def check_frames(images: torch.Tensor, name: str = "images") -> None:
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{name}: expected IMAGE frames (F, H, W, 3), got shape {tuple(images.shape)}")
-    if images.shape[0] < 2:
-        raise ValueError(f"{name}: optical flow needs at least 2 frames, got {images.shape[0]}")
+def check_frames(images: torch.Tensor, method: str, name: str = "images") -> torch.Tensor:
+    """Frames optical flow can be computed on: 2 or more, at least one latent cell (DIS: its patch) a side."""
+    if method == "dis":
+        return validation.frames(images, name, 2, validation.DIS_MIN_SIZE, "OpenCV DIS's patch size; RAFT takes "
+                                                                            "smaller frames")
+    return validation.frames(images, name, 2)
 
 
 def check_flow_matches_latent(flow: FlowField, samples: torch.Tensor) -> None:
     """Frame count and aspect ratio of the FLOW must be those of the LATENT it will steer."""
-    if samples.ndim != 4:
-        raise ValueError(f"latent: expected image latents (F, C, h, w), got shape {tuple(samples.shape)}")
     frames, (h, w) = samples.shape[0], samples.shape[-2:]
     if frames != flow.frames:
         raise ValueError(f"latent: has {frames} frames but the flow was computed on {flow.frames}; "
@@ -58,9 +59,9 @@ class OpticalFlow:
     CATEGORY = CATEGORY
 
     def estimate(self, images: torch.Tensor, method: str, raft_weights: str, batch_size: int):
-        check_frames(images)
-        if method not in FLOW_METHODS:
-            raise ValueError(f"method: expected one of {FLOW_METHODS}, got '{method}'")
+        validation.choice(method, "method", FLOW_METHODS)
+        check_frames(images, method)
+        validation.integer(batch_size, "batch_size", 1)
         raft = None
         if method != "dis":
             if raft_weights == NO_WEIGHTS:
@@ -76,6 +77,7 @@ class OpticalFlow:
         finally:
             if raft is not None:
                 raft.to(host.offload_device())
+        validation.flow(flow, "flow")
         device = host.intermediate_device()
         return (FlowField(forward=flow.forward.to(device), backward=flow.backward.to(device),
                           occlusion=flow.occlusion.to(device), method=flow.method),)
@@ -105,9 +107,12 @@ class FlowTrajectories:
 
     def build(self, flow: FlowField, latent: dict, seed: int, cut_at_occlusions: bool):
         sockets.expect(flow, FlowField, "flow", sockets.FLOW)
-        samples = latent["samples"]
+        validation.flow(flow, "flow")
+        samples = validation.latent(latent, "latent")
+        validation.integer(seed, "seed", 0)
         check_flow_matches_latent(flow, samples)
-        return (build_trajectories(flow, tuple(samples.shape[-2:]), seed=seed, cut_occluded=cut_at_occlusions),)
+        trajectories = build_trajectories(flow, tuple(samples.shape[-2:]), seed=seed, cut_occluded=cut_at_occlusions)
+        return (dataclasses.replace(trajectories, source=validation.fingerprint(samples)),)
 
 
 class PreviewFlow:
@@ -126,6 +131,7 @@ class PreviewFlow:
 
     def preview(self, flow: FlowField):
         sockets.expect(flow, FlowField, "flow", sockets.FLOW)
+        validation.flow(flow, "flow")
         colours, occlusion = flow_to_color(flow.forward), occlusion_to_image(flow.occlusion)
         shown = host.preview_images(colours, "tve_flow") + host.preview_images(occlusion, "tve_occlusion")
         return {"ui": {"images": shown}, "result": (colours, occlusion)}
@@ -154,8 +160,11 @@ class PreviewTrajectories:
 
     def preview(self, trajectories: Trajectories, images: torch.Tensor, grid: str, tracks: int, seed: int):
         sockets.expect(trajectories, Trajectories, "trajectories", sockets.TRAJECTORIES)
-        if images.shape[0] != trajectories.frames:
-            raise ValueError(f"images: has {images.shape[0]} frames but the trajectories span {trajectories.frames}")
+        validation.frames(images, "images")
+        validation.choice(grid, "grid", GRID_CHOICES)
+        validation.integer(tracks, "tracks", 1)
+        validation.integer(seed, "seed", 0)
+        validation.frame_count(images.shape[0], trajectories.frames, "images", "the trajectories")
         grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])
         level = GRID_CHOICES.index(grid)
         if level >= len(grids):

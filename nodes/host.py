@@ -6,6 +6,7 @@ host surface small enough for the test suite's stand-in host to mirror it faithf
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -41,14 +42,31 @@ def optical_flow_folders() -> list[str]:
     return folder_paths.get_folder_paths(OPTICAL_FLOW_FOLDER)
 
 
+RAFT_FILES = "raft_large_C_T_SKHT_V2-ff5fadd5.pth or raft_small_C_T_V2-01064c6d.pth"
+
+
 def load_optical_flow_weights(name: str) -> dict[str, torch.Tensor]:
-    """State dict of ``models/optical_flow/<name>`` through comfy's safe loader (no pickled code)."""
+    """State dict of ``models/optical_flow/<name>`` through comfy's safe loader (no pickled code); a missing,
+    empty, unreadable or pickled file is one ValueError naming ``raft_weights`` and saying what the file is."""
     path = folder_paths.get_full_path(OPTICAL_FLOW_FOLDER, name)
     if path is None:
-        raise ValueError(
-            f"weights: '{name}' was not found in {optical_flow_folders()}; put a torchvision RAFT checkpoint "
-            "there (raft_large_C_T_SKHT_V2-ff5fadd5.pth or raft_small_C_T_V2-01064c6d.pth) or use method 'dis'")
-    return comfy.utils.load_torch_file(path, safe_load=True)
+        raise ValueError(f"raft_weights: '{name}' was not found in {optical_flow_folders()}; put a torchvision "
+                         f"RAFT checkpoint there ({RAFT_FILES}) or use method 'dis'")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"raft_weights: '{name}' is an empty file (0 bytes), not a RAFT checkpoint; download "
+                         f"{RAFT_FILES} again into {os.path.dirname(path)}")
+    try:
+        state = comfy.utils.load_torch_file(path, safe_load=True)
+    except pickle.UnpicklingError as e:           # the weights-only unpickler met Python objects it will not run
+        raise ValueError(f"raft_weights: '{name}' holds pickled Python objects besides tensors, which TVE will "
+                         f"not load (unsafe, and not a torchvision RAFT state dict); use {RAFT_FILES}") from e
+    except Exception as e:                         # truncated zip, EOFError, a corrupt safetensors header, ...
+        raise ValueError(f"raft_weights: '{name}' could not be read as a checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no message'}); it is damaged or not a RAFT "
+                         f"checkpoint; use {RAFT_FILES}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"raft_weights: '{name}' is not a state dict of tensors; use {RAFT_FILES}")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------- devices, progress
@@ -218,6 +236,21 @@ def scheduler_names() -> list[str]:
     return list(comfy.samplers.SCHEDULER_NAMES)
 
 
+def inversion_sigma_grid(model: Any, scheduler: str, steps: int) -> torch.Tensor:
+    """The descending σ grid of exactly ``steps`` steps (ends with 0), float32 on the CPU.
+
+    ``ddim_uniform`` is diffusers' DDIMScheduler as SD ships it (timestep_spacing "leading", steps_offset 1):
+    timesteps 1 + i·⌊1000/steps⌋ for i < steps. Core's ddim_uniform walks the same stride to the end of the
+    schedule, which adds steps when ``steps`` does not divide 1000 (6 → 7, 30 → 31, 400 → 500); the first
+    ``steps`` of its timesteps are diffusers' (so for 50 steps both are the same grid). Every other scheduler
+    already gives ``steps`` steps.
+    """
+    sigmas = sigma_grid(model, scheduler, steps)
+    if scheduler == "ddim_uniform" and len(sigmas) - 1 > steps:
+        sigmas = torch.cat([sigmas[:-1][-steps:], sigmas[-1:]])       # the lowest ``steps`` timesteps, then 0
+    return sigmas
+
+
 def sigma_grid(model: Any, scheduler: str, steps: int) -> torch.Tensor:
     """The descending σ grid a core sampler would use (ends with 0), float32 on the CPU."""
     import comfy.samplers
@@ -227,6 +260,36 @@ def sigma_grid(model: Any, scheduler: str, steps: int) -> torch.Tensor:
 
 def sigma_min(model: Any) -> float:
     return float(model.get_model_object("model_sampling").sigma_min)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a model's sampling does to a latent: prediction type and σ range, read from the *patched*
+    ``model_sampling`` (a ModelSamplingDiscrete node or a LoRA loader may have replaced the checkpoint's)."""
+    prediction: str                  # e.g. "EPS", "V_PREDICTION", "X0", "LCM"
+    sigma_min: float
+    sigma_max: float
+
+    def __str__(self) -> str:
+        return f"{self.prediction} σ {self.sigma_min:.4g}–{self.sigma_max:.4g}"
+
+    def matches(self, other: "Sampling", rtol: float = 1e-3) -> bool:
+        return (self.prediction == other.prediction
+                and abs(self.sigma_min - other.sigma_min) <= rtol * other.sigma_min
+                and abs(self.sigma_max - other.sigma_max) <= rtol * other.sigma_max)
+
+
+def effective_sampling(model: Any) -> Sampling:
+    """The ``Sampling`` of ``model`` (a ModelPatcher) as its sampler will run it: the prediction type is the most
+    derived class of the patched model_sampling that defines ``calculate_denoised`` (EPS, V_PREDICTION, ...)."""
+    ms = model.get_model_object("model_sampling")
+    prediction = next((c.__name__ for c in type(ms).__mro__ if "calculate_denoised" in vars(c)), "unknown")
+    return Sampling(prediction=prediction, sigma_min=float(ms.sigma_min), sigma_max=float(ms.sigma_max))
+
+
+def latent_channels(model: Any) -> int:
+    """Channels of the latents ``model`` samples (4 for SD1.x/SD2.x/SDXL, 16 for SD3/Flux)."""
+    return int(model.model.latent_format.latent_channels)
 
 
 def model_family(model: Any) -> str:
@@ -303,3 +366,25 @@ def resblock_branch(model: Any, output_block: int) -> torch.nn.Module:
 
 def add_wrapper(model: Any, wrapper_type: str, fn: Callable) -> None:
     model.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, fn)
+
+
+def sampling_model(executor: Any) -> Any:
+    """The ModelPatcher being sampled, seen from inside an OUTER_SAMPLE wrapper (its executor is the guider's)."""
+    return executor.class_obj.model_patcher
+
+
+def sampling_transformer_options(executor: Any) -> Mapping[str, Any]:
+    """The transformer_options of the run, seen from inside an OUTER_SAMPLE wrapper."""
+    return executor.class_obj.model_options.get("transformer_options", {})
+
+
+def set_inpaint_latent(model: Any, fn: Callable[..., torch.Tensor]) -> None:
+    """Make ``fn(sigma=, noise=, latent_image=, x=)`` what a masked sampling run of ``model`` puts outside the
+    mask at each step (core's KSamplerX0Inpaint asks the BaseModel's ``scale_latent_inpaint``; an object patch)."""
+    model.add_object_patch("scale_latent_inpaint", fn)
+
+
+def prepare_mask(noise_mask: torch.Tensor, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A LATENT's ``noise_mask`` resized to ``shape`` (F, C, h, w) as core samplers resize it."""
+    import comfy.sampler_helpers
+    return comfy.sampler_helpers.prepare_mask(noise_mask, tuple(shape), device)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import host, sockets
+from . import host, sockets, validation
 from .inversion import Inversion
 from .passes import ORDERS, SourceBranch, install_source_branch
 
@@ -116,6 +116,11 @@ def install_feature_injection(m: Any, branch: SourceBranch, preset: str, attn_en
 
 def apply_feature_injection(model: Any, inversion: Inversion, attn_end: float, conv_end: float, preset: str,
                             order: str) -> Any:
+    validation.model(model)
+    validation.number(attn_end, "attention_injection_end", 0.0, 1.0)
+    validation.number(conv_end, "conv_injection_end", 0.0, 1.0)
+    validation.choice(preset, "block_preset", PRESETS)
+    validation.choice(order, "order", ORDERS)
     inversion.check_model(model)
     injection_targets(model, preset)                     # refuse an unsupported model before cloning
     m = model.clone()

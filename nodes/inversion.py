@@ -6,15 +6,16 @@ inverts the sampler that walks it downwards (TokenFlow §4 / FLATTEN §4: invers
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from . import host, sockets
+from . import host, sockets, validation
 
 CATEGORY = "video editing/TVE"
 SIGMA_RTOL = 1e-4
+REMEMBERED_ENDS = 8              # per grid index: the last runs that ended there
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,6 +25,12 @@ class Inversion:
     latents: torch.Tensor       # (N+1, F, C, h, w) model-space source latents at each σ, model dtype
     conditioning: list          # the source CONDITIONING the inversion used
     family: str                 # host.model_family() of the inverting model
+    sampling: host.Sampling     # host.effective_sampling() of the inverting model
+    source: torch.Tensor        # (F, k) validation.fingerprint of the raw latent that was inverted
+    trace: torch.Tensor         # (N+1, F, k) fingerprints of ``latents`` before the cast to the model dtype
+    # grid index -> fingerprints of the latents sampling runs with this inversion ended at there (a second sampler
+    # may continue an edit from them); filled by ``remember_end``.
+    ends: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def frames(self) -> int:
@@ -48,11 +55,53 @@ class Inversion:
         if family != self.family:
             raise ValueError(f"inversion: made with a {self.family} model but this model is {family}; invert the "
                              "frames with the model you edit with")
+        sampling = host.effective_sampling(model)
+        if not sampling.matches(self.sampling):
+            raise ValueError(f"model: samples {sampling} but the inversion was made with a model that samples "
+                             f"{self.sampling}; give DDIM Inversion (TVE) and the sampler the same MODEL (a "
+                             "ModelSamplingDiscrete node on only one of the two wires changes the sampling)")
+
+    def check_run(self, model: Any, noise: torch.Tensor, latent_image: torch.Tensor, sigmas: torch.Tensor) -> None:
+        """Before the first step of sampling ``model`` (raw ``latent_image``, ``noise``, σ grid ``sigmas``): the
+        model samples as the inverting one did, no new noise, and the start latent is this inversion's latent at
+        the σ where sampling starts (x_T at the top of the grid; part-way down, e.g. after SplitSigmas, the
+        inversion's latent at that σ or one an earlier run with it ended at, see ``remember_end``)."""
+        self.check_model(model)
+        if bool(noise.ne(0).any()):
+            raise ValueError("noise: the sampler adds new noise to the inverted latent, which then no longer "
+                             "inverts the video; connect DisableNoise (SamplerCustomAdvanced) or set add_noise to "
+                             "disable (KSamplerAdvanced)")
+        self.check_latent(latent_image)
+        i = self.index_of(float(sigmas[0]))
+        start = validation.fingerprint(host.process_latent_in(model, latent_image.float()))
+        if validation.same_fingerprint(start, self.trace[i]) or any(
+                validation.same_fingerprint(start, end) for end in self.ends.get(i, ())):
+            return
+        where = f"σ={float(self.sigmas[i]):.4g} (step {i} of {len(self.sigmas) - 1})"
+        if validation.same_fingerprint(start, self.trace[-1]):
+            got = "the clean VAE latent of the frames, not the inverted one"
+        elif i > 0 and validation.same_fingerprint(start, self.trace[0]):
+            got = "the inversion's x_T, but sampling starts part-way down the grid"
+        else:
+            got = "a latent this inversion did not make (another video, or another inversion)"
+        raise ValueError(f"latent_image: sampling starts at {where} from {got}; connect the inverted_latent output "
+                         "of the DDIM Inversion (TVE) whose inversion this model uses to the sampler's latent, and "
+                         "sample with its sigmas")
 
     def check_latent(self, samples: torch.Tensor) -> None:
         if tuple(samples.shape) != self.latent_shape:
-            raise ValueError(f"latent: shape {tuple(samples.shape)} differs from the inverted frames' "
+            raise ValueError(f"latent_image: shape {tuple(samples.shape)} differs from the inverted frames' "
                              f"{self.latent_shape}; use the inversion's latent")
+
+    def remember_end(self, model: Any, samples: torch.Tensor, sigma_end: float) -> None:
+        """Keep the fingerprint of raw ``samples`` a run ended with at ``sigma_end`` (part-way down the grid), so
+        a second sampler may start from them there (an edit sampled in two stages, e.g. after SplitSigmas)."""
+        i = int(torch.argmin((self.sigmas - sigma_end).abs()))
+        if i == len(self.sigmas) - 1 or abs(float(self.sigmas[i]) - sigma_end) > SIGMA_RTOL * max(sigma_end, 1e-3):
+            return
+        ends = self.ends.setdefault(i, [])
+        ends.append(validation.fingerprint(host.process_latent_in(model, samples.float())))
+        del ends[:-REMEMBERED_ENDS]
 
 
 def sample_ddim_inversion(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
@@ -82,27 +131,34 @@ def sample_ddim_inversion(model: Callable, x: torch.Tensor, sigmas: torch.Tensor
 
 def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, scheduler: str
            ) -> tuple[torch.Tensor, Inversion]:
-    """Invert raw-space latents ``samples`` (F, C, h, w); returns raw-space x_T and the INVERSION."""
-    if steps < 2:
-        raise ValueError(f"steps: inversion needs at least 2 steps, got {steps}")
-    if samples.ndim != 4:
-        raise ValueError(f"latent: expected image latents (F, C, h, w), got shape {tuple(samples.shape)}")
-    if scheduler not in host.scheduler_names():
-        raise ValueError(f"scheduler: expected one of {host.scheduler_names()}, got '{scheduler}'")
-    sigmas = host.sigma_grid(model, scheduler, steps)               # descending, ends with 0
+    """Invert raw-space latents ``samples`` (F, C, h, w); returns raw-space x_T and the INVERSION.
+
+    Exactly ``steps`` steps on ``host.inversion_sigma_grid`` (ddim_uniform: diffusers' DDIM timesteps)."""
+    validation.integer(steps, "steps", 2)
+    validation.choice(scheduler, "scheduler", host.scheduler_names())
+    validation.model(model, patched=False)
+    validation.latent({"samples": samples}, "latent")
+    validation.latent_for_model(samples, model, "latent")
+    sigmas = host.inversion_sigma_grid(model, scheduler, steps)     # descending, ends with 0
     ascending = sigmas.flip(0)
     keep = host.intermediate_device()
     dtype = host.model_dtype(model)
     latents = torch.empty((len(sigmas),) + tuple(samples.shape), dtype=dtype, device=keep)
+    trace = torch.empty((len(sigmas), samples.shape[0], min(validation.FINGERPRINT_SAMPLES, samples[0].numel())))
 
     def record(i: int, x: torch.Tensor) -> None:                    # i counts up the ascending grid
+        validation.finite(x, "model", f" in the latent it inverted to at step {i} of {steps} (fp16 overflow? "
+                          "try --force-fp32 or a bf16/fp32 UNet)")
         latents[len(sigmas) - 1 - i] = x.detach().to(keep, dtype)
+        trace[len(sigmas) - 1 - i] = validation.fingerprint(x)
 
     m = model.clone()
     m.model_options["transformer_options"]["tve_pass"] = "inversion"
     x_T = host.sample_with(m, sample_ddim_inversion, {"sigma_floor": host.sigma_min(model), "record": record},
                            ascending, conditioning, samples, callback=host.step_callback(steps))
-    return x_T, Inversion(sigmas=sigmas, latents=latents, conditioning=conditioning, family=host.model_family(model))
+    return x_T, Inversion(sigmas=sigmas, latents=latents, conditioning=conditioning, family=host.model_family(model),
+                          sampling=host.effective_sampling(model), source=validation.fingerprint(samples),
+                          trace=trace)
 
 
 class DDIMInversion:
@@ -130,8 +186,9 @@ class DDIMInversion:
     CATEGORY = CATEGORY
 
     def invert(self, model, latent: dict, conditioning: list, steps: int, scheduler: str):
-        x_T, inversion = invert(model, latent["samples"], conditioning, steps, scheduler)
-        return {"samples": x_T}, inversion, inversion.sigmas.clone()
+        x_T, inversion = invert(model, validation.latent(latent, "latent"), conditioning, steps, scheduler)
+        # noise_mask and batch_index stay on the LATENT: a masked edit samples x_T with the source's mask.
+        return {**latent, "samples": x_T}, inversion, inversion.sigmas.clone()
 
 
 NODES = {"TVE_DDIMInversion": (DDIMInversion, "DDIM Inversion (TVE)")}

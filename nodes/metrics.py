@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..attention.tokenflow import pair_nearest_neighbour_field
 from ..flow.consistency import measure_consistency
 from ..flow.estimate import FlowField
-from . import host, sockets
+from . import host, sockets, validation
 from .inversion import Inversion
 
 CATEGORY = "video editing/TVE"
@@ -41,6 +41,7 @@ class ConsistencyMetrics:
 
     def measure(self, images: torch.Tensor, flow: FlowField, source_images: torch.Tensor | None = None):
         sockets.expect(flow, FlowField, "flow", sockets.FLOW)
+        validation.flow(flow, "flow")
         edited = _measure(images, flow, "images")
         lines = [f"warp error ×10³: {edited.warp_error * 1e3:.3f}", f"flicker: {edited.flicker:.5f}"]
         if source_images is not None:
@@ -54,7 +55,8 @@ class ConsistencyMetrics:
 
 
 def _measure(images: torch.Tensor, flow: FlowField, name: str):
-    if images.ndim != 4 or tuple(images.shape[:3]) != (flow.frames, flow.height, flow.width):
+    validation.frames(images, name, 2)
+    if tuple(images.shape[:3]) != (flow.frames, flow.height, flow.width):
         raise ValueError(f"{name}: {tuple(images.shape[:3])} (frames, height, width) differs from the flow's "
                          f"{(flow.frames, flow.height, flow.width)}; measure frames of the size the flow was "
                          "computed on")
@@ -81,15 +83,20 @@ def source_features(model: Any, inversion: Inversion, step: int, block: host.Att
     sigma = max(float(inversion.sigmas[step]), host.sigma_min(model))
     latent = host.process_latent_out(model, inversion.latents[step].float())
     host.sample_with(m, evaluate_once, {}, torch.tensor([sigma, 0.0]), inversion.conditioning, latent)
-    return captured["n"]
+    return validation.finite(captured["n"], "model", f" in its features of the source at step {step} (fp16 "
+                             "overflow in the UNet? try --force-fp32)")
 
 
 def pca_image(features: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """(F, T, C) → (F, h, w, 3): the first 3 principal components of all frames' tokens, jointly min-max scaled."""
+    """(F, T, C) → (F, h, w, 3): the first 3 principal components of all frames' tokens, jointly min-max scaled.
+    Fewer tokens or channels than 3 give as many components as there are (the rest stay 0)."""
     x = features.float().reshape(-1, features.shape[-1])
     x = x - x.mean(0)
-    _, _, v = torch.pca_lowrank(x, q=3, center=False)
-    p = x @ v[:, :3]
+    q = min(3, *x.shape)
+    p = torch.zeros(x.shape[0], 3, device=x.device)
+    if q > 0 and bool(x.abs().amax() > 0):          # all tokens equal (a single token): nothing varies
+        _, _, v = torch.pca_lowrank(x, q=q, center=False)
+        p[:, :q] = x @ v[:, :q]
     p = (p - p.amin(0)) / (p.amax(0) - p.amin(0)).clamp(min=1e-8)
     return p.reshape(features.shape[0], *grid_hw, 3)
 
@@ -144,6 +151,11 @@ class PreviewFeatures:
     def preview(self, model, inversion: Inversion, step_percent: float, block: str, keyframe_interval: int,
                 scale: int):
         sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
+        validation.model(model)
+        validation.number(step_percent, "step_percent", 0.0, 1.0)
+        validation.choice(block, "block", FEATURE_BLOCKS)
+        validation.integer(keyframe_interval, "keyframe_interval", 1)
+        validation.integer(scale, "scale", 1)
         inversion.check_model(model)
         chosen = pick_block(model, block)
         steps = len(inversion.sigmas) - 1

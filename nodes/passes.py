@@ -13,8 +13,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import host
+from . import host, validation
 from .inversion import Inversion
+from .masked_edit import follow_source_outside_mask
 
 ORDERS = ["sigma-matched", "clean-first"]
 
@@ -60,7 +61,8 @@ class SourceBranch:
         if options.get("tve_pass") == "inversion":
             return executor(model, conds, x_in, timestep, model_options)
         frame_ids = host.call_frame_ids(x_in.shape[0], options)
-        self._check_frames(x_in, frame_ids, options.get("context_window") is not None)
+        validation.call_fits_inversion(x_in, frame_ids, options.get("context_window") is not None,
+                                       self.inversion.frames, self.inversion.latent_shape)
         sigma = float(timestep.reshape(-1)[0])
         # Steps count on the inversion's grid, so a sampler started part-way keeps the schedule fractions.
         self.step, self.steps = self.inversion.index_of(sigma), len(self.inversion.sigmas) - 1
@@ -89,16 +91,6 @@ class SourceBranch:
         finally:
             self.pass_name = None
 
-    def _check_frames(self, x_in: torch.Tensor, frame_ids: Sequence[int], windowed: bool) -> None:
-        frames, shape = self.inversion.frames, self.inversion.latent_shape
-        if tuple(x_in.shape[1:]) != shape[1:]:
-            raise ValueError(f"latent: the sampled latent is {tuple(x_in.shape[1:])} per frame but the inversion's "
-                             f"is {shape[1:]}; sample the inverted latent")
-        if not windowed and x_in.shape[0] != frames:
-            raise ValueError(f"latent: {x_in.shape[0]} frames are sampled but the inversion has {frames}")
-        if max(frame_ids) >= frames:
-            raise ValueError(f"latent: frame {max(frame_ids)} is sampled but the inversion has {frames} frames")
-
 
 def with_pass(model_options: dict, name: str, frame_ids: Sequence[int] | None = None) -> dict:
     """A shallow copy of ``model_options`` whose transformer_options say which pass runs (and, for a pass over
@@ -111,7 +103,8 @@ def with_pass(model_options: dict, name: str, frame_ids: Sequence[int] | None = 
 
 
 def install_source_branch(model: Any, branch: SourceBranch) -> None:
-    """Add the branch's CALC_COND_BATCH wrapper and an OUTER_SAMPLE wrapper that resets it for every run."""
+    """Add the branch's CALC_COND_BATCH wrapper and an OUTER_SAMPLE wrapper that resets it for every run; the
+    inversion's checks before the first step (validation.guard_sampling) and its source outside a noise_mask."""
 
     def outer_sample(executor: Callable, *args: Any, **kwargs: Any) -> Any:
         branch.reset()
@@ -122,3 +115,5 @@ def install_source_branch(model: Any, branch: SourceBranch) -> None:
 
     host.add_wrapper(model, host.CALC_COND_BATCH, branch.wrapper)
     host.add_wrapper(model, host.OUTER_SAMPLE, outer_sample)
+    validation.guard_sampling(model, branch.inversion)
+    follow_source_outside_mask(model, branch.inversion)

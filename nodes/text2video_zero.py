@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..flow.warp import backward_warp
-from . import host
+from . import host, validation
 
 CATEGORY = "video editing/TVE"
 OFFICIAL_MOTION = -1.5           # latent cells per frame: the official motion_field_strength 12 px at 512², see above
@@ -183,11 +183,22 @@ class MotionDynamicsLatents:
 
     def make(self, model, positive: list, negative: list, latent: dict, seed: int, frames: int, motion_x: float,
              motion_y: float, steps: int, cfg: float, scheduler: str, t0: int, t1: int):
-        samples = latent["samples"]
-        if samples.ndim != 4:
-            raise ValueError(f"latent: expected an image latent (B, C, h, w), got shape {tuple(samples.shape)}")
+        validation.model(model)
+        samples = validation.latent(latent, "latent", check_values=False)      # only its size is used
+        validation.latent_for_model(samples, model, "latent")
+        validation.integer(seed, "seed", 0)
+        validation.integer(frames, "frames", 1)
+        validation.number(motion_x, "motion_x")
+        validation.number(motion_y, "motion_y")
+        validation.integer(steps, "steps", 2)
+        validation.number(cfg, "cfg", 0.0)
+        validation.choice(scheduler, "scheduler", host.scheduler_names())
+        validation.integer(t0, "t0", 0)
+        validation.integer(t1, "t1", 1)
         result = motion_dynamics(model, positive, negative, tuple(samples.shape[1:]), seed, frames, motion_x,
                                  motion_y, steps, cfg, scheduler, t0, t1)
+        validation.finite(result.raw_latents, "model", " in the frames it denoised (fp16 overflow? try "
+                          "--force-fp32 or a bf16/fp32 UNet)")
         return {"samples": result.raw_latents}, result.sigmas, result.start_step
 
 

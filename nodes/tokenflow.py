@@ -20,7 +20,7 @@ import torch
 from ..attention.cross_frame import dense_attention, pick_keyframes
 from ..attention.frames import frames_view
 from ..attention.tokenflow import PROPAGATION_MODES, pair_nearest_neighbour_field, propagate, propagation_weights
-from . import host, sockets
+from . import host, sockets, validation
 from .injection import install_feature_injection
 from .inversion import Inversion
 from .passes import SourceBranch, install_source_branch, with_pass
@@ -136,10 +136,12 @@ def slice_conds(conds: list[dict] | None, local: torch.Tensor, frames: int) -> l
 
 def apply_tokenflow(model: Any, inversion: Inversion, interval: int, seed: int, mode: str, attn_end: float,
                     conv_end: float) -> Any:
-    if interval < 1:
-        raise ValueError(f"keyframe_interval: must be at least 1, got {interval}")
-    if mode not in PROPAGATION_MODES:
-        raise ValueError(f"propagation: expected one of {PROPAGATION_MODES}, got '{mode}'")
+    validation.model(model)
+    validation.integer(interval, "keyframe_interval", 1)
+    validation.integer(seed, "seed", 0)
+    validation.choice(mode, "propagation", PROPAGATION_MODES)
+    validation.number(attn_end, "attention_injection_end", 0.0, 1.0)
+    validation.number(conv_end, "conv_injection_end", 0.0, 1.0)
     inversion.check_model(model)
     blocks = host.attention_blocks(model)
     existing = host.attn1_replaces(model)

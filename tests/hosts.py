@@ -132,8 +132,14 @@ def _stand_in_unet(family: str) -> nn.Module:
 def _stand_in_model(family: str, seed: int):
     from comfy.model_patcher import ModelPatcher
 
+    import types
+
     base = nn.Module()
     base.diffusion_model = _stand_in_unet(family)
+    # What host.model_family / host.latent_channels read from a real BaseModel.
+    base.model_config = type({"sd15": "SD15", "sd2": "SD20", "sdxl": "SDXL"}[family], (), {})()
+    base.model_type = types.SimpleNamespace(name="V_PREDICTION" if family == "sd2" else "EPS")
+    base.latent_format = types.SimpleNamespace(latent_channels=4)
     _init_weights(base, seed)
     return ModelPatcher(base)
 

@@ -46,6 +46,22 @@ def test_missing_or_wrong_raft_weights_are_clear_errors(flow_folder):
         OpticalFlow().estimate(clip().frames, "raft_large", "small.pth", 2)
 
 
+class NotWeights:
+    """A pickled Python object: what a safe loader must refuse to run."""
+
+
+def test_empty_pickled_or_damaged_raft_files_are_one_error_saying_what_the_file_is(flow_folder):
+    (flow_folder / "empty.pth").write_bytes(b"")
+    torch.save({"model": NotWeights()}, flow_folder / "pickled.pth")
+    (flow_folder / "damaged.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    expected = {"empty.pth": r"is an empty file \(0 bytes\), not a RAFT checkpoint",
+                "pickled.pth": "holds pickled Python objects besides tensors, which TVE will not load",
+                "damaged.pth": "could not be read as a checkpoint .* damaged or not a RAFT checkpoint"}
+    for name, message in expected.items():
+        with pytest.raises(ValueError, match=f"^raft_weights: '{name}' {message}"):
+            OpticalFlow().estimate(clip().frames, "raft_large", name, 2)
+
+
 def test_dis_needs_no_weights_and_reports_progress_per_flow():
     updates = []
     if not REAL_HOST:

@@ -1,0 +1,340 @@
+"""Bad input through a real headless ComfyUI: API prompts derived from the shipped workflows, each broken in one
+way, must end in an error that names the input of a TVE node (raised by the pack, not a torch or OpenCV traceback)
+or in ComfyUI's validation error naming it — never in a "success" with wrong output.
+
+Classes of bad input (issue 16): non-finite values (frames, latents, float widgets), mismatched sources (another
+video's latent, the clean latent, trajectories of another latent, a model whose sampling was patched, new noise),
+tiny or empty inputs (one frame where two are needed, frames or latents smaller than one cell), latents and models
+of other families, unreadable files. ``APPLICABLE`` says which classes each node can meet through its inputs;
+``test_every_node_has_a_probe_of_every_class_that_applies`` keeps the probe table complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import requests
+
+from tve.tests.e2e.session_files import FRAMES, HEIGHT, PACK_FOLDER, RAFT_PLACEHOLDER, WIDTH
+from tve.tests.e2e.test_workflows import WORKFLOW_DIR, load, with_overrides
+from tve.tests.e2e.ui_workflow import to_api
+
+pytestmark = pytest.mark.real_host
+
+RUN_TIMEOUT_S = 300
+NON_FINITE, MISMATCH, TINY, FAMILY, FILE = "non-finite", "mismatched source", "tiny or empty", "other family", "file"
+
+# The classes each node's inputs can carry. PreviewFlow / FLATTEN take no frames, latents or floats: a FLOW or
+# TRAJECTORIES only comes from a TVE node that refused non-finite input already (unit tests cover the values).
+APPLICABLE = {
+    "TVE_OpticalFlow": {NON_FINITE, TINY, FILE},
+    "TVE_FlowTrajectories": {NON_FINITE, MISMATCH, TINY, FAMILY},
+    "TVE_PreviewFlow": {MISMATCH},
+    "TVE_PreviewTrajectories": {NON_FINITE, MISMATCH, TINY},
+    "TVE_DDIMInversion": {NON_FINITE, MISMATCH, TINY, FAMILY},
+    "TVE_ApplyFeatureInjection": {NON_FINITE, MISMATCH},
+    "TVE_ApplyCrossFrameAttention": {NON_FINITE, MISMATCH, TINY},
+    "TVE_ApplyTokenFlow": {NON_FINITE, MISMATCH},
+    "TVE_ApplyFLATTEN": {MISMATCH},
+    "TVE_MotionDynamicsLatents": {NON_FINITE, TINY, FAMILY},
+    "TVE_ConsistencyMetrics": {NON_FINITE, MISMATCH, TINY},
+    "TVE_PreviewFeatures": {NON_FINITE, MISMATCH, TINY},
+}
+
+
+class Graph:
+    """An API prompt being broken: nodes found by class, inputs set, core nodes spliced in."""
+
+    def __init__(self, nodes: dict):
+        self.nodes = nodes
+
+    def id(self, class_type: str) -> str:
+        ids = [i for i, n in self.nodes.items() if n["class_type"] == class_type]
+        assert len(ids) == 1, f"{class_type}: {len(ids)} nodes"
+        return ids[0]
+
+    def inputs(self, class_type: str) -> dict:
+        return self.nodes[self.id(class_type)]["inputs"]
+
+    def set(self, class_type: str, **values) -> "Graph":
+        for name, value in values.items():
+            assert name in self.inputs(class_type), f"{class_type} has no input {name}"
+            self.inputs(class_type)[name] = value
+        return self
+
+    def add(self, class_type: str, **inputs) -> list:
+        node_id = f"probe{len(self.nodes)}"
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": class_type}}
+        return [node_id, 0]
+
+    def out(self, class_type: str, index: int = 0) -> list:
+        return [self.id(class_type), index]
+
+
+def nan_images(g: Graph, images: list) -> list:
+    """``images`` with an 8x8 NaN patch in every frame (ImageBlend with a NaN factor, composited at (8, 8))."""
+    patch = g.add("ImageCrop", image=images, width=8, height=8, x=0, y=0)
+    nan = g.add("ImageBlend", image1=patch, image2=patch, blend_factor=math.nan, blend_mode="normal")
+    return g.add("ImageCompositeMasked", destination=images, source=nan, x=8, y=8, resize_source=False)
+
+
+def nan_latent(g: Graph, latent: list) -> list:
+    return g.add("LatentMultiply", samples=latent, multiplier=math.nan)
+
+
+def zero_height_latent(g: Graph, latent: list) -> list:
+    return g.add("TrimVideoLatent", samples=latent, trim_amount=HEIGHT)     # a 4-D latent loses its rows
+
+
+def sd3_latent(g: Graph, frames: int = FRAMES) -> list:
+    return g.add("EmptySD3LatentImage", width=WIDTH, height=HEIGHT, batch_size=frames)
+
+
+def frames(g: Graph) -> list:
+    return g.out("GetVideoComponents")
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    node: str                       # the TVE node whose input is bad
+    kind: str                       # class of bad input
+    workflow: str
+    mutate: Callable[[Graph], None]
+    input: str                      # the input the error must name (its message starts with "<input>:")
+    raised_by: str | None = None    # the node that raises, when not ``node`` (a check before the first step)
+    validation: bool = False        # refused by ComfyUI's prompt validation rather than at execution
+
+
+def _wire(class_type: str, name: str, source: Callable[[Graph], list]) -> Callable[[Graph], None]:
+    return lambda g: g.set(class_type, **{name: source(g)})
+
+
+def _with_preview_features(g: Graph, **values) -> None:
+    node = g.add("TVE_PreviewFeatures", model=g.out("CheckpointLoaderSimple"), inversion=g.out("TVE_DDIMInversion", 1),
+                 step_percent=0.5, block="output latent", keyframe_interval=2, scale=2)
+    g.nodes[node[0]]["inputs"].update(values)
+    g.add("PreviewImage", images=node)
+
+
+def _v_prediction(g: Graph, model: list) -> list:
+    return g.add("ModelSamplingDiscrete", model=model, sampling="v_prediction", zsnr=False)
+
+
+def _other_video_inversion(g: Graph) -> list:
+    """The inverted latent of another video of the same size: the frames upside down, encoded and inverted."""
+    flipped = g.add("ImageFlip", image=frames(g), flip_method="x-axis: vertically")
+    latent = g.add("VAEEncode", pixels=flipped, vae=g.out("CheckpointLoaderSimple", 2))
+    inputs = {**g.inputs("TVE_DDIMInversion"), "latent": latent}
+    return g.add("TVE_DDIMInversion", **inputs)
+
+
+T, F, PNP, CF, TF, TFF, FL, T2V = ("optical_flow_preview.json", "flatten_edit.json", "pnp_per_frame_edit.json",
+                                   "anchor_attention_edit.json", "tokenflow_edit.json", "tokenflow_flatten_edit.json",
+                                   "flatten_edit.json", "text2video_zero.json")
+
+PROBES = [
+    # ------------------------------------------------------------------ Optical Flow
+    Probe("flow_nan_patch", "TVE_OpticalFlow", NON_FINITE, T,
+          _wire("TVE_OpticalFlow", "images", lambda g: nan_images(g, frames(g))), "images"),
+    Probe("flow_dis_frames_below_its_patch", "TVE_OpticalFlow", TINY, T,
+          _wire("TVE_OpticalFlow", "images", lambda g: g.add("ImageCrop", image=frames(g), width=10, height=10, x=0,
+                                                             y=0)), "images"),
+    Probe("flow_raft_frames_below_one_cell", "TVE_OpticalFlow", TINY, T,
+          lambda g: g.set("TVE_OpticalFlow", method="raft_large", raft_weights=RAFT_PLACEHOLDER,
+                          images=g.add("ImageCrop", image=frames(g), width=64, height=4, x=0, y=0)), "images"),
+    Probe("flow_one_frame", "TVE_OpticalFlow", TINY, T,
+          _wire("TVE_OpticalFlow", "images", lambda g: g.add("ImageFromBatch", image=frames(g), batch_index=0,
+                                                             length=1)), "images"),
+    Probe("flow_empty_raft_file", "TVE_OpticalFlow", FILE, T,
+          lambda g: g.set("TVE_OpticalFlow", method="raft_large", raft_weights=RAFT_PLACEHOLDER), "raft_weights"),
+    # ------------------------------------------------------------------ Flow Trajectories
+    Probe("trajectories_nan_latent", "TVE_FlowTrajectories", NON_FINITE, T,
+          _wire("TVE_FlowTrajectories", "latent", lambda g: nan_latent(g, g.out("VAEEncode"))), "latent"),
+    Probe("trajectories_latent_of_fewer_frames", "TVE_FlowTrajectories", MISMATCH, T,
+          _wire("TVE_FlowTrajectories", "latent", lambda g: g.add("LatentFromBatch", samples=g.out("VAEEncode"),
+                                                                  batch_index=0, length=FRAMES - 2)), "latent"),
+    Probe("trajectories_zero_height_latent", "TVE_FlowTrajectories", TINY, T,
+          _wire("TVE_FlowTrajectories", "latent", lambda g: zero_height_latent(g, g.out("VAEEncode"))), "latent"),
+    Probe("trajectories_sd3_latent", "TVE_FlowTrajectories", FAMILY, T,
+          _wire("TVE_FlowTrajectories", "latent", sd3_latent), "latent"),
+    # ------------------------------------------------------------------ Preview Flow / Trajectories
+    Probe("preview_flow_gets_a_latent", "TVE_PreviewFlow", MISMATCH, T,
+          _wire("TVE_PreviewFlow", "flow", lambda g: g.out("VAEEncode")), "flow", validation=True),
+    Probe("preview_tracks_nan_frames", "TVE_PreviewTrajectories", NON_FINITE, T,
+          _wire("TVE_PreviewTrajectories", "images", lambda g: nan_images(g, frames(g))), "images"),
+    Probe("preview_tracks_other_frame_count", "TVE_PreviewTrajectories", MISMATCH, T,
+          _wire("TVE_PreviewTrajectories", "images", lambda g: g.add("ImageFromBatch", image=frames(g), batch_index=0,
+                                                                     length=FRAMES - 1)), "images"),
+    Probe("preview_tracks_tiny_frames", "TVE_PreviewTrajectories", TINY, T,
+          _wire("TVE_PreviewTrajectories", "images", lambda g: g.add("ImageCrop", image=frames(g), width=4, height=4,
+                                                                     x=0, y=0)), "images"),
+    # ------------------------------------------------------------------ DDIM Inversion
+    Probe("inversion_nan_latent", "TVE_DDIMInversion", NON_FINITE, PNP,
+          _wire("TVE_DDIMInversion", "latent", lambda g: nan_latent(g, g.out("VAEEncode"))), "latent"),
+    Probe("inversion_nan_frames", "TVE_DDIMInversion", NON_FINITE, PNP,
+          _wire("VAEEncode", "pixels", lambda g: nan_images(g, frames(g))), "latent"),
+    Probe("inversion_zero_height_latent", "TVE_DDIMInversion", TINY, PNP,
+          _wire("TVE_DDIMInversion", "latent", lambda g: zero_height_latent(g, g.out("VAEEncode"))), "latent"),
+    Probe("inversion_sd3_latent", "TVE_DDIMInversion", FAMILY, PNP,
+          _wire("TVE_DDIMInversion", "latent", sd3_latent), "latent"),
+    Probe("inversion_of_another_latent_than_the_trajectories", "TVE_DDIMInversion", MISMATCH, TFF,
+          _wire("TVE_FlowTrajectories", "latent", lambda g: g.add("LatentMultiply", samples=g.out("VAEEncode"),
+                                                                  multiplier=0.5)), "trajectories"),
+    # ------------------------------------------------------------------ Feature Injection
+    Probe("injection_nan_end", "TVE_ApplyFeatureInjection", NON_FINITE, PNP,
+          lambda g: g.set("TVE_ApplyFeatureInjection", attention_injection_end=math.nan), "attention_injection_end"),
+    Probe("injection_v_prediction_patched_model", "TVE_ApplyFeatureInjection", MISMATCH, PNP,
+          _wire("TVE_ApplyFeatureInjection", "model", lambda g: _v_prediction(g, g.out("CheckpointLoaderSimple"))),
+          "model"),
+    Probe("injection_samples_the_clean_latent", "TVE_ApplyFeatureInjection", MISMATCH, PNP,
+          _wire("SamplerCustomAdvanced", "latent_image", lambda g: g.out("VAEEncode")), "latent_image",
+          raised_by="SamplerCustomAdvanced"),
+    Probe("injection_samples_another_videos_latent", "TVE_ApplyFeatureInjection", MISMATCH, PNP,
+          _wire("SamplerCustomAdvanced", "latent_image", _other_video_inversion), "latent_image",
+          raised_by="SamplerCustomAdvanced"),
+    Probe("injection_sampled_on_another_sigma_grid", "TVE_ApplyFeatureInjection", MISMATCH, PNP,
+          _wire("SamplerCustomAdvanced", "sigmas", lambda g: g.add(
+              "BasicScheduler", model=g.out("CheckpointLoaderSimple"), scheduler="karras", steps=2, denoise=1.0)),
+          "sigmas", raised_by="SamplerCustomAdvanced"),
+    Probe("injection_with_new_noise", "TVE_ApplyFeatureInjection", MISMATCH, PNP,
+          _wire("SamplerCustomAdvanced", "noise", lambda g: g.add("RandomNoise", noise_seed=1)), "noise",
+          raised_by="SamplerCustomAdvanced"),
+    # ------------------------------------------------------------------ Cross-Frame Attention
+    Probe("cross_frame_nan_start", "TVE_ApplyCrossFrameAttention", NON_FINITE, CF,
+          lambda g: g.set("TVE_ApplyCrossFrameAttention", start_percent=math.nan), "start_percent"),
+    Probe("cross_frame_samples_a_nan_latent", "TVE_ApplyCrossFrameAttention", NON_FINITE, CF,
+          _wire("SamplerCustomAdvanced", "latent_image", lambda g: nan_latent(g, g.out("TVE_DDIMInversion"))),
+          "latent_image", raised_by="SamplerCustomAdvanced"),
+    Probe("cross_frame_samples_a_zero_height_latent", "TVE_ApplyCrossFrameAttention", TINY, CF,
+          _wire("SamplerCustomAdvanced", "latent_image", lambda g: zero_height_latent(g, g.out("TVE_DDIMInversion"))),
+          "latent_image", raised_by="SamplerCustomAdvanced"),
+    Probe("cross_frame_anchor_beyond_the_video", "TVE_ApplyCrossFrameAttention", MISMATCH, CF,
+          lambda g: g.set("TVE_ApplyCrossFrameAttention", mode="anchor", anchor_frame=FRAMES + 3), "anchor_frame",
+          raised_by="SamplerCustomAdvanced"),
+    # ------------------------------------------------------------------ TokenFlow
+    Probe("tokenflow_nan_end", "TVE_ApplyTokenFlow", NON_FINITE, TF,
+          lambda g: g.set("TVE_ApplyTokenFlow", conv_injection_end=math.nan), "conv_injection_end"),
+    Probe("tokenflow_sampled_by_a_v_prediction_patched_model", "TVE_ApplyTokenFlow", MISMATCH, TF,
+          _wire("CFGGuider", "model", lambda g: _v_prediction(g, g.out("TVE_ApplyTokenFlow"))), "model",
+          raised_by="SamplerCustomAdvanced"),
+    Probe("tokenflow_samples_another_videos_latent", "TVE_ApplyTokenFlow", MISMATCH, TF,
+          _wire("SamplerCustomAdvanced", "latent_image", _other_video_inversion), "latent_image",
+          raised_by="SamplerCustomAdvanced"),
+    # ------------------------------------------------------------------ FLATTEN
+    Probe("flatten_trajectories_of_another_latent", "TVE_ApplyFLATTEN", MISMATCH, FL,
+          _wire("TVE_FlowTrajectories", "latent", lambda g: g.add("LatentMultiply", samples=g.out("VAEEncode"),
+                                                                  multiplier=-1.0)), "trajectories",
+          raised_by="TVE_DDIMInversion"),
+    # ------------------------------------------------------------------ Motion Dynamics
+    Probe("motion_nan_motion_x", "TVE_MotionDynamicsLatents", NON_FINITE, T2V,
+          lambda g: g.set("TVE_MotionDynamicsLatents", motion_x=math.nan), "motion_x"),
+    Probe("motion_nan_cfg", "TVE_MotionDynamicsLatents", NON_FINITE, T2V,
+          lambda g: g.set("TVE_MotionDynamicsLatents", cfg=math.nan), "cfg"),
+    Probe("motion_zero_height_latent", "TVE_MotionDynamicsLatents", TINY, T2V,
+          _wire("TVE_MotionDynamicsLatents", "latent", lambda g: zero_height_latent(g, g.out("EmptyLatentImage"))),
+          "latent"),
+    Probe("motion_sd3_latent", "TVE_MotionDynamicsLatents", FAMILY, T2V,
+          _wire("TVE_MotionDynamicsLatents", "latent", lambda g: sd3_latent(g, 1)), "latent"),
+    # ------------------------------------------------------------------ Consistency Metrics
+    Probe("metrics_nan_frames", "TVE_ConsistencyMetrics", NON_FINITE, TF,
+          _wire("TVE_ConsistencyMetrics", "images", lambda g: nan_images(g, g.out("VAEDecode"))), "images"),
+    Probe("metrics_other_frame_count", "TVE_ConsistencyMetrics", MISMATCH, TF,
+          _wire("TVE_ConsistencyMetrics", "images", lambda g: g.add("ImageFromBatch", image=g.out("VAEDecode"),
+                                                                    batch_index=0, length=FRAMES - 1)), "images"),
+    Probe("metrics_one_frame", "TVE_ConsistencyMetrics", TINY, TF,
+          _wire("TVE_ConsistencyMetrics", "images", lambda g: g.add("ImageFromBatch", image=g.out("VAEDecode"),
+                                                                    batch_index=0, length=1)), "images"),
+    # ------------------------------------------------------------------ Preview Features
+    Probe("features_nan_step", "TVE_PreviewFeatures", NON_FINITE, TF,
+          lambda g: _with_preview_features(g, step_percent=math.nan), "step_percent"),
+    Probe("features_v_prediction_patched_model", "TVE_PreviewFeatures", MISMATCH, TF,
+          lambda g: _with_preview_features(g, model=_v_prediction(g, g.out("CheckpointLoaderSimple"))), "model"),
+]
+
+# Bad input that is now handled rather than refused: it must run to the end with a finite, correctly sized result.
+HANDLED = [
+    Probe("features_on_a_one_token_grid", "TVE_PreviewFeatures", TINY, "inversion_reconstruction.json",
+          lambda g: (_wire("VAEEncode", "pixels", lambda g_: g_.add("ImageCrop", image=frames(g_), width=8, height=8,
+                                                                     x=0, y=0))(g),
+                     _with_preview_features(g, block="middle")), ""),
+]
+
+
+def broken(probe: Probe, object_info: dict) -> dict:
+    g = Graph(with_overrides(to_api(load(WORKFLOW_DIR / probe.workflow), object_info)))
+    probe.mutate(g)
+    return g.nodes
+
+
+def queue(comfyui, graph: dict) -> tuple[int, dict]:
+    response = requests.post(comfyui.url + "/prompt", data=json.dumps({"prompt": graph, "client_id": uuid.uuid4().hex}),
+                             headers={"Content-Type": "application/json"}, timeout=60)
+    return response.status_code, response.json()
+
+
+def test_every_node_has_a_probe_of_every_class_that_applies(object_info):
+    from tve.nodes import NODE_CLASS_MAPPINGS
+    assert set(APPLICABLE) == set(NODE_CLASS_MAPPINGS)
+    covered = {(p.node, p.kind) for p in PROBES + HANDLED}
+    missing = sorted((node, kind) for node, kinds in APPLICABLE.items() for kind in kinds
+                     if (node, kind) not in covered)
+    assert not missing, missing
+    for probe in PROBES + HANDLED:                     # every probe edits a graph the server would accept
+        for node in broken(probe, object_info).values():
+            assert node["class_type"] in object_info, node["class_type"]
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=lambda p: p.name)
+def test_bad_input_is_refused_naming_the_input(probe, comfyui, object_info):
+    status, body = queue(comfyui, broken(probe, object_info))
+    if probe.validation:                     # the server runs the valid outputs of the prompt (200), or none (400)
+        named = {node_id: [e.get("extra_info", {}).get("input_name") for e in n["errors"]]
+                 for node_id, n in body.get("node_errors", {}).items() if n["class_type"] == probe.node}
+        assert named and all(probe.input in names for names in named.values()), body
+        if status == 200:
+            entry = _wait(comfyui, body["prompt_id"])
+            refused = {o for n in body["node_errors"].values() for o in n["dependent_outputs"]}
+            assert not refused & set(entry["outputs"]), "an output of the refused node was produced"
+        return
+    assert status == 200, body
+    entry = _wait(comfyui, body["prompt_id"])
+    status_ = entry["status"]
+    errors = [m[1] for m in status_["messages"] if m[0] == "execution_error"]
+    assert status_["status_str"] == "error" and errors, f"{probe.name} ran to the end: nothing may be silent"
+    error = errors[0]
+    assert error["node_type"] == (probe.raised_by or probe.node), error
+    assert error["exception_type"] in ("ValueError", "TypeError"), error
+    assert re.match(rf"{re.escape(probe.input)}: ", error["exception_message"]), error["exception_message"]
+    last_frame = [line for line in error["traceback"] if line.lstrip().startswith("File ")][-1]
+    assert PACK_FOLDER in last_frame, f"raised outside the pack:\n{''.join(error['traceback'])}"
+
+
+@pytest.mark.parametrize("probe", HANDLED, ids=lambda p: p.name)
+def test_bad_input_that_is_now_handled_runs_to_the_end(probe, comfyui, object_info):
+    status, body = queue(comfyui, broken(probe, object_info))
+    assert status == 200, body
+    entry = _wait(comfyui, body["prompt_id"])
+    errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "success", errors
+    graph = broken(probe, object_info)
+    previews = [out["images"] for node_id, out in entry["outputs"].items()
+                if graph[node_id]["class_type"] == "PreviewImage"]
+    assert len(previews) == 1 and len(previews[0]) == FRAMES
+
+
+def _wait(comfyui, prompt_id: str) -> dict:
+    import time
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        entry = comfyui.get(f"/history/{prompt_id}").json().get(prompt_id)
+        if entry is not None:
+            return entry
+        assert comfyui.process.poll() is None, comfyui.log_tail()
+        time.sleep(0.3)
+    raise AssertionError(f"prompt {prompt_id} did not finish within {RUN_TIMEOUT_S} s:\n{comfyui.log_tail()}")

@@ -1,0 +1,144 @@
+"""The validation layer: each bad value is one error naming its input; fingerprints tell one latent from another
+but not from its own fp16/bf16 cast. Runs on both hosts."""
+import math
+
+import pytest
+import torch
+
+from tve.nodes import validation
+from tve.nodes.cross_frame import ApplyCrossFrameAttention
+from tve.nodes.flatten import ApplyFLATTEN
+from tve.nodes.flow_nodes import FlowTrajectories, OpticalFlow, PreviewFlow, PreviewTrajectories
+from tve.nodes.metrics import ConsistencyMetrics, pca_image
+from tve.flow.estimate import estimate_flow
+from tve.tests.hosts import make_latent, make_tiny_model
+
+
+def clip(frames=3, height=24, width=32, seed=0):
+    return torch.rand(frames, height, width, 3, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_numbers_are_refused_naming_the_input(bad):
+    with pytest.raises(ValueError, match="^start_percent: expected a finite number"):
+        validation.number(bad, "start_percent", 0.0, 1.0)
+    assert validation.number(0.25, "start_percent", 0.0, 1.0) == 0.25
+    with pytest.raises(ValueError, match=r"^cfg: expected a number at least 0.0, got -1"):
+        validation.number(-1, "cfg", 0.0)
+
+
+def test_a_bool_is_not_an_integer_and_ranges_are_said():
+    with pytest.raises(ValueError, match="^keyframe_interval: expected an integer, got True"):
+        validation.integer(True, "keyframe_interval", 1)
+    with pytest.raises(ValueError, match=r"^coarse_factor: expected an integer at least 1, got 0"):
+        validation.integer(0, "coarse_factor", 1)
+    assert validation.integer(3, "coarse_factor", 1) == 3
+
+
+def test_frames_empty_single_tiny_or_nan_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"^images: is empty \(0 frames\)"):
+        validation.frames(clip(0), "images")
+    with pytest.raises(ValueError, match=r"^images: has 1 frame\(s\); at least 2 frames needed"):
+        validation.frames(clip(1), "images", 2)
+    with pytest.raises(ValueError, match=r"^images: frames are 32x4 px; at least 8x8 px needed \(one latent cell\)"):
+        validation.frames(clip(2, 4, 32), "images")
+    nan = clip(2)
+    nan[1, :8, :8] = math.nan
+    with pytest.raises(ValueError, match=r"^images: 192 of .* values are NaN or infinite \(an fp16 VAE"):
+        validation.frames(nan, "images")
+    assert validation.frames(clip(2), "images", 2) is not None
+
+
+def test_latents_of_other_model_families_or_empty_are_refused():
+    with pytest.raises(ValueError, match=r"^latent: has 16-channel latents \(SD3 / Flux\); TVE edits with "
+                                         r"SD1.x, SD2.x and SDXL"):
+        validation.latent({"samples": torch.zeros(2, 16, 8, 8)}, "latent")
+    with pytest.raises(ValueError, match=r"^latent: is empty \(0 frames\)"):
+        validation.latent({"samples": torch.zeros(0, 4, 8, 8)}, "latent")
+    with pytest.raises(ValueError, match=r"^latent: expected image latents"):
+        validation.latent({"samples": torch.zeros(1, 4, 2, 8, 8)}, "latent")
+    with pytest.raises(ValueError, match="^latent: expected a LATENT"):
+        validation.latent(torch.zeros(1, 4, 8, 8), "latent")
+    nan = torch.zeros(1, 4, 8, 8)
+    nan[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="^latent: 1 of 256 values are NaN or infinite"):
+        validation.latent({"samples": nan}, "latent")
+
+
+def test_fingerprint_survives_a_half_precision_cast_but_not_another_latent():
+    x = make_latent(3, 16, 16, seed=1)["samples"] * 14.0
+    other = make_latent(3, 16, 16, seed=2)["samples"] * 14.0
+    fp = validation.fingerprint(x)
+    assert fp.shape == (3, validation.FINGERPRINT_SAMPLES)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert validation.same_fingerprint(validation.fingerprint(x.to(dtype)), fp)
+    assert not validation.same_fingerprint(validation.fingerprint(other), fp)
+    assert not validation.same_fingerprint(validation.fingerprint(x + 0.2 * other), fp)
+    assert not validation.same_fingerprint(validation.fingerprint(x[:2]), fp)
+
+
+def test_cross_frame_attention_refuses_nan_and_bool_widgets():
+    node, model = ApplyCrossFrameAttention(), make_tiny_model("sd15")
+    good = dict(mode="keyframes", keyframe_interval=2, anchor_frame=0, anchor_include_self=False, coarse_factor=2,
+                seed=0, token_grids="all", start_percent=0.0, end_percent=1.0)
+    for name, bad in [("start_percent", math.nan), ("end_percent", math.inf), ("keyframe_interval", True),
+                      ("coarse_factor", 0), ("anchor_include_self", 1), ("mode", "sparse")]:
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            node.apply(model, **{**good, name: bad})
+    node.apply(model, **good)
+
+
+def test_flow_nodes_refuse_tiny_nan_or_single_frames_before_opencv_sees_them():
+    node = OpticalFlow()
+    with pytest.raises(ValueError, match=r"^images: frames are 11x11 px; at least 12x12 px needed \(OpenCV DIS"):
+        node.estimate(clip(2, 11, 11), "dis", "none (method dis)", 8)
+    with pytest.raises(ValueError, match=r"^images: frames are 32x6 px; at least 8x8 px needed"):
+        node.estimate(clip(2, 6, 32), "raft_small", "none (method dis)", 8)
+    with pytest.raises(ValueError, match=r"^images: has 1 frame\(s\)"):
+        node.estimate(clip(1), "dis", "none (method dis)", 8)
+    nan = clip(2)
+    nan[0, 4:12, 4:12] = math.nan
+    with pytest.raises(ValueError, match="^images: .* NaN"):
+        node.estimate(nan, "dis", "none (method dis)", 8)
+
+
+def test_flow_consumers_refuse_non_finite_flow_and_frames():
+    flow = estimate_flow(clip(3), "dis")
+    bad = type(flow)(forward=flow.forward.clone().fill_(math.nan), backward=flow.backward, occlusion=flow.occlusion,
+                     method="dis")
+    latent = make_latent(3, 3, 4)
+    with pytest.raises(ValueError, match="^flow: .* NaN or infinite in its forward flow"):
+        FlowTrajectories().build(bad, latent, 0, True)
+    with pytest.raises(ValueError, match="^flow: "):
+        PreviewFlow().preview(bad)
+    with pytest.raises(ValueError, match="^flow: "):
+        ConsistencyMetrics().measure(clip(3), bad)
+    nan = clip(3)
+    nan[2] = math.nan
+    with pytest.raises(ValueError, match="^images: .* NaN"):
+        ConsistencyMetrics().measure(nan, flow)
+    with pytest.raises(ValueError, match="^source_images: .* NaN"):
+        ConsistencyMetrics().measure(clip(3), flow, source_images=nan)
+    trajectories, = FlowTrajectories().build(flow, latent, 0, True)
+    with pytest.raises(ValueError, match="^images: .* NaN"):
+        PreviewTrajectories().preview(trajectories, nan, "latent", 8, 0)
+    with pytest.raises(ValueError, match="^latent: has 16-channel"):
+        FlowTrajectories().build(flow, {"samples": torch.zeros(3, 16, 3, 4)}, 0, True)
+
+
+def test_trajectories_carry_the_fingerprint_of_their_latent_and_flatten_refuses_another_videos_inversion_source():
+    flow = estimate_flow(clip(3), "dis")
+    latent = make_latent(3, 3, 4)
+    trajectories, = FlowTrajectories().build(flow, latent, 0, True)
+    assert validation.same_fingerprint(trajectories.source, validation.fingerprint(latent["samples"]))
+    other, = FlowTrajectories().build(flow, make_latent(3, 3, 4, seed=9), 0, True)
+    model, = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories, "highest resolution", "dense_output")
+    with pytest.raises(ValueError, match="^trajectories: made from another latent than the trajectories"):
+        ApplyFLATTEN().apply(model, other, "highest resolution", "dense_output")
+
+
+def test_pca_preview_of_a_single_token_grid_gives_a_picture():
+    features = torch.randn(2, 1, 8)
+    picture = pca_image(features, (1, 1))
+    assert picture.shape == (2, 1, 1, 3) and bool(torch.isfinite(picture).all())
+    assert pca_image(torch.ones(1, 1, 8), (1, 1)).abs().max() == 0
