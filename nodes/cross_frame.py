@@ -11,7 +11,7 @@ import torch
 
 from ..attention.cross_frame import (anchor_attention, dense_attention, fine_coarse_attention,
                                      keyframe_attention, pick_keyframes)
-from . import host
+from . import host, passes
 
 CATEGORY = "video editing/TVE"
 MODES = ["keyframes", "dense", "anchor", "fine_coarse"]
@@ -45,7 +45,7 @@ def cross_frame_replace(mode: str, keyframe_interval: int, anchor_frame: int, an
 
         # The live source branch keeps per-frame attention, as TokenFlow's reference does for its source batch.
         percent = host.schedule_percent(extra_options)
-        if extra_options.get("tve_pass") == "source" or not start_percent <= percent <= end_percent:
+        if passes.current_pass(extra_options) is passes.Pass.SOURCE or not start_percent <= percent <= end_percent:
             return attention(q, k, v, heads)
         layout = host.call_layout(q.shape[0], extra_options)
         if mode == "keyframes":
@@ -67,6 +67,30 @@ def cross_frame_replace(mode: str, keyframe_interval: int, anchor_frame: int, an
     return replace
 
 
+class CrossFrame(passes.AttentionFeature):
+    """One cross-frame mode on some blocks, as a feature of the model's TVE state."""
+    node = passes.CROSS_FRAME_NODE
+
+    def __init__(self, mode: str, blocks: frozenset, replace: Callable):
+        self.mode, self.blocks, self.replace = mode, blocks, replace
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        return self.replace(q, k, v, extra_options)
+
+
+def apply_cross_frame(model: Any, mode: str, keyframe_interval: int, anchor_frame: int, anchor_include_self: bool,
+                      coarse_factor: int, seed: int, token_grids: str, start_percent: float, end_percent: float
+                      ) -> Any:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got '{mode}'")
+    if start_percent > end_percent:
+        raise ValueError(f"start_percent: {start_percent} is after end_percent {end_percent}")
+    blocks = [b.key for b in selected_blocks(model, token_grids)]
+    feature = CrossFrame(mode, frozenset(blocks), cross_frame_replace(
+        mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor, seed, start_percent, end_percent))
+    return passes.apply(model, lambda state: state.with_attention(feature, blocks))
+
+
 class ApplyCrossFrameAttention:
     DESCRIPTION = ("Makes every self-attention block attend across frames: 'keyframes' (TokenFlow's extended "
                    "attention, one random keyframe per interval, re-drawn each step), 'dense' (FLATTEN: all "
@@ -77,7 +101,9 @@ class ApplyCrossFrameAttention:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
-            "mode": (MODES, {"default": "keyframes"}),
+            "mode": (MODES, {"default": "keyframes", "tooltip": (
+                "keyframes: TokenFlow's extended attention; dense: all frames (FLATTEN); anchor: one frame "
+                "(Text2Video-Zero); fine_coarse: own frame plus the others pooled (EI²).")}),
             "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024,
                                           "tooltip": "keyframes: one keyframe per this many frames."}),
             "anchor_frame": ("INT", {"default": 0, "min": 0, "max": 100000,
@@ -86,12 +112,14 @@ class ApplyCrossFrameAttention:
                                                 "tooltip": "anchor: also attend to the frame's own tokens."}),
             "coarse_factor": ("INT", {"default": 2, "min": 1, "max": 16,
                                       "tooltip": "fine_coarse: pooling of the other frames' tokens."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
                              "tooltip": "keyframes: the random keyframe draw (re-drawn every step)."}),
             "token_grids": (TOKEN_GRIDS, {"default": "all",
                                           "tooltip": "Which UNet resolutions get cross-frame attention."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Fraction of the schedule where cross-frame attention starts."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Fraction of the schedule where it ends (vanilla after)."}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -100,16 +128,8 @@ class ApplyCrossFrameAttention:
 
     def apply(self, model, mode: str, keyframe_interval: int, anchor_frame: int, anchor_include_self: bool,
               coarse_factor: int, seed: int, token_grids: str, start_percent: float, end_percent: float):
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got '{mode}'")
-        if start_percent > end_percent:
-            raise ValueError(f"start_percent: {start_percent} is after end_percent {end_percent}")
-        blocks = selected_blocks(model, token_grids)
-        m = model.clone()
-        fn = cross_frame_replace(mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor, seed,
-                                 start_percent, end_percent)
-        host.set_attn1_replace(m, fn, blocks)
-        return (m,)
+        return (apply_cross_frame(model, mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor,
+                                  seed, token_grids, start_percent, end_percent),)
 
 
 NODES = {"TVE_ApplyCrossFrameAttention": (ApplyCrossFrameAttention, "Apply Cross-Frame Attention (TVE)")}

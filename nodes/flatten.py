@@ -6,25 +6,27 @@ FLATTEN MODEL to TVE_DDIMInversion too: the paper inverts with the same attentio
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..attention.cross_frame import dense_attention
 from ..attention.flatten import trajectory_attention, trajectory_index
 from ..flow.trajectories import Trajectories
-from . import host, sockets
+from . import host, passes, sockets
 
 CATEGORY = "video editing/TVE"
 GRID_CHOICES = ["highest resolution", "all"]
 QK_SOURCES = ["dense_output", "projections"]
 
 
-class Flatten:
-    """The attn1 replace of one FLATTEN MODEL; caches trajectory gather indices per (grid, frames)."""
+class Flatten(passes.AttentionFeature):
+    """FLATTEN's attention, a feature of the model's TVE state; caches trajectory gather indices per (grid, frames)."""
+    node = passes.FLATTEN_NODE
 
-    def __init__(self, trajectories: Trajectories, grids: set[tuple[int, int]], qk_source: str):
-        self.trajectories, self.grids, self.qk_source = trajectories, grids, qk_source
+    def __init__(self, trajectories: Trajectories, grids: set[tuple[int, int]], qk_source: str,
+                 blocks: frozenset = frozenset()):
+        self.trajectories, self.grids, self.qk_source, self.blocks = trajectories, grids, qk_source, blocks
         self.indices: dict[tuple, Any] = {}
 
     def __deepcopy__(self, memo: dict) -> "Flatten":
@@ -37,7 +39,7 @@ class Flatten:
             self.indices[key] = trajectory_index(grid.tracks, grid.track_of, frame_ids)
         return self.indices[key]
 
-    def attn1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
         layout = host.call_layout(q.shape[0], extra_options)
 
@@ -58,8 +60,8 @@ class Flatten:
             raise ValueError(f"trajectories: built for {self.trajectories.frames} frames but frame "
                              f"{max(frame_ids)} is being sampled; build them from the same video")
 
-    def outer_sample(self, executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, *args, **kwargs):
-        """Refuse a latent the trajectories were not built for, before any step runs."""
+    def check_latent(self, latent_image: torch.Tensor) -> None:
+        """Before sampling: refuse a latent the trajectories were not built for."""
         frames, hw = latent_image.shape[0], tuple(latent_image.shape[-2:])
         if hw != tuple(self.trajectories.latent_hw):
             raise ValueError(f"trajectories: built for a {self.trajectories.latent_hw[1]}x"
@@ -68,7 +70,6 @@ class Flatten:
         if frames != self.trajectories.frames:
             raise ValueError(f"trajectories: built for {self.trajectories.frames} frames but the latent has "
                              f"{frames}; use the same frames for the flow and the latent")
-        return executor(noise, latent_image, *args, **kwargs)
 
 
 def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_source: str) -> Any:
@@ -77,18 +78,11 @@ def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_s
     if qk_source not in QK_SOURCES:
         raise ValueError(f"qk_source: expected one of {QK_SOURCES}, got '{qk_source}'")
     blocks = host.attention_blocks(model)
-    existing = host.attn1_replaces(model)
-    if any(getattr(fn, "tve_tokenflow", False) for fn in existing.values()):
-        raise ValueError("model: apply FLATTEN before TokenFlow (TokenFlow replaces the attention outputs, so it "
-                         "must be the last attention patch)")
     grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])
     top_level = min(b.level for b in blocks)
     chosen = set(grids) if token_grids == "all" else {grids[top_level]}
-    m = model.clone()
-    flatten = Flatten(trajectories, chosen, qk_source)
-    host.set_attn1_replace(m, flatten.attn1, blocks)
-    host.add_wrapper(m, host.OUTER_SAMPLE, flatten.outer_sample)
-    return m
+    flatten = Flatten(trajectories, chosen, qk_source, frozenset(b.key for b in blocks))
+    return passes.apply(model, lambda state: state.with_attention(flatten, [b.key for b in blocks]))
 
 
 class ApplyFLATTEN:

@@ -87,20 +87,9 @@ def _real_model(family: str, seed: int):
 
 
 # ------------------------------------------------------------------------------------------ stand-in host
-class Downsample(nn.Module):
-    """Named like comfy's so block-level counting works the same way."""
-
-
-class Upsample(nn.Module):
-    pass
-
-
-class _StandInResBlock(nn.Module):
-    pass
-
-
 def _stand_in_unet(family: str) -> nn.Module:
     from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
 
     cfg = unet_config(family)
     depth_out = list(cfg["transformer_depth_output"])
@@ -110,18 +99,18 @@ def _stand_in_unet(family: str) -> nn.Module:
         return [SpatialTransformer(ch, ch // HEAD_CHANNELS, HEAD_CHANNELS, depth)] if depth else []
 
     unet = nn.Module()
-    inputs = [nn.Sequential(_StandInResBlock())]
+    inputs = [nn.Sequential(ResBlock())]
     for level, ch in enumerate(channels):
-        inputs.append(nn.Sequential(_StandInResBlock(), *spatial(ch, cfg["transformer_depth"][level])))
+        inputs.append(nn.Sequential(ResBlock(), *spatial(ch, cfg["transformer_depth"][level])))
         if level < len(channels) - 1:
             inputs.append(nn.Sequential(Downsample()))
     unet.input_blocks = nn.ModuleList(inputs)
-    unet.middle_block = nn.Sequential(_StandInResBlock(), *spatial(channels[-1], cfg["transformer_depth_middle"]),
-                                      _StandInResBlock())
+    unet.middle_block = nn.Sequential(ResBlock(), *spatial(channels[-1], cfg["transformer_depth_middle"]),
+                                      ResBlock())
     outputs = []
     for level in reversed(range(len(channels))):
         for i in range(cfg["num_res_blocks"][level] + 1):
-            layers = [_StandInResBlock(), *spatial(channels[level], depth_out.pop())]
+            layers = [ResBlock(), *spatial(channels[level], depth_out.pop())]
             if level and i == cfg["num_res_blocks"][level]:
                 layers.append(Upsample())
             outputs.append(nn.Sequential(*layers))
