@@ -399,9 +399,7 @@ def control_for_frames(control: Any, frame_ids: Sequence[int], video_frames: int
             setattr(c, name, getattr(control, name))
     hint = control.cond_hint_original
     if hint is not None and hint.shape[0] > 1:
-        if hint.shape[0] != video_frames:
-            raise ValueError(f"control: a ControlNet / T2I-Adapter has {hint.shape[0]} hint images but the video has "
-                             f"{video_frames} frames; give it one image per frame (or a single image)")
+        check_control_hints(control, video_frames)
         c.cond_hint_original = hint[list(frame_ids)]
     c.extra_concat_orig = [t[list(frame_ids)] if t.shape[0] == video_frames > 1 else t
                            for t in control.extra_concat_orig]
@@ -412,11 +410,11 @@ def control_for_frames(control: Any, frame_ids: Sequence[int], video_frames: int
     return c
 
 
-def control_hint_batches(control: Any) -> list[int]:
-    """Number of hint images of each control of a chain (first the one applied last)."""
-    out = []
+def check_control_hints(control: Any, video_frames: int) -> None:
+    """Every control of a chain has one hint image per video frame, or one for all of them."""
     while control is not None:
         hint = control.cond_hint_original
-        out.append(1 if hint is None else int(hint.shape[0]))
+        if hint is not None and hint.shape[0] not in (1, video_frames):
+            raise ValueError(f"control: a ControlNet / T2I-Adapter has {hint.shape[0]} hint images but the video has "
+                             f"{video_frames} frames; give it one image per frame (or a single image)")
         control = control.previous_controlnet
-    return out

@@ -239,6 +239,8 @@ class State:
         run.pass_frames = run.keyframes = None
         if self.inversion is not None:
             self.inversion.check_call(x_in, frame_ids, windowed)
+            for cond in (c for chunk in conds if chunk for c in chunk if c.get("control") is not None):
+                host.check_control_hints(cond["control"], video_frames)
             sigma = float(timestep.reshape(-1)[0])
             run.step, run.steps = self.inversion.step_of(sigma), self.inversion.steps
             if self._wants_source(run.step, run.steps):
