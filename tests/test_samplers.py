@@ -4,7 +4,7 @@ inversion's own Euler step gives there. Real host, tiny SD1.5 model."""
 import pytest
 import torch
 
-from tve.tests.hosts import make_conditioning, make_latent, make_tiny_model
+from tve.tests.hosts import REAL_HOST, make_conditioning, make_latent, make_tiny_model
 
 pytestmark = pytest.mark.real_host
 
@@ -12,6 +12,9 @@ FRAMES, SIZE, STEPS = 2, 8, 3
 
 
 def sampler_names():
+    """Every core sampler (the stand-in host has none; these tests skip there)."""
+    if not REAL_HOST:
+        return ["euler"]
     import comfy.samplers
     return list(comfy.samplers.SAMPLER_NAMES)
 
