@@ -198,10 +198,6 @@ class State:
         applied = tuple(n for n in self.applied if n != node) + (node,)
         return dataclasses.replace(self, applied=applied, **changes)
 
-    @property
-    def reads_source(self) -> bool:
-        return self.injection is not None
-
     # ------------------------------------------------------------------------------------------ sampling
     def outer_sample(self, executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
                      sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
