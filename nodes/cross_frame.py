@@ -86,6 +86,7 @@ def apply_cross_frame(model: Any, mode: str, keyframe_interval: int, anchor_fram
     if start_percent > end_percent:
         raise ValueError(f"start_percent: {start_percent} is after end_percent {end_percent}")
     blocks = [b.key for b in selected_blocks(model, token_grids)]
+    passes.check_no_foreign_attention(model, blocks, passes.CROSS_FRAME_NODE)
     feature = CrossFrame(mode, frozenset(blocks), cross_frame_replace(
         mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor, seed, start_percent, end_percent))
     return passes.apply(model, lambda state: state.with_attention(feature, blocks))

@@ -82,6 +82,7 @@ def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_s
     top_level = min(b.level for b in blocks)
     chosen = set(grids) if token_grids == "all" else {grids[top_level]}
     flatten = Flatten(trajectories, chosen, qk_source, frozenset(b.key for b in blocks))
+    passes.check_no_foreign_attention(model, [b.key for b in blocks], passes.FLATTEN_NODE)
     return passes.apply(model, lambda state: state.with_attention(flatten, [b.key for b in blocks]))
 
 

@@ -387,6 +387,16 @@ def _bind(model: Any, state: State) -> None:
     host.set_wrapper(model, host.CALC_COND_BATCH, state.calc_cond_batch)
 
 
+def check_no_foreign_attention(model: Any, blocks: Sequence[BlockKey], node: str) -> None:
+    """Refuse to hide another node's attn1 replace under FLATTEN or cross-frame attention (they compute their own
+    self-attention; TokenFlow instead runs such a replace in its keyframe pass)."""
+    foreign = sorted(key for key, fn in host.attn1_replaces(model).items() if key in set(blocks)
+                     and fn is not route_attention)
+    if foreign:
+        raise Refused(f"{node}: another node already replaced self-attention on {len(foreign)} blocks (e.g. "
+                      f"{foreign[0]}), which {node} would hide. Apply {node} first, then that node.")
+
+
 def apply(model: Any, update: Callable[[State], State]) -> Any:
     """Clone ``model`` and attach ``update(state)``; a Refused from ``update`` leaves nothing half-applied."""
     state = update(state_of(model))

@@ -55,3 +55,12 @@ def test_flatten_applied_again_is_one_flatten_and_its_routers_stay_in_place():
 
 def test_pass_names_are_one_enum():
     assert [p.value for p in passes.Pass] == ["inversion", "source", "keyframes", "edit"]
+
+
+def test_another_nodes_attention_replace_is_not_hidden_by_flatten_or_cross_frame_attention():
+    model = make_tiny_model("sd15").clone()
+    key = host.attention_blocks(model)[0].key
+    model.set_model_attn1_replace(lambda q, k, v, extra: v, *key)
+    for apply in (flatten, lambda m: cross_frame(m, "dense")):
+        with pytest.raises(passes.Refused, match="another node already replaced self-attention"):
+            apply(model)
