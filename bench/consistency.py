@@ -29,8 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from tve.flow.estimate import FlowField, estimate_flow  # noqa: E402
 from tve.flow.trajectories import build_trajectories  # noqa: E402
 from tve.flow.warp import backward_warp  # noqa: E402
-from tve.nodes.cross_frame import cross_frame_replace  # noqa: E402
-from tve.nodes import host  # noqa: E402
+from tve.nodes.cross_frame import apply_cross_frame  # noqa: E402
 from tve.nodes.flatten import apply_flatten  # noqa: E402
 from tve.nodes.injection import apply_feature_injection  # noqa: E402
 from tve.nodes.inversion import invert  # noqa: E402
@@ -44,9 +43,7 @@ TARGETS = {"TokenFlow": 1 / 4, "FLATTEN": 1 / 3, "TokenFlow+FLATTEN": 1 / 5}
 
 
 def cross_frame(model, mode: str):
-    m = model.clone()
-    host.set_attn1_replace(m, cross_frame_replace(mode, 8, 0, False, 2, 0, 0.0, 1.0), host.attention_blocks(m))
-    return m
+    return apply_cross_frame(model, mode, 8, 0, False, 2, 0, "all", 0.0, 1.0)
 
 
 def edit_models(model, inversion, trajectories, seed: int) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from ..attention.cross_frame import (anchor_attention, dense_attention, fine_coarse_attention,
                                      keyframe_attention, pick_keyframes)
-from . import host, validation
+from . import host, passes, validation
 
 CATEGORY = "video editing/TVE"
 MODES = ["keyframes", "dense", "anchor", "fine_coarse"]
@@ -45,7 +45,7 @@ def cross_frame_replace(mode: str, keyframe_interval: int, anchor_frame: int, an
 
         # The live source branch keeps per-frame attention, as TokenFlow's reference does for its source batch.
         percent = host.schedule_percent(extra_options)
-        if extra_options.get("tve_pass") == "source" or not start_percent <= percent <= end_percent:
+        if passes.current_pass(extra_options) is passes.Pass.SOURCE or not start_percent <= percent <= end_percent:
             return attention(q, k, v, heads)
         layout = host.call_layout(q.shape[0], extra_options)
         if mode == "keyframes":
@@ -60,6 +60,39 @@ def cross_frame_replace(mode: str, keyframe_interval: int, anchor_frame: int, an
                                      attention=attention)
 
     return replace
+
+
+class CrossFrame(passes.AttentionFeature):
+    """One cross-frame mode on some blocks, as a feature of the model's TVE state."""
+    node = passes.CROSS_FRAME_NODE
+
+    def __init__(self, mode: str, blocks: frozenset, replace: Callable):
+        self.mode, self.blocks, self.replace = mode, blocks, replace
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        return self.replace(q, k, v, extra_options)
+
+
+def apply_cross_frame(model: Any, mode: str, keyframe_interval: int, anchor_frame: int, anchor_include_self: bool,
+                      coarse_factor: int, seed: int, token_grids: str, start_percent: float, end_percent: float
+                      ) -> Any:
+    validation.model(model)
+    validation.choice(mode, "mode", MODES)
+    validation.integer(keyframe_interval, "keyframe_interval", 1)
+    validation.integer(anchor_frame, "anchor_frame", 0)
+    if not isinstance(anchor_include_self, bool):
+        raise ValueError(f"anchor_include_self: expected a boolean, got {anchor_include_self!r}")
+    validation.integer(coarse_factor, "coarse_factor", 1)
+    validation.integer(seed, "seed", 0)
+    validation.number(start_percent, "start_percent", 0.0, 1.0)
+    validation.number(end_percent, "end_percent", 0.0, 1.0)
+    if start_percent > end_percent:
+        raise ValueError(f"start_percent: {start_percent} is after end_percent {end_percent}")
+    blocks = [b.key for b in selected_blocks(model, token_grids)]
+    passes.check_no_foreign_attention(model, blocks, passes.CROSS_FRAME_NODE)
+    feature = CrossFrame(mode, frozenset(blocks), cross_frame_replace(
+        mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor, seed, start_percent, end_percent))
+    return passes.apply(model, lambda state: state.with_attention(feature, blocks))
 
 
 class ApplyCrossFrameAttention:
@@ -101,25 +134,8 @@ class ApplyCrossFrameAttention:
 
     def apply(self, model, mode: str, keyframe_interval: int, anchor_frame: int, anchor_include_self: bool,
               coarse_factor: int, seed: int, token_grids: str, start_percent: float, end_percent: float):
-        validation.model(model)
-        validation.choice(mode, "mode", MODES)
-        validation.integer(keyframe_interval, "keyframe_interval", 1)
-        validation.integer(anchor_frame, "anchor_frame", 0)
-        if not isinstance(anchor_include_self, bool):
-            raise ValueError(f"anchor_include_self: expected a boolean, got {anchor_include_self!r}")
-        validation.integer(coarse_factor, "coarse_factor", 1)
-        validation.integer(seed, "seed", 0)
-        validation.number(start_percent, "start_percent", 0.0, 1.0)
-        validation.number(end_percent, "end_percent", 0.0, 1.0)
-        if start_percent > end_percent:
-            raise ValueError(f"start_percent: {start_percent} is after end_percent {end_percent}")
-        blocks = selected_blocks(model, token_grids)
-        m = model.clone()
-        fn = cross_frame_replace(mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor, seed,
-                                 start_percent, end_percent)
-        host.set_attn1_replace(m, fn, blocks)
-        validation.guard_sampling(m)
-        return (m,)
+        return (apply_cross_frame(model, mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor,
+                                  seed, token_grids, start_percent, end_percent),)
 
 
 NODES = {"TVE_ApplyCrossFrameAttention": (ApplyCrossFrameAttention, "Apply Cross-Frame Attention (TVE)")}

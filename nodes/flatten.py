@@ -6,25 +6,27 @@ FLATTEN MODEL to TVE_DDIMInversion too: the paper inverts with the same attentio
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..attention.cross_frame import dense_attention
 from ..attention.flatten import trajectory_attention, trajectory_index
 from ..flow.trajectories import Trajectories
-from . import host, sockets, validation
+from . import host, passes, sockets, validation
 
 CATEGORY = "video editing/TVE"
 GRID_CHOICES = ["highest resolution", "all"]
 QK_SOURCES = ["dense_output", "projections"]
 
 
-class Flatten:
-    """The attn1 replace of one FLATTEN MODEL; caches trajectory gather indices per (grid, frames)."""
+class Flatten(passes.AttentionFeature):
+    """FLATTEN's attention, a feature of the model's TVE state; caches trajectory gather indices per (grid, frames)."""
+    node = passes.FLATTEN_NODE
 
-    def __init__(self, trajectories: Trajectories, grids: set[tuple[int, int]], qk_source: str):
-        self.trajectories, self.grids, self.qk_source = trajectories, grids, qk_source
+    def __init__(self, trajectories: Trajectories, grids: set[tuple[int, int]], qk_source: str,
+                 blocks: frozenset = frozenset()):
+        self.trajectories, self.grids, self.qk_source, self.blocks = trajectories, grids, qk_source, blocks
         self.indices: dict[tuple, Any] = {}
 
     def __deepcopy__(self, memo: dict) -> "Flatten":
@@ -37,7 +39,7 @@ class Flatten:
             self.indices[key] = trajectory_index(grid.tracks, grid.track_of, frame_ids)
         return self.indices[key]
 
-    def attn1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
         layout = host.call_layout(q.shape[0], extra_options)
 
@@ -53,10 +55,9 @@ class Flatten:
             return trajectory_attention(dense, dense, dense, index, heads, layout.chunks)
         return trajectory_attention(q, k, dense, index, heads, layout.chunks)
 
-    def outer_sample(self, executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, *args, **kwargs):
-        """Refuse a latent the trajectories were not built for, before any step runs."""
+    def check_latent(self, latent_image: torch.Tensor) -> None:
+        """Before sampling: refuse a latent the trajectories were not built for."""
         validation.latent_fits_trajectories(latent_image, self.trajectories)
-        return executor(noise, latent_image, *args, **kwargs)
 
 
 def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_source: str) -> Any:
@@ -64,19 +65,12 @@ def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_s
     validation.choice(token_grids, "token_grids", GRID_CHOICES)
     validation.choice(qk_source, "qk_source", QK_SOURCES)
     blocks = host.attention_blocks(model)
-    existing = host.attn1_replaces(model)
-    if any(getattr(fn, "tve_tokenflow", False) for fn in existing.values()):
-        raise ValueError("model: apply FLATTEN before TokenFlow (TokenFlow replaces the attention outputs, so it "
-                         "must be the last attention patch)")
     grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])
     top_level = min(b.level for b in blocks)
     chosen = set(grids) if token_grids == "all" else {grids[top_level]}
-    m = model.clone()
-    flatten = Flatten(trajectories, chosen, qk_source)
-    host.set_attn1_replace(m, flatten.attn1, blocks)
-    host.add_wrapper(m, host.OUTER_SAMPLE, flatten.outer_sample)
-    validation.guard_sampling(m, trajectories)
-    return m
+    flatten = Flatten(trajectories, chosen, qk_source, frozenset(b.key for b in blocks))
+    passes.check_no_foreign_attention(model, [b.key for b in blocks], passes.FLATTEN_NODE)
+    return passes.apply(model, lambda state: state.with_attention(flatten, [b.key for b in blocks]))
 
 
 class ApplyFLATTEN:

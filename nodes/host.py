@@ -5,10 +5,11 @@ host surface small enough for the test suite's stand-in host to mirror it faithf
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -17,9 +18,11 @@ import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 from comfy.ldm.modules import attention as comfy_attention
+from comfy.ldm.modules.diffusionmodules import openaimodel
 
 OPTICAL_FLOW_FOLDER = "optical_flow"
-WRAPPER_KEY = "text_video_edit"
+WRAPPER_KEY = "text_video_edit"      # keyed wrappers and the model attachment of TVE's per-model state
+RUN_KEY = "text_video_edit_run"      # transformer_options entry: the sampling run's pass state (passes.Run)
 APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
 OUTER_SAMPLE = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 CALC_COND_BATCH = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
@@ -148,13 +151,13 @@ def _block_levels(unet: Any) -> dict[tuple[str, int], int]:
     """Resolution level of every UNet block, counted from the downsamplers/upsamplers actually present."""
     levels, level = {}, 0
     for i, seq in enumerate(unet.input_blocks):
-        if any(type(layer).__name__ == "Downsample" for layer in seq):
+        if any(isinstance(layer, openaimodel.Downsample) for layer in seq):
             level += 1
         levels[("input", i)] = level
     levels[("middle", 0)] = level
     for i, seq in enumerate(unet.output_blocks):
         levels[("output", i)] = level
-        if any(type(layer).__name__ == "Upsample" for layer in seq):
+        if any(isinstance(layer, openaimodel.Upsample) for layer in seq):
             level -= 1
     return levels
 
@@ -190,10 +193,12 @@ def call_layout(batch: int, extra_options: Mapping[str, Any]) -> CallLayout:
 
 
 def call_frame_ids(frames: int, transformer_options: Mapping[str, Any]) -> tuple[int, ...]:
-    """Global frame ids of a call's frames: set by a TVE pass over some frames, else the core context window's,
-    else 0..frames-1."""
-    if "tve_frame_ids" in transformer_options:
-        return tuple(transformer_options["tve_frame_ids"])
+    """Global frame ids of a call's frames: those of the TVE pass now running (``passes.Run.pass_frame_ids``, which
+    the pass wrapper puts under ``RUN_KEY``), else the core context window's, else 0..frames-1."""
+    run = transformer_options.get(RUN_KEY)
+    ids = getattr(run, "pass_frame_ids", None)
+    if ids is not None:
+        return tuple(ids)
     window = transformer_options.get("context_window")
     if window is not None:
         return tuple(int(i) for i in window.index_list)
@@ -228,6 +233,17 @@ def set_attn1_replace(model: Any, fn: Callable, blocks: Sequence[AttentionBlock]
     """Install ``fn(q, k, v, extra_options)`` as the attn1 replace of each block of ``model`` (a clone)."""
     for block in blocks:
         model.set_model_attn1_replace(fn, *block.key)
+
+
+def ensure_attn1_patch(model: Any, fn: Callable) -> None:
+    """Add ``fn(n, context, value, extra_options)`` as an attn1 patch of ``model`` (a clone) unless it is there."""
+    if fn not in model.model_options["transformer_options"].get("patches", {}).get("attn1_patch", []):
+        model.set_model_attn1_patch(fn)
+
+
+def block_key(extra_options: Mapping[str, Any]) -> tuple[str, int, int]:
+    """The replace key ``(block_name, block_id, block_index)`` of the block an attention patch runs in."""
+    return (*extra_options["block"], extra_options["block_index"])
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -290,6 +306,22 @@ def effective_sampling(model: Any) -> Sampling:
 def latent_channels(model: Any) -> int:
     """Channels of the latents ``model`` samples (4 for SD1.x/SD2.x/SDXL, 16 for SD3/Flux)."""
     return int(model.model.latent_format.latent_channels)
+def subdivided_grid(model: Any, sigmas: torch.Tensor, parts: int) -> torch.Tensor:
+    """The descending grid ``sigmas`` (ends with 0) with each step between two nonzero σ split into ``parts``
+    steps evenly spaced in the model's timestep (for ``ddim_uniform`` with n steps, the grid of n·parts steps:
+    diffusers' finer DDIM timesteps); the last step, to σ = 0, stays one step. float32 on the CPU."""
+    sampling = model.get_model_object("model_sampling")
+    out = [sigmas[:1].float()]
+    for hi, lo in zip(sigmas[:-1].float(), sigmas[1:].float()):
+        if lo > 0 and parts > 1:
+            t_hi, t_lo = (sampling.timestep(s.reshape(1)).float() for s in (hi, lo))
+            t = t_hi + (t_lo - t_hi) * torch.arange(1, parts + 1, dtype=torch.float32) / parts
+            inner = sampling.sigma(t).float().cpu()
+            inner[-1] = lo
+            out.append(inner)
+        else:
+            out.append(lo.reshape(1))
+    return torch.cat(out)
 
 
 def model_family(model: Any) -> str:
@@ -356,26 +388,44 @@ def decoder_stages(model: Any) -> list[list[int]]:
 
 
 def resblock_branch(model: Any, output_block: int) -> torch.nn.Module:
-    """The residual branch (``out_layers``: norm, SiLU, dropout, conv2) of an output block's ResBlock: its output
-    is the feature PnP and TokenFlow inject (after conv2, before the skip connection is added)."""
-    resblock = model.get_model_object(f"diffusion_model.output_blocks.{output_block}.0")
-    if not hasattr(resblock, "out_layers"):
-        raise ValueError(f"model: output block {output_block} does not start with a ResBlock")
-    return resblock.out_layers
+    """The last layer of the residual branch (``out_layers``: norm, SiLU, dropout, conv2) of an output block's
+    ResBlock: its output is the feature PnP and TokenFlow inject (after conv2, before the skip connection is
+    added). The last layer, not ``out_layers`` itself: with scale-shift norm the ResBlock calls its parts."""
+    block = model.get_model_object("diffusion_model").output_blocks[output_block]
+    resblocks = [layer for layer in block if isinstance(layer, openaimodel.ResBlock)]
+    if not resblocks:
+        raise ValueError(f"model: output block {output_block} has no ResBlock")
+    return resblocks[0].out_layers[-1]
 
 
-def add_wrapper(model: Any, wrapper_type: str, fn: Callable) -> None:
+@contextlib.contextmanager
+def resblock_output_hooks(model: Any, hooks: Mapping[int, Callable[[torch.Tensor], torch.Tensor | None]]
+                          ) -> Iterator[None]:
+    """While the context is open, ``hooks[i](h)`` sees (and may replace) the residual-branch output ``h`` of
+    output block ``i``'s ResBlock (``resblock_branch``); nothing stays on the shared UNet afterwards."""
+    handles = [resblock_branch(model, i).register_forward_hook(lambda module, inputs, out, fn=fn: fn(out))
+               for i, fn in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------- the TVE state
+def get_attachment(model: Any, key: str = WRAPPER_KEY) -> Any:
+    return model.get_attachment(key)
+
+
+def set_attachment(model: Any, obj: Any, key: str = WRAPPER_KEY) -> None:
+    """Attach ``obj`` to the clone ``model``; clones made later share it (it must be immutable)."""
+    model.set_attachments(key, obj)
+
+
+def set_wrapper(model: Any, wrapper_type: str, fn: Callable) -> None:
+    """Make ``fn`` the one TVE wrapper of ``wrapper_type`` on the clone ``model`` (an earlier one is removed)."""
+    model.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
     model.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, fn)
-
-
-def sampling_model(executor: Any) -> Any:
-    """The ModelPatcher being sampled, seen from inside an OUTER_SAMPLE wrapper (its executor is the guider's)."""
-    return executor.class_obj.model_patcher
-
-
-def sampling_transformer_options(executor: Any) -> Mapping[str, Any]:
-    """The transformer_options of the run, seen from inside an OUTER_SAMPLE wrapper."""
-    return executor.class_obj.model_options.get("transformer_options", {})
 
 
 def set_inpaint_latent(model: Any, fn: Callable[..., torch.Tensor]) -> None:
@@ -388,3 +438,64 @@ def prepare_mask(noise_mask: torch.Tensor, shape: Sequence[int], device: torch.d
     """A LATENT's ``noise_mask`` resized to ``shape`` (F, C, h, w) as core samplers resize it."""
     import comfy.sampler_helpers
     return comfy.sampler_helpers.prepare_mask(noise_mask, tuple(shape), device)
+def sampling_model(outer_sample_executor: Any) -> Any:
+    """The ModelPatcher an OUTER_SAMPLE wrapper's executor samples with (its guider's model)."""
+    return outer_sample_executor.class_obj.model_patcher
+
+
+# ---------------------------------------------------------------------------------------------- conds of some frames
+def cond_for_frames(cond: dict, local: torch.Tensor, frames: int, frame_ids: Sequence[int], video_frames: int,
+                    cache: dict | None = None) -> dict:
+    """One cond dict of a call over ``frames`` frames, restricted to the call's frames ``local`` (indices into the
+    call) whose global ids are ``frame_ids``: per-frame model conds (batch == frames) follow the frames, and every
+    ControlNet / T2I-Adapter of its control chain gets the hint images of those global frames."""
+    sliced = dict(cond)
+    model_conds = {}
+    for name, value in cond.get("model_conds", {}).items():
+        tensor = getattr(value, "cond", None)
+        if isinstance(tensor, torch.Tensor) and tensor.ndim > 0 and tensor.shape[0] == frames > 1:
+            value = value._copy_with(tensor[local.to(tensor.device)])
+        model_conds[name] = value
+    sliced["model_conds"] = model_conds
+    if cond.get("control") is not None:
+        sliced["control"] = control_for_frames(cond["control"], frame_ids, video_frames, cache)
+    return sliced
+
+
+_CONTROL_RUN_STATE = ("timestep_range", "model_sampling_current", "control_model", "control_model_wrapped")
+
+
+def control_for_frames(control: Any, frame_ids: Sequence[int], video_frames: int, cache: dict | None = None) -> Any:
+    """A copy of the control chain (ControlNet, T2I-Adapter, ControlLoRA, stacked through ``previous_controlnet``)
+    whose per-frame hints are those of the global frames ``frame_ids``; a single hint image is shared by all frames
+    and stays as it is. Core broadcasts a hint batch by truncating it to the call's first frames, which is right
+    only for a call over frames 0..n-1. Copies are cached in ``cache`` by (control, frames): their upscaled hints
+    and adapter features are computed once per run."""
+    key = (id(control), tuple(frame_ids))
+    if cache is not None and key in cache:
+        return cache[key]
+    c = control.copy()
+    for name in _CONTROL_RUN_STATE:                 # set by pre_run on the original, which the copy skips
+        if getattr(c, name, None) is None and getattr(control, name, None) is not None:
+            setattr(c, name, getattr(control, name))
+    hint = control.cond_hint_original
+    if hint is not None and hint.shape[0] > 1:
+        check_control_hints(control, video_frames)
+        c.cond_hint_original = hint[list(frame_ids)]
+    c.extra_concat_orig = [t[list(frame_ids)] if t.shape[0] == video_frames > 1 else t
+                           for t in control.extra_concat_orig]
+    if control.previous_controlnet is not None:
+        c.set_previous_controlnet(control_for_frames(control.previous_controlnet, frame_ids, video_frames, cache))
+    if cache is not None:
+        cache[key] = c
+    return c
+
+
+def check_control_hints(control: Any, video_frames: int) -> None:
+    """Every control of a chain has one hint image per video frame, or one for all of them."""
+    while control is not None:
+        hint = control.cond_hint_original
+        if hint is not None and hint.shape[0] not in (1, video_frames):
+            raise ValueError(f"control: a ControlNet / T2I-Adapter has {hint.shape[0]} hint images but the video has "
+                             f"{video_frames} frames; give it one image per frame (or a single image)")
+        control = control.previous_controlnet

@@ -8,17 +8,15 @@ presets fit SD1.x, SD2.x and SDXL alike.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-import torch
 
-from . import host, sockets, validation
+from . import host, passes, sockets, validation
 from .inversion import Inversion
-from .passes import ORDERS, SourceBranch, install_source_branch
 
 CATEGORY = "video editing/TVE"
 PRESETS = ["tokenflow", "flatten"]
-INJECTED_PASSES = ("edit", "keyframes")
+ORDERS = ["sigma-matched", "clean-first"]
 
 
 def injection_targets(model: Any, preset: str) -> tuple[list[host.AttentionBlock], list[int]]:
@@ -43,91 +41,29 @@ def injection_targets(model: Any, preset: str) -> tuple[list[host.AttentionBlock
     return [b for b in decoder if b.key[1] in attn_ids], conv_ids
 
 
-class FeatureInjection:
-    """The patches: attn1_patch (q/k from the source's normed tokens) and ResBlock forward hooks (conv features)."""
-
-    def __init__(self, branch: SourceBranch, attn_blocks: list[host.AttentionBlock], conv_ids: list[int],
-                 attn_end: float, conv_end: float):
-        self.branch = branch
-        self.attn_keys = {b.key for b in attn_blocks}
-        self.conv_ids = conv_ids
-        self.attn_end, self.conv_end = attn_end, conv_end
-
-    def __deepcopy__(self, memo: dict) -> "FeatureInjection":
-        return self
-
-    def attn_active(self, step: int, steps: int) -> bool:
-        return step < int(steps * self.attn_end)
-
-    def conv_active(self, step: int, steps: int) -> bool:
-        return step < int(steps * self.conv_end)
-
-    def wants_source(self, step: int, steps: int) -> bool:
-        return self.attn_active(step, steps) or self.conv_active(step, steps)
-
-    def attn1_patch(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict):
-        """Before projection: q = to_q(n_src), k = to_k(n_src), v = to_v(n) — PnP's q/k injection (Eq. 4)."""
-        key = (*extra_options["block"], extra_options["block_index"])
-        if key not in self.attn_keys:
-            return n, context, value
-        branch, pass_name = self.branch, extra_options.get("tve_pass")
-        if pass_name == "source" and self.attn_active(branch.step, branch.steps):
-            branch.features[key] = n                                     # (F, T, C)
-        elif pass_name in INJECTED_PASSES and key in branch.features:
-            source = branch.source_frames(branch.features[key])
-            source = source.repeat(n.shape[0] // source.shape[0], 1, 1)  # (chunks·F, T, C)
-            return source, source, value
-        return n, context, value
-
-    def conv_hook(self, block_id: int) -> Callable:
-        key = ("resblock", block_id)
-
-        def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
-            branch = self.branch
-            if branch.pass_name == "source" and self.conv_active(branch.step, branch.steps):
-                branch.features[key] = output                                          # (F, C, h, w)
-            elif branch.pass_name in INJECTED_PASSES and key in branch.features:
-                source = branch.source_frames(branch.features[key])
-                return source.repeat(output.shape[0] // source.shape[0], 1, 1, 1)       # (chunks·F, C, h, w)
-            return None
-
-        return hook
-
-    def outer_sample(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
-        """Hook the chosen ResBlocks for this run only; nothing stays on the shared UNet afterwards."""
-        patcher = executor.class_obj.model_patcher
-        handles = [host.resblock_branch(patcher, i).register_forward_hook(self.conv_hook(i)) for i in self.conv_ids]
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-def install_feature_injection(m: Any, branch: SourceBranch, preset: str, attn_end: float, conv_end: float
-                              ) -> FeatureInjection:
-    """Add the injection patches reading ``branch`` to the clone ``m``."""
-    attn_blocks, conv_ids = injection_targets(m, preset)
-    injection = FeatureInjection(branch, attn_blocks, conv_ids, attn_end, conv_end)
-    m.set_model_attn1_patch(injection.attn1_patch)
-    host.add_wrapper(m, host.OUTER_SAMPLE, injection.outer_sample)
-    return injection
+def injection_settings(model: Any, inversion: Inversion, preset: str, attn_end: float, conv_end: float,
+                       order: str, node: str = passes.INJECTION_NODE) -> passes.Injection:
+    """The PnP settings of ``preset`` on ``model``'s blocks, for the model's TVE state."""
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {ORDERS}, got '{order}'")
+    inversion.check_model(model)
+    attn_blocks, conv_ids = injection_targets(model, preset)
+    return passes.Injection(node=node, inversion=inversion, attn_keys=frozenset(b.key for b in attn_blocks),
+                            conv_ids=tuple(conv_ids), attn_end=attn_end, conv_end=conv_end, order=order)
 
 
 def apply_feature_injection(model: Any, inversion: Inversion, attn_end: float, conv_end: float, preset: str,
                             order: str) -> Any:
+    """PnP injection on a clone of ``model``: q/k through the state's attn1 patch, ResBlock features through its
+    per-run hooks, both read from the state's one source pass per step. Applied again, or on a TokenFlow model,
+    these settings replace the earlier ones."""
     validation.model(model)
     validation.number(attn_end, "attention_injection_end", 0.0, 1.0)
     validation.number(conv_end, "conv_injection_end", 0.0, 1.0)
     validation.choice(preset, "block_preset", PRESETS)
     validation.choice(order, "order", ORDERS)
-    inversion.check_model(model)
-    injection_targets(model, preset)                     # refuse an unsupported model before cloning
-    m = model.clone()
-    branch = SourceBranch(inversion, order)
-    branch.wants_source = install_feature_injection(m, branch, preset, attn_end, conv_end).wants_source
-    install_source_branch(m, branch)
-    return m
+    injection = injection_settings(model, inversion, preset, attn_end, conv_end, order)
+    return passes.apply(model, lambda state: state.with_injection(injection))
 
 
 class ApplyFeatureInjection:
@@ -146,8 +82,8 @@ class ApplyFeatureInjection:
             "conv_injection_end": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01,
                                              "tooltip": "Fraction of the steps with ResBlock feature injection."}),
             "block_preset": (PRESETS, {"default": "tokenflow", "tooltip": (
-                "Which decoder blocks are injected: TokenFlow's (q/k of all but the first decoder transformer, one "
-                "ResBlock of the second stage) or FLATTEN's.")}),
+                "Which decoder blocks are injected: TokenFlow's (q/k of all decoder transformers but the first, the "
+                "second ResBlock of the second decoder stage) or FLATTEN's.")}),
             "order": (ORDERS, {"default": "sigma-matched", "tooltip": (
                 "sigma-matched: source features at the same σ (the papers). clean-first: step i gets the features "
                 "of inversion step i, cleanest first (what other ComfyUI packs do).")}),

@@ -7,11 +7,11 @@ inverts the sampler that walks it downwards (TokenFlow §4 / FLATTEN §4: invers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from . import host, sockets, validation
+from . import host, passes, sockets, validation
 
 CATEGORY = "video editing/TVE"
 SIGMA_RTOL = 1e-4
@@ -40,15 +40,66 @@ class Inversion:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.latents.shape[1:])
 
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
     def index_of(self, sigma: float) -> int:
-        """Index of ``sigma`` on the grid; ValueError when the sampler walks another grid."""
+        """Index of ``sigma`` on the grid; ValueError when it is not a grid σ."""
         i = int(torch.argmin((self.sigmas - sigma).abs()))
         if abs(float(self.sigmas[i]) - sigma) > SIGMA_RTOL * max(abs(sigma), 1e-3):
             raise ValueError(
                 f"sigmas: the sampler is at σ={sigma:.5f}, which is not on the inversion's σ grid "
-                f"({len(self.sigmas) - 1} steps, {float(self.sigmas[0]):.4f}→0); sample with the SIGMAS output of "
+                f"({self.steps} steps, {float(self.sigmas[0]):.4f}→0); sample with the SIGMAS output of "
                 "TVE_DDIMInversion (or the same steps and scheduler)")
         return i
+
+    def check_schedule(self, sigmas: torch.Tensor) -> None:
+        """Before sampling: every σ of the sampler's schedule is a grid σ (part of the grid, e.g. from a later
+        start step, is fine); the sampler may evaluate between them."""
+        for sigma in sigmas.reshape(-1).tolist():
+            self.index_of(float(sigma))
+
+    def position_of(self, sigma: float) -> float:
+        """Where σ lies on the descending grid: i + (σ_i − σ)/(σ_i − σ_{i+1}) for σ_i ≥ σ ≥ σ_{i+1}."""
+        grid = self.sigmas
+        top = float(grid[0])
+        if sigma > top * (1 + SIGMA_RTOL) or sigma < 0:
+            raise ValueError(f"sigmas: the sampler evaluates σ={sigma:.5f}, outside the inversion's grid "
+                             f"({top:.4f}→0); no source latent exists there")
+        i = int(torch.argmin((grid - sigma).abs()))
+        if abs(float(grid[i]) - sigma) <= SIGMA_RTOL * max(abs(sigma), 1e-3):
+            return float(i)
+        i = int((grid >= sigma).sum()) - 1                     # σ_i > σ > σ_{i+1}
+        hi, lo = float(grid[i]), float(grid[i + 1])
+        return i + (hi - sigma) / (hi - lo)
+
+    def step_of(self, sigma: float) -> int:
+        """The grid step whose interval holds σ (σ_i ≥ σ > σ_{i+1}): schedule fractions count on it."""
+        return min(int(self.position_of(sigma)), self.steps - 1)
+
+    def source_at(self, sigma: float, frame_ids: Sequence[int], order: str = "sigma-matched"
+                  ) -> tuple[torch.Tensor, float]:
+        """(source latents of ``frame_ids`` (F, C, h, w), their σ) for a model evaluation at ``sigma``.
+
+        sigma-matched: the source at the same σ (the papers); clean-first: mirrored along the grid (step i reads
+        inversion step i, cleanest first: what other ComfyUI packs do). Between grid σ (dpm_2, SDE and adaptive
+        samplers evaluate there) the latent is interpolated linearly in σ between its neighbours: DDIM inversion
+        walks a straight line in σ from one grid σ to the next (x_{i+1} = x_i + (σ_{i+1} − σ_i)·ε̂(x_i, σ_i)), so
+        this is the inversion's own Euler step from the grid σ below, at no cost (exact for a 1× inversion; with a
+        finer inversion it is the chord of the finer path).
+        """
+        p = self.position_of(sigma)
+        if order == "clean-first":
+            p = self.steps - p
+        i = min(int(p), self.steps)
+        f = p - i
+        ids = list(frame_ids)
+        if f <= 0:
+            return self.latents[i][ids], float(self.sigmas[i])
+        lo, hi = self.latents[i][ids].float(), self.latents[i + 1][ids].float()
+        latent = ((1 - f) * lo + f * hi).to(self.latents.dtype)
+        return latent, (1 - f) * float(self.sigmas[i]) + f * float(self.sigmas[i + 1])
 
     def check_model(self, model: Any) -> None:
         family = host.model_family(model)
@@ -129,33 +180,42 @@ def sample_ddim_inversion(model: Callable, x: torch.Tensor, sigmas: torch.Tensor
     return x
 
 
-def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, scheduler: str
+def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, scheduler: str, multiple: int = 1
            ) -> tuple[torch.Tensor, Inversion]:
     """Invert raw-space latents ``samples`` (F, C, h, w); returns raw-space x_T and the INVERSION.
 
-    Exactly ``steps`` steps on ``host.inversion_sigma_grid`` (ddim_uniform: diffusers' DDIM timesteps)."""
+    Exactly ``steps`` sampling steps on ``host.inversion_sigma_grid`` (ddim_uniform: diffusers' DDIM timesteps).
+    With ``multiple`` > 1 the inversion walks ``steps·multiple`` steps (each sampling step split evenly in the model's
+    timestep: the papers invert with more steps than they sample, TokenFlow 500 for 50) and keeps the source only
+    at the ``steps``-step sampling grid's σ; x_T is at that grid's top σ, so the edit samples the same grid.
+    """
     validation.integer(steps, "steps", 2)
+    validation.integer(multiple, "inversion_multiple", 1)
     validation.choice(scheduler, "scheduler", host.scheduler_names())
     validation.model(model, patched=False)
     validation.latent({"samples": samples}, "latent")
     validation.latent_for_model(samples, model, "latent")
     sigmas = host.inversion_sigma_grid(model, scheduler, steps)     # descending, ends with 0
-    ascending = sigmas.flip(0)
+    fine = host.subdivided_grid(model, sigmas, multiple)            # descending, contains every σ of ``sigmas``
+    kept = {int(torch.argmin((fine - s).abs())): i for i, s in enumerate(sigmas)}   # fine index → grid index
+    ascending = fine.flip(0)
     keep = host.intermediate_device()
     dtype = host.model_dtype(model)
     latents = torch.empty((len(sigmas),) + tuple(samples.shape), dtype=dtype, device=keep)
     trace = torch.empty((len(sigmas), samples.shape[0], min(validation.FINGERPRINT_SAMPLES, samples[0].numel())))
+    trace = torch.empty((len(sigmas), samples.shape[0], min(validation.FINGERPRINT_SAMPLES, samples[0].numel())))
 
-    def record(i: int, x: torch.Tensor) -> None:                    # i counts up the ascending grid
-        validation.finite(x, "model", f" in the latent it inverted to at step {i} of {steps} (fp16 overflow? "
-                          "try --force-fp32 or a bf16/fp32 UNet)")
-        latents[len(sigmas) - 1 - i] = x.detach().to(keep, dtype)
-        trace[len(sigmas) - 1 - i] = validation.fingerprint(x)
+    def record(i: int, x: torch.Tensor) -> None:                    # i counts up the ascending fine grid
+        validation.finite(x, "model", f" in the latent it inverted to at step {i} of {len(fine) - 1} (fp16 "
+                          "overflow? try --force-fp32 or a bf16/fp32 UNet)")
+        grid_index = kept.get(len(fine) - 1 - i)
+        if grid_index is not None:
+            latents[grid_index] = x.detach().to(keep, dtype)
+            trace[grid_index] = validation.fingerprint(x)
 
-    m = model.clone()
-    m.model_options["transformer_options"]["tve_pass"] = "inversion"
+    m = passes.for_inversion(model)
     x_T = host.sample_with(m, sample_ddim_inversion, {"sigma_floor": host.sigma_min(model), "record": record},
-                           ascending, conditioning, samples, callback=host.step_callback(steps))
+                           ascending, conditioning, samples, callback=host.step_callback(len(fine) - 1))
     return x_T, Inversion(sigmas=sigmas, latents=latents, conditioning=conditioning, family=host.model_family(model),
                           sampling=host.effective_sampling(model), source=validation.fingerprint(samples),
                           trace=trace)
@@ -175,9 +235,14 @@ class DDIMInversion:
             "latent": ("LATENT", {"tooltip": "The VAE-encoded source frames."}),
             "conditioning": ("CONDITIONING", {"tooltip": "The source prompt (an empty prompt is the usual choice)."}),
             "steps": ("INT", {"default": 50, "min": 2, "max": 1000, "tooltip": (
-                "Inversion steps; sample the edit with the SIGMAS output (the same grid). 50 is the papers' choice.")}),
+                "Sampling steps of the edit; sample it with the SIGMAS output (the same grid). 50 is the papers' "
+                "choice.")}),
             "scheduler": (host.scheduler_names(), {"default": "ddim_uniform", "tooltip": (
                 "The σ grid: ddim_uniform is DDIM's timesteps (the papers); any core scheduler works.")}),
+            "inversion_multiple": ("INT", {"default": 1, "min": 1, "max": 50, "tooltip": (
+                "Inversion steps per sampling step: the inversion walks steps × this many steps (the papers invert "
+                "with 10×: TokenFlow 500 for 50) for a more faithful x_T, and keeps the source only at the sampling "
+                "grid's σ, so the edit still samples the SIGMAS output (steps steps).")}),
         }}
 
     RETURN_TYPES = ("LATENT", sockets.INVERSION, "SIGMAS")
@@ -185,8 +250,9 @@ class DDIMInversion:
     FUNCTION = "invert"
     CATEGORY = CATEGORY
 
-    def invert(self, model, latent: dict, conditioning: list, steps: int, scheduler: str):
-        x_T, inversion = invert(model, validation.latent(latent, "latent"), conditioning, steps, scheduler)
+    def invert(self, model, latent: dict, conditioning: list, steps: int, scheduler: str, inversion_multiple: int = 1):
+        x_T, inversion = invert(model, validation.latent(latent, "latent"), conditioning, steps, scheduler,
+                                inversion_multiple)
         # noise_mask and batch_index stay on the LATENT: a masked edit samples x_T with the source's mask.
         return {**latent, "samples": x_T}, inversion, inversion.sigmas.clone()
 

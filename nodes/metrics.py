@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..attention.tokenflow import pair_nearest_neighbour_field
 from ..flow.consistency import measure_consistency
 from ..flow.estimate import FlowField
-from . import host, sockets, validation
+from . import host, passes, sockets, validation
 from .inversion import Inversion
 
 CATEGORY = "video editing/TVE"
@@ -77,9 +77,8 @@ def source_features(model: Any, inversion: Inversion, step: int, block: host.Att
         model_k(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
         return x
 
-    m = model.clone()
+    m = passes.for_inversion(model)
     m.set_model_attn1_patch(capture)
-    m.model_options["transformer_options"]["tve_pass"] = "inversion"
     sigma = max(float(inversion.sigmas[step]), host.sigma_min(model))
     latent = host.process_latent_out(model, inversion.latents[step].float())
     host.sample_with(m, evaluate_once, {}, torch.tensor([sigma, 0.0]), inversion.conditioning, latent)

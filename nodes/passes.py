@@ -1,119 +1,434 @@
-"""The live source branch: per denoising step, the source video at the step's σ runs through the UNet with the
-source conditioning just before the edit batch, so patches can read its features (PnP, Tumanyan et al. 2023 §4;
-TokenFlow §3.2: the NN field and the injected features come from the inverted source at the same step).
+"""One TVE state per MODEL: the features applied, in order, and the passes they run at every denoising step.
 
-Installed as a keyed CALC_COND_BATCH wrapper: the host has already split frames into context windows and will
-encode conds, batch chunks by memory and run ControlNet for the edit pass. The pass being run is written into
-``transformer_options["tve_pass"]`` ("source" / "edit"; "inversion" while TVE_DDIMInversion runs) for attention
-patches, and into ``SourceBranch.pass_name`` for module hooks, which see no transformer_options.
+Every TVE node that patches a MODEL adds its feature to the ``State`` attached to its clone (a ComfyUI model
+attachment, key ``text_video_edit``) and re-installs the state's one set of keyed wrappers; the state decides, when
+the node runs, whether the feature composes with the ones already applied (``Refused`` names both nodes and the
+order that works). The attention patches the state installs are routers: they read the sampling ``Run`` (the one
+place that says which ``Pass`` runs, over which frames, at which step, with the ``StepFeatures`` of that step) from
+``transformer_options`` and ask the features of the state that made the run.
+
+Per step (a CALC_COND_BATCH call; the host has already split frames into context windows), the state runs:
+  SOURCE     once, when a feature reads the source video: the inversion's source latents at this σ with the source
+             conditioning (PnP, Tumanyan et al. 2023 §4; TokenFlow §3.2);
+  KEYFRAMES  TokenFlow's keyframe pass over the step's keyframes, with their conds and ControlNet hints;
+  EDIT       the call itself; with TokenFlow its self-attention outputs are the propagated keyframe tokens.
+INVERSION labels every call while TVE_DDIMInversion inverts with the model. Frame ids are global ids throughout,
+so frame batches and windows only change which frames a pass holds.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
 from . import host, validation
-from .inversion import Inversion
-from .masked_edit import follow_source_outside_mask
+from .masked_edit import MaskedSource
 
-ORDERS = ["sigma-matched", "clean-first"]
+if TYPE_CHECKING:
+    from .inversion import Inversion
+
+BlockKey = tuple[str, int, int]
 
 
-class SourceBranch:
-    """Per-run state shared by the wrapper and the patches of one patched MODEL (survives ``clone()``)."""
+class Pass(Enum):
+    INVERSION = "inversion"      # TVE_DDIMInversion walking up the σ grid
+    SOURCE = "source"            # the inverted source at this step's σ, source conditioning
+    KEYFRAMES = "keyframes"      # TokenFlow: the keyframes of this step, edit conditioning
+    EDIT = "edit"                # the sampler's own call
 
-    def __init__(self, inversion: Inversion, order: str):
-        if order not in ORDERS:
-            raise ValueError(f"order: expected one of {ORDERS}, got '{order}'")
-        self.inversion = inversion
-        self.order = order
-        # (step, steps) -> run the source pass at this step? Set by the patch that reads the features.
-        self.wants_source: Callable[[int, int], bool] = lambda step, steps: True
-        # Passes to run between the source pass and the edit pass (TokenFlow's keyframe pass), called like the
-        # wrapper itself: (executor, model, conds, x_in, timestep, model_options).
-        self.extra_passes: list[Callable] = []
-        self.reset()
 
-    def reset(self) -> None:
-        self.pass_name: str | None = None
-        self.step = -1
-        self.steps = 0
-        self.frame_ids: tuple[int, ...] = ()
-        self.pass_frames: torch.Tensor | None = None  # local indices (into the source pass) of a partial pass
-        self.features: dict[Any, torch.Tensor] = {}   # per block / module: the source pass's features, (F, ...)
+class Refused(ValueError):
+    """A feature that does not compose with one already on the model; says which order works."""
 
-    def __deepcopy__(self, memo: dict) -> "SourceBranch":
-        return self
+
+# ---------------------------------------------------------------------------------------------- per-step store
+@dataclass
+class StepFeatures:
+    """What one step's passes leave for the later passes of the same step (cleared at every step)."""
+    source_tokens: dict[BlockKey, torch.Tensor] = field(default_factory=dict)     # SOURCE: attn1 input n, (F, T, C)
+    source_resblocks: dict[int, torch.Tensor] = field(default_factory=dict)       # SOURCE: ResBlock branch (F, C, h, w)
+    keyframe_out: dict[tuple[BlockKey, Any], torch.Tensor] = field(default_factory=dict)  # KEYFRAMES: (K, T, C)
+    fields: dict[BlockKey, tuple] = field(default_factory=dict)                   # TokenFlow NN fields per block
+
+
+@dataclass
+class Run:
+    """The sampling run of one state: the pass now running (the one place patches and hooks read it from)."""
+    pass_: Pass | None = None
+    step: int = -1                                # interval of the inversion grid holding this step's σ
+    steps: int = 0
+    frame_ids: tuple[int, ...] = ()               # global ids of the step's call (a context window's frames)
+    pass_frame_ids: tuple[int, ...] | None = None  # global ids of the pass now running
+    pass_frames: torch.Tensor | None = None       # their local indices into frame_ids (None: all of them)
+    keyframes: torch.Tensor | None = None         # TokenFlow: local indices of this step's keyframes
+    sigma_floor: float = 0.0
+    features: StepFeatures = field(default_factory=StepFeatures)
+    controls: dict = field(default_factory=dict)  # ControlNet copies per (control, frames), host.control_for_frames
+    state: Any = field(default=None, repr=False)  # the State that runs the passes
+
+    def reset(self, sigma_floor: float = 0.0) -> None:
+        """Forget everything of the last sampling run (MODEL outputs are cached across prompts)."""
+        state = self.state
+        self.__init__(sigma_floor=sigma_floor, state=state)
 
     def source_frames(self, features: torch.Tensor) -> torch.Tensor:
         """The source pass's ``features`` (F, ...) restricted to the frames of the pass now running."""
         return features if self.pass_frames is None else features[self.pass_frames.to(features.device)]
 
-    def source_index(self, sigma: float) -> int:
-        """Grid index of the source latent used at σ: the same σ (papers), or mirrored (ComfyUI peers)."""
-        i = self.inversion.index_of(sigma)
-        return i if self.order == "sigma-matched" else len(self.inversion.sigmas) - 1 - i
 
-    def wrapper(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor, timestep: torch.Tensor,
-                model_options: dict) -> Any:
-        options = model_options["transformer_options"]
-        if options.get("tve_pass") == "inversion":
-            return executor(model, conds, x_in, timestep, model_options)
-        frame_ids = host.call_frame_ids(x_in.shape[0], options)
-        validation.call_fits_inversion(x_in, frame_ids, options.get("context_window") is not None,
-                                       self.inversion.frames, self.inversion.latent_shape)
-        sigma = float(timestep.reshape(-1)[0])
-        # Steps count on the inversion's grid, so a sampler started part-way keeps the schedule fractions.
-        self.step, self.steps = self.inversion.index_of(sigma), len(self.inversion.sigmas) - 1
-        self.frame_ids = frame_ids
-        self.features.clear()
-        if self.wants_source(self.step, self.steps):
-            self._source_pass(executor, model, x_in, model_options, frame_ids, sigma)
-        for extra_pass in self.extra_passes:
-            extra_pass(executor, model, conds, x_in, timestep, model_options)
-        self.pass_name = "edit"
+def current_run(transformer_options: Mapping[str, Any]) -> Run | None:
+    return transformer_options.get(host.RUN_KEY)
+
+
+def current_pass(transformer_options: Mapping[str, Any]) -> Pass | None:
+    run = current_run(transformer_options)
+    return None if run is None else run.pass_
+
+
+# ---------------------------------------------------------------------------------------------- features
+class AttentionFeature:
+    """A feature that computes self-attention on some blocks (FLATTEN, cross-frame attention)."""
+    node: str = ""                                # display name, for refusals
+    blocks: frozenset = frozenset()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Injection:
+    """PnP settings (TVE_ApplyFeatureInjection, or TokenFlow's own): where and until when the source's q/k and
+    ResBlock features replace the edit's, and which source latent each step reads."""
+    node: str
+    inversion: "Inversion"
+    attn_keys: frozenset
+    conv_ids: tuple[int, ...]
+    attn_end: float
+    conv_end: float
+    order: str = "sigma-matched"
+
+    def attn_active(self, step: int, steps: int) -> bool:
+        return step < int(steps * self.attn_end)
+
+    def conv_active(self, step: int, steps: int) -> bool:
+        return step < int(steps * self.conv_end)
+
+
+# ---------------------------------------------------------------------------------------------- the state
+FLATTEN_NODE = "Apply FLATTEN (TVE)"
+CROSS_FRAME_NODE = "Apply Cross-Frame Attention (TVE)"
+INJECTION_NODE = "Apply Feature Injection (TVE)"
+TOKENFLOW_NODE = "Apply TokenFlow (TVE)"
+MOTION_NODE = "Motion Dynamics Latents (TVE)"
+
+
+@dataclass(frozen=True)
+class State:
+    """The TVE features of one MODEL, in the order applied. Immutable: each node attaches a new one to its clone."""
+    applied: tuple[str, ...] = ()                             # display names, in order
+    attention: Mapping[BlockKey, AttentionFeature] = field(default_factory=dict)   # per block, the last applied
+    foreign: Mapping[BlockKey, Callable] = field(default_factory=dict)   # other packs' replaces TVE routes around
+    injection: Injection | None = None
+    tokenflow: Any = None                                     # tokenflow.TokenFlow
+    inverting: bool = False
+    run: Run = field(default_factory=Run, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.run.state = self
+
+    # ------------------------------------------------------------------------------------------ composition
+    @property
+    def inversion(self) -> "Inversion | None":
+        return None if self.injection is None else self.injection.inversion
+
+    @property
+    def trajectories(self) -> list:
+        """The TRAJECTORIES of the attention features (FLATTEN), each once."""
+        found = {id(f.trajectories): f.trajectories for f in self.attention.values() if hasattr(f, "trajectories")}
+        return list(found.values())
+
+    def has(self, node: str) -> bool:
+        return node in self.applied
+
+    def cross_frame_modes(self) -> set[str]:
+        return {getattr(f, "mode", None) for f in self.attention.values()} - {None}
+
+    def with_attention(self, feature: AttentionFeature, blocks: Sequence[BlockKey]) -> "State":
+        """Add FLATTEN or a cross-frame mode on ``blocks``; an earlier one of the same node on a block is replaced
+        (the later settings win), FLATTEN and cross-frame attention never share a model."""
+        if self.tokenflow is not None:
+            raise Refused(f"{feature.node} after {TOKENFLOW_NODE}: TokenFlow replaces every self-attention output "
+                          f"of the edit with propagated keyframe tokens, so nothing applied after it would run. "
+                          f"Apply {feature.node} first, then {TOKENFLOW_NODE} (it then drives the keyframe pass).")
+        others = {f.node for f in self.attention.values()} - {feature.node}
+        if others:
+            other = others.pop()
+            raise Refused(f"{feature.node} after {other}: both replace self-attention, and FLATTEN's dense attention "
+                          f"already attends across all frames; use one of them (neither order composes).")
+        return self._added(feature.node, attention={**self.attention, **{key: feature for key in blocks}})
+
+    def with_injection(self, injection: Injection) -> "State":
+        """PnP injection: one per model; applied again (or by TokenFlow), the later settings win."""
+        self._same_inversion(injection)
+        return self._added(injection.node, injection=injection)
+
+    def with_tokenflow(self, tokenflow: Any, injection: Injection) -> "State":
+        """TokenFlow (with its PnP settings): one per model, the later settings win; the attention applied before
+        it drives its keyframe pass."""
+        self._same_inversion(injection)
+        if "anchor" in self.cross_frame_modes():
+            raise Refused(f"{TOKENFLOW_NODE} after {CROSS_FRAME_NODE} mode 'anchor': TokenFlow's keyframe pass holds "
+                          "only the keyframes, so the anchor frame is not there to attend to. Use mode 'keyframes', "
+                          "'dense' or 'fine_coarse' before TokenFlow, or anchor attention without TokenFlow.")
+        return self._added(TOKENFLOW_NODE, tokenflow=tokenflow, injection=injection)
+
+    def check_motion_dynamics(self) -> None:
+        """Motion Dynamics Latents samples one new frame from noise: only cross-frame attention (a no-op on one
+        frame) may be on its model."""
+        for node in (FLATTEN_NODE, INJECTION_NODE, TOKENFLOW_NODE):
+            if self.has(node):
+                raise Refused(f"{MOTION_NODE} after {node}: it samples one new frame from noise, which the "
+                              f"{'trajectories' if node == FLATTEN_NODE else 'inversion'} of {node} do not "
+                              f"describe. Give {MOTION_NODE} the model from before {node}, and apply {node} to "
+                              "the model that samples its latents.")
+
+    def _same_inversion(self, injection: Injection) -> None:
+        if self.inversion is not None and injection.inversion is not self.inversion:
+            earlier = next(n for n in reversed(self.applied) if n in (INJECTION_NODE, TOKENFLOW_NODE))
+            raise Refused(f"{injection.node} after {earlier}: they read different inversions, but a model runs "
+                          "one source pass per step; connect the same DDIM Inversion (TVE) output to both.")
+
+    def _added(self, node: str, **changes: Any) -> "State":
+        applied = tuple(n for n in self.applied if n != node) + (node,)
+        return dataclasses.replace(self, applied=applied, **changes)
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def outer_sample(self, executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
+                     sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """A fresh Run for every sampling run; refuse, before any step, a latent, σ schedule, noise or model the
+        features cannot use (validation.sampling_run); hook the ResBlocks PnP injects for this run only; keep the
+        source outside a LATENT's noise_mask (masked_edit)."""
+        for feature in {id(f): f for f in self.attention.values()}.values():
+            check = getattr(feature, "check_latent", None)
+            if check is not None:
+                check(latent_image)
+        editing = self.inversion is not None and not self.inverting
+        if editing:
+            self.inversion.check_schedule(sigmas)
+        patcher = host.sampling_model(executor)
+        validation.sampling_run(patcher, noise, latent_image, sigmas, self.inversion, self.trajectories,
+                                self.inverting)
+        self.run.reset(host.sigma_min(patcher))
+        hooks = {}
+        if self.injection is not None and not self.inverting:
+            hooks = {i: self._resblock_hook(i) for i in self.injection.conv_ids}
         try:
-            return executor(model, conds, x_in, timestep, with_pass(model_options, "edit"))
+            with host.resblock_output_hooks(patcher, hooks):
+                out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
-            self.pass_name = None
+            self.run.reset()
+        if editing:
+            denoise_mask = args[0] if args else kwargs.get("denoise_mask")
+            out = MaskedSource(self.inversion).blend(patcher, out, denoise_mask, float(sigmas[-1]))
+            self.inversion.remember_end(patcher, out, float(sigmas[-1]))
+        return out
+
+    def calc_cond_batch(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
+                        timestep: torch.Tensor, model_options: dict) -> Any:
+        run = self.run
+        options = model_options["transformer_options"]
+        run.pass_frame_ids = None
+        frame_ids = host.call_frame_ids(x_in.shape[0], options)
+        if self.inverting:
+            return self._pass(Pass.INVERSION, executor, model, conds, x_in, timestep, model_options, frame_ids)
+        video_frames = self.inversion.frames if self.inversion is not None else None
+        windowed = options.get("context_window") is not None
+        run.frame_ids = frame_ids
+        run.features = StepFeatures()
+        run.pass_frames = run.keyframes = None
+        if self.inversion is not None:
+            validation.call_fits_inversion(x_in, frame_ids, windowed, self.inversion.frames,
+                                           self.inversion.latent_shape)
+            for cond in (c for chunk in conds if chunk for c in chunk if c.get("control") is not None):
+                host.check_control_hints(cond["control"], video_frames)
+            sigma = float(timestep.reshape(-1)[0])
+            run.step, run.steps = self.inversion.step_of(sigma), self.inversion.steps
+            if self._wants_source(run.step, run.steps):
+                self._source_pass(executor, model, x_in, model_options, frame_ids, sigma)
+            if self.tokenflow is not None:
+                run.keyframes = self.tokenflow.keyframes(frame_ids, run.step)
+                local = run.keyframes
+                keyframe_conds = [self._conds_for(c, local, x_in.shape[0], [frame_ids[i] for i in local.tolist()],
+                                                  video_frames) for c in conds]
+                dev = local.to(x_in.device)
+                self._pass(Pass.KEYFRAMES, executor, model, keyframe_conds, x_in[dev], timestep[dev], model_options,
+                           tuple(frame_ids[i] for i in local.tolist()), local)
+        if windowed and video_frames is not None:
+            conds = [self._conds_for(c, torch.arange(x_in.shape[0]), x_in.shape[0], frame_ids, video_frames)
+                     for c in conds]
+        return self._pass(Pass.EDIT, executor, model, conds, x_in, timestep, model_options, frame_ids)
+
+    def _conds_for(self, conds: list[dict] | None, local: torch.Tensor, frames: int, frame_ids: Sequence[int],
+                   video_frames: int) -> list[dict] | None:
+        if conds is None:
+            return None
+        return [host.cond_for_frames(c, local, frames, frame_ids, video_frames, self.run.controls) for c in conds]
+
+    def _pass(self, name: Pass, executor: Callable, model: Any, conds: list, x: torch.Tensor, timestep: torch.Tensor,
+              model_options: dict, frame_ids: Sequence[int], local: torch.Tensor | None = None) -> Any:
+        run = self.run
+        options = model_options.copy()
+        options["transformer_options"] = {**model_options["transformer_options"], host.RUN_KEY: run}
+        run.pass_, run.pass_frame_ids, run.pass_frames = name, tuple(frame_ids), local
+        try:
+            return executor(model, conds, x, timestep, options)
+        finally:
+            run.pass_, run.pass_frame_ids, run.pass_frames = None, None, None
+
+    def _wants_source(self, step: int, steps: int) -> bool:
+        inj = self.injection
+        return (self.tokenflow is not None or inj.attn_active(step, steps) or inj.conv_active(step, steps))
 
     def _source_pass(self, executor: Callable, model: Any, x_in: torch.Tensor, model_options: dict,
                      frame_ids: Sequence[int], sigma: float) -> None:
-        i = self.source_index(sigma)
-        x_src = self.inversion.latents[i][list(frame_ids)].to(x_in.device, x_in.dtype)     # (F, C, h, w)
-        source_sigma = max(float(self.inversion.sigmas[i]), float(model.model_sampling.sigma_min))
-        t_src = torch.full((x_src.shape[0],), source_sigma, device=x_in.device, dtype=x_in.dtype)
+        x_src, source_sigma = self.inversion.source_at(sigma, frame_ids, self.injection.order)
+        x_src = x_src.to(x_in.device, x_in.dtype)                                       # (F, C, h, w)
+        t_src = torch.full((x_src.shape[0],), max(source_sigma, self.run.sigma_floor), device=x_in.device,
+                           dtype=x_in.dtype)
         conds = host.encode_conditioning(model, self.inversion.conditioning, x_src)
-        self.pass_name = "source"
-        try:
-            executor(model, [conds], x_src, t_src, with_pass(model_options, "source"))
-        finally:
-            self.pass_name = None
+        self._pass(Pass.SOURCE, executor, model, [conds], x_src, t_src, model_options, frame_ids)
+
+    # ------------------------------------------------------------------------------------------ patches
+    def wants_tokens(self, key: BlockKey, run: Run) -> bool:
+        """Keep the source pass's attn1 input of ``key`` this step: TokenFlow's NN field, PnP's q/k."""
+        if self.tokenflow is not None:
+            return True
+        inj = self.injection
+        return inj is not None and key in inj.attn_keys and inj.attn_active(run.step, run.steps)
+
+    def injected_tokens(self, key: BlockKey, run: Run) -> torch.Tensor | None:
+        inj = self.injection
+        if inj is None or key not in inj.attn_keys or not inj.attn_active(run.step, run.steps):
+            return None
+        source = run.features.source_tokens.get(key)
+        return None if source is None else run.source_frames(source)
+
+    def _resblock_hook(self, block_id: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        def hook(h: torch.Tensor) -> torch.Tensor | None:
+            run, inj = self.run, self.injection
+            if not inj.conv_active(run.step, run.steps):
+                return None
+            if run.pass_ is Pass.SOURCE:
+                run.features.source_resblocks[block_id] = h                            # (F, C, h, w)
+            elif run.pass_ in (Pass.EDIT, Pass.KEYFRAMES) and block_id in run.features.source_resblocks:
+                source = run.source_frames(run.features.source_resblocks[block_id])
+                return source.repeat(h.shape[0] // source.shape[0], 1, 1, 1)           # (chunks·F, C, h, w)
+            return None
+
+        return hook
 
 
-def with_pass(model_options: dict, name: str, frame_ids: Sequence[int] | None = None) -> dict:
-    """A shallow copy of ``model_options`` whose transformer_options say which pass runs (and, for a pass over
-    a subset of the frames, their global ids: attention patches read them instead of the context window)."""
-    options = model_options.copy()
-    options["transformer_options"] = {**model_options["transformer_options"], "tve_pass": name}
-    if frame_ids is not None:
-        options["transformer_options"]["tve_frame_ids"] = tuple(frame_ids)
-    return options
+# ---------------------------------------------------------------------------------------------- routers
+def route_attn1_patch(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict):
+    """attn1 patch (before projection) of every TVE model: keeps the source pass's tokens, and in the edit and
+    keyframe passes gives q = to_q(n_src), k = to_k(n_src), v = to_v(n) — PnP's q/k injection (Eq. 4)."""
+    run = current_run(extra_options)
+    state = run_state(run)
+    if state is None:
+        return n, context, value
+    key = host.block_key(extra_options)
+    if run.pass_ is Pass.SOURCE:
+        if state.wants_tokens(key, run):
+            run.features.source_tokens[key] = n                                       # (F, T, C)
+    elif run.pass_ in (Pass.EDIT, Pass.KEYFRAMES):
+        source = state.injected_tokens(key, run)
+        if source is not None:
+            source = source.repeat(n.shape[0] // source.shape[0], 1, 1)                # (chunks·F, T, C)
+            return source, source, value
+    return n, context, value
 
 
-def install_source_branch(model: Any, branch: SourceBranch) -> None:
-    """Add the branch's CALC_COND_BATCH wrapper and an OUTER_SAMPLE wrapper that resets it for every run; the
-    inversion's checks before the first step (validation.guard_sampling) and its source outside a noise_mask."""
+def route_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """attn1 replace of every block a TVE feature computes self-attention on."""
+    run = current_run(extra_options)
+    state = run_state(run)
+    key = host.block_key(extra_options)
+    if state is None:
+        return host.optimized_attention(q, k, v, extra_options["n_heads"], extra_options)
+    base = state.attention.get(key)
+    if state.tokenflow is not None and run.pass_ in (Pass.KEYFRAMES, Pass.EDIT):
+        return state.tokenflow.attend(q, k, v, extra_options, run, key, base or state.foreign.get(key))
+    if base is not None:
+        return base.attend(q, k, v, extra_options)
+    inner = state.foreign.get(key)
+    return inner(q, k, v, extra_options) if inner else host.optimized_attention(q, k, v, extra_options["n_heads"],
+                                                                              extra_options)
 
-    def outer_sample(executor: Callable, *args: Any, **kwargs: Any) -> Any:
-        branch.reset()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            branch.reset()
 
-    host.add_wrapper(model, host.CALC_COND_BATCH, branch.wrapper)
-    host.add_wrapper(model, host.OUTER_SAMPLE, outer_sample)
-    validation.guard_sampling(model, branch.inversion)
-    follow_source_outside_mask(model, branch.inversion)
+def run_state(run: Run | None) -> State | None:
+    return None if run is None else run.state
+
+
+# ---------------------------------------------------------------------------------------------- installing
+def state_of(model: Any) -> State:
+    """The TVE state on ``model`` (an empty one if no TVE node patched it)."""
+    state = host.get_attachment(model)
+    return state if isinstance(state, State) else State()
+
+
+def install(model: Any, state: State) -> Any:
+    """Attach ``state`` to the clone ``model`` with its wrappers and routers; returns ``model``."""
+    routed = {key for key, fn in host.attn1_replaces(model).items() if fn is route_attention}
+    blocks = set(state.attention)
+    if state.tokenflow is not None:
+        blocks |= {b.key for b in host.attention_blocks(model)}
+    foreign = dict(state.foreign)
+    for key, fn in host.attn1_replaces(model).items():
+        if key in blocks and key not in routed and key not in foreign:
+            foreign[key] = fn
+    state = dataclasses.replace(state, foreign=foreign)
+    inversion = [] if state.inversion is None else [state.inversion]
+    newest_reads_inversion = bool(state.applied) and state.applied[-1] in (INJECTION_NODE, TOKENFLOW_NODE)
+    validation.same_sources(state.trajectories + inversion if newest_reads_inversion
+                            else inversion + state.trajectories)
+    if state.inversion is not None:             # a masked run follows the source outside the mask
+        host.set_inpaint_latent(model, MaskedSource(state.inversion).latent_at)
+    for key in sorted(blocks - routed):
+        model.set_model_attn1_replace(route_attention, *key)
+    if state.injection is not None or state.tokenflow is not None:
+        host.ensure_attn1_patch(model, route_attn1_patch)
+    host.set_attachment(model, state)
+    _bind(model, state)
+    return model
+
+
+def _bind(model: Any, state: State) -> None:
+    host.set_wrapper(model, host.OUTER_SAMPLE, state.outer_sample)
+    host.set_wrapper(model, host.CALC_COND_BATCH, state.calc_cond_batch)
+
+
+def check_no_foreign_attention(model: Any, blocks: Sequence[BlockKey], node: str) -> None:
+    """Refuse to hide another node's attn1 replace under FLATTEN or cross-frame attention (they compute their own
+    self-attention; TokenFlow instead runs such a replace in its keyframe pass)."""
+    foreign = sorted(key for key, fn in host.attn1_replaces(model).items() if key in set(blocks)
+                     and fn is not route_attention)
+    if foreign:
+        raise Refused(f"{node}: another node already replaced self-attention on {len(foreign)} blocks (e.g. "
+                      f"{foreign[0]}), which {node} would hide. Apply {node} first, then that node.")
+
+
+def apply(model: Any, update: Callable[[State], State]) -> Any:
+    """Clone ``model`` and attach ``update(state)``; a Refused from ``update`` leaves nothing half-applied."""
+    state = update(state_of(model))
+    return install(model.clone(), state)
+
+
+def for_inversion(model: Any) -> Any:
+    """A clone of ``model`` whose TVE state labels every call INVERSION (no source or keyframe passes)."""
+    m = model.clone()
+    state = host.get_attachment(m)
+    install(m, dataclasses.replace(state, inverting=True) if isinstance(state, State) else State(inverting=True))
+    return m

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..flow.warp import backward_warp
-from . import host, validation
+from . import host, passes, validation
 
 CATEGORY = "video editing/TVE"
 OFFICIAL_MOTION = -1.5           # latent cells per frame: the official motion_field_strength 12 px at 512², see above
@@ -111,6 +111,7 @@ def motion_dynamics(model: Any, positive: list, negative: list, latent_shape: tu
     one-frame latent (so frame 0 follows a core KSampler's trajectory for this seed), then the re-noising ε of
     frames 1..F−1.
     """
+    passes.state_of(model).check_motion_dynamics()
     if frames < 1:
         raise ValueError(f"frames: expected at least 1 frame, got {frames}")
     if steps < 2:

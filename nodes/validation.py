@@ -8,11 +8,11 @@ traceback or a silently wrong result.
   no empty batch.
 - Models: SD1.x, SD2.x and SDXL UNets, whose latents have 4 channels.
 - Sources: INVERSION and TRAJECTORIES carry a fingerprint (strided samples) of the latent they were made from,
-  and the inversion the sampling (prediction type, σ range) of the model that made it. ``guard_sampling`` puts
-  them on a patched MODEL, checks them against each other, and installs one OUTER_SAMPLE check that refuses,
-  before the first step, a start latent that is not the inversion's latent at the σ where sampling starts (or
-  where an earlier run with it ended: an edit sampled in two stages), new noise on it, a model that samples
-  differently, or trajectories of another latent than the one being inverted.
+  and the inversion the sampling (prediction type, σ range) of the model that made it. ``same_sources`` checks
+  them against each other when a node adds one to a MODEL's TVE state; ``sampling_run``, called by the state
+  before the first step, refuses a start latent that is not the inversion's latent at the σ where sampling
+  starts (or where an earlier run with it ended: an edit sampled in two stages), new noise on it, a model that
+  samples differently, or trajectories of another latent than the one being inverted.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ SUPPORTED_MODELS = "SD1.x, SD2.x and SDXL"
 DIS_MIN_SIZE = 12               # px per side below which OpenCV's DIS (MEDIUM preset, 12 px patches) fails
 FINGERPRINT_SAMPLES = 64        # strided samples per frame
 FINGERPRINT_RTOL = 0.02         # relative to |value| + the frame's RMS: 5× the rounding of a bf16 cast
-SOURCES_KEY = "tve_sources"     # transformer_options entry: the INVERSION / TRAJECTORIES a MODEL was patched with
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -219,26 +218,16 @@ def same_fingerprint(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return bool(((a - b).abs() <= FINGERPRINT_RTOL * (b.abs() + scale) + 1e-6).all())
 
 
-def guard_sampling(m: Any, source: Any = None) -> None:
-    """Install the one sampling check (see the module doc) on the clone ``m`` once, and put ``source`` (an
-    Inversion or Trajectories, if any) on it, refusing one made from another latent than the sources there."""
-    options = m.model_options["transformer_options"]
-    sources = options.get(SOURCES_KEY)
-    if sources is None:
-        host.add_wrapper(m, host.OUTER_SAMPLE, _check_run)
-        sources = _Sources()
-    if source is not None:
-        for other in sources:
-            _check_same_source(source, other)
-        sources = _Sources((*sources, source))
-    options[SOURCES_KEY] = sources
-
-
-class _Sources(tuple):
-    """The sources of one MODEL; shared, never copied, by its clones (they are read-only)."""
-
-    def __deepcopy__(self, memo: dict) -> "_Sources":
-        return self
+def same_sources(sources: Sequence[Any]) -> None:
+    """The INVERSION and TRAJECTORIES on one MODEL, in the order their nodes were applied, were made from the same
+    latent (checked when the model's TVE state is built: the node that adds one refuses a mismatch, naming it)."""
+    for i, a in enumerate(sources):
+        for b in sources[:i]:
+            fa, fb = getattr(a, "source", None), getattr(b, "source", None)
+            if fa is not None and fb is not None and not same_fingerprint(fa, fb):
+                raise ValueError(f"{'trajectories' if isinstance(a, Trajectories) else 'inversion'}: made from "
+                                 f"another latent than {_describe(b)} already on this model; build the flow, the "
+                                 "trajectories and the inversion from the same VAEEncode LATENT of the same video")
 
 
 def _describe(source: Any) -> str:
@@ -246,35 +235,18 @@ def _describe(source: Any) -> str:
         "the inversion (DDIM Inversion (TVE))"
 
 
-def _check_same_source(a: Any, b: Any) -> None:
-    fa, fb = getattr(a, "source", None), getattr(b, "source", None)
-    if fa is None or fb is None or same_fingerprint(fa, fb):
-        return
-    raise ValueError(f"{'trajectories' if isinstance(a, Trajectories) else 'inversion'}: made from another latent "
-                     f"than {_describe(b)} already on this model; build the flow, the trajectories and the "
-                     "inversion from the same VAEEncode LATENT of the same video")
-
-
-def _check_run(executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
-               sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """OUTER_SAMPLE: the sampled latent, then every source of the sampled MODEL, checked before the first step."""
-    options = host.sampling_transformer_options(executor)
-    inverting = options.get("tve_pass") == "inversion"
-    patcher = host.sampling_model(executor)
-    if not inverting:                            # the inversion checked its latent already
-        latent({"samples": latent_image}, "latent_image", channels=host.latent_channels(patcher))
-    for source in options.get(SOURCES_KEY, ()):
-        if isinstance(source, Trajectories):
-            if inverting and source.source is not None and not same_fingerprint(fingerprint(latent_image),
-                                                                                 source.source):
+def sampling_run(patcher: Any, noise: torch.Tensor, latent_image: torch.Tensor, sigmas: torch.Tensor,
+                 inversion: Any, trajectories: Sequence[Trajectories], inverting: bool) -> None:
+    """Before the first step of a sampling run of a TVE model (its state's OUTER_SAMPLE wrapper): the sampled latent,
+    then its sources. Inverting: the trajectories were built on the latent being inverted. Editing: the inversion's
+    ``check_run`` (same sampling, no new noise, the start latent is the inversion's at the start σ)."""
+    if inverting:                                # the inversion checked its latent already
+        for source in trajectories:
+            if source.source is not None and not same_fingerprint(fingerprint(latent_image), source.source):
                 raise ValueError("trajectories: built on another latent than the one DDIM Inversion (TVE) inverts; "
                                  "connect the same VAEEncode LATENT to Flow Trajectories (TVE) and DDIM Inversion "
                                  "(TVE)")
-        elif not inverting:
-            source.check_run(patcher, noise, latent_image, sigmas)
-    out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-    if not inverting:
-        for source in options.get(SOURCES_KEY, ()):
-            if not isinstance(source, Trajectories):
-                source.remember_end(patcher, out, float(sigmas[-1]))
-    return out
+        return
+    latent({"samples": latent_image}, "latent_image", channels=host.latent_channels(patcher))
+    if inversion is not None:
+        inversion.check_run(patcher, noise, latent_image, sigmas)

@@ -33,12 +33,16 @@ _COMMON = dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True
 HEAD_CHANNELS = 8
 
 
-def unet_config(family: str) -> dict:
-    return {**_COMMON, **_UNET[family]}
+def unet_config(family: str, **overrides) -> dict:
+    return {**_COMMON, **_UNET[family], **overrides}
 
 
-def make_tiny_model(family: str = "sd15", seed: int = 0):
-    return _real_model(family, seed) if REAL_HOST else _stand_in_model(family, seed)
+def make_tiny_model(family: str = "sd15", seed: int = 0, **unet_overrides):
+    """``unet_overrides`` change the shared layout (e.g. ``num_res_blocks=[2, 2]``, the 3-blocks-per-level input
+    layout a T2I-Adapter expects); real host only."""
+    if unet_overrides and not REAL_HOST:
+        raise ValueError("unet_overrides: only the real host builds other layouts")
+    return _real_model(family, seed, **unet_overrides) if REAL_HOST else _stand_in_model(family, seed)
 
 
 def make_conditioning(family: str = "sd15", seed: int = 1, batch: int = 1) -> list:
@@ -66,7 +70,7 @@ def _init_weights(module: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
 
 
-def _real_model(family: str, seed: int):
+def _real_model(family: str, seed: int, **unet_overrides):
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -74,7 +78,7 @@ def _real_model(family: str, seed: int):
 
     config_class = {"sd15": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
                     "sdxl": comfy.supported_models.SDXL}[family]
-    mc = config_class(unet_config(family))
+    mc = config_class(unet_config(family, **unet_overrides))
     mc.unet_config.update(num_heads=-1, num_head_channels=HEAD_CHANNELS)
     mc.set_inference_dtype(torch.float32, None)
     model_type = comfy.model_base.ModelType.V_PREDICTION if family == "sd2" else comfy.model_base.ModelType.EPS
@@ -87,20 +91,9 @@ def _real_model(family: str, seed: int):
 
 
 # ------------------------------------------------------------------------------------------ stand-in host
-class Downsample(nn.Module):
-    """Named like comfy's so block-level counting works the same way."""
-
-
-class Upsample(nn.Module):
-    pass
-
-
-class _StandInResBlock(nn.Module):
-    pass
-
-
 def _stand_in_unet(family: str) -> nn.Module:
     from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
 
     cfg = unet_config(family)
     depth_out = list(cfg["transformer_depth_output"])
@@ -110,18 +103,18 @@ def _stand_in_unet(family: str) -> nn.Module:
         return [SpatialTransformer(ch, ch // HEAD_CHANNELS, HEAD_CHANNELS, depth)] if depth else []
 
     unet = nn.Module()
-    inputs = [nn.Sequential(_StandInResBlock())]
+    inputs = [nn.Sequential(ResBlock())]
     for level, ch in enumerate(channels):
-        inputs.append(nn.Sequential(_StandInResBlock(), *spatial(ch, cfg["transformer_depth"][level])))
+        inputs.append(nn.Sequential(ResBlock(), *spatial(ch, cfg["transformer_depth"][level])))
         if level < len(channels) - 1:
             inputs.append(nn.Sequential(Downsample()))
     unet.input_blocks = nn.ModuleList(inputs)
-    unet.middle_block = nn.Sequential(_StandInResBlock(), *spatial(channels[-1], cfg["transformer_depth_middle"]),
-                                      _StandInResBlock())
+    unet.middle_block = nn.Sequential(ResBlock(), *spatial(channels[-1], cfg["transformer_depth_middle"]),
+                                      ResBlock())
     outputs = []
     for level in reversed(range(len(channels))):
         for i in range(cfg["num_res_blocks"][level] + 1):
-            layers = [_StandInResBlock(), *spatial(channels[level], depth_out.pop())]
+            layers = [ResBlock(), *spatial(channels[level], depth_out.pop())]
             if level and i == cfg["num_res_blocks"][level]:
                 layers.append(Upsample())
             outputs.append(nn.Sequential(*layers))
@@ -142,6 +135,37 @@ def _stand_in_model(family: str, seed: int):
     base.latent_format = types.SimpleNamespace(latent_channels=4)
     _init_weights(base, seed)
     return ModelPatcher(base)
+
+
+def make_tiny_controlnet(family: str = "sd15", seed: int = 3, **unet_overrides):
+    """Real host: a ControlNet (comfy.cldm.cldm.ControlNet in comfy.controlnet.ControlNet) with the tiny UNet's
+    layout, seeded random weights, RGB hints."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+    import comfy.ops
+
+    config = {k: v for k, v in unet_config(family, **unet_overrides).items()
+              if k not in ("out_channels", "transformer_depth_output", "use_temporal_resblock",
+                           "use_temporal_attention")}
+    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, num_head_channels=HEAD_CHANNELS, dtype=torch.float32,
+                                               device=torch.device("cpu"), operations=comfy.ops.disable_weight_init,
+                                               **config)
+    _init_weights(control_model, seed)
+    control_model.eval()
+    return comfy.controlnet.ControlNet(control_model, load_device=mm.get_torch_device())
+
+
+def make_tiny_t2i_adapter(channels=(32, 64), seed: int = 4):
+    """Real host: a T2I-Adapter (comfy.t2i_adapter.adapter.Adapter in comfy.controlnet.T2IAdapter) whose features fit
+    a tiny UNet with ``num_res_blocks=[2, 2]`` (one feature every third input block, as SD1.5's)."""
+    import comfy.controlnet
+    from comfy.t2i_adapter.adapter import Adapter
+
+    adapter = Adapter(channels=list(channels), nums_rb=1, cin=3 * 64, ksize=1, sk=True, use_conv=False, xl=False)
+    _init_weights(adapter, seed)
+    adapter.eval()
+    return comfy.controlnet.T2IAdapter(adapter, 3, 8, "nearest-exact", device=torch.device("cpu"))
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tve.attention.cross_frame import anchor_attention, dense_attention, keyframe_attention, pick_keyframes
-from tve.nodes import host
+from tve.nodes import host, passes
 from tve.nodes.cross_frame import MODES, ApplyCrossFrameAttention
 from tve.tests.hosts import (FAMILIES, REAL_HOST, cond_chunks_split, make_conditioning, make_latent,
                              make_tiny_model, with_context_windows)
@@ -20,6 +20,11 @@ def apply(model, mode="dense", **kw):
 
 def attn1_replaces(model):
     return model.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
+
+
+def attention_of(model):
+    """The cross-frame feature's attention (what the block router calls), from the model's TVE state."""
+    return next(iter(passes.state_of(model).attention.values())).attend
 
 
 def extra_options(chunks=2, grid=(4, 4), step_sigma=1.0, window=None, heads=2):
@@ -58,7 +63,7 @@ def test_token_grid_choice_selects_blocks_by_resolution():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_replace_computes_the_mode_on_host_shaped_inputs(dtype):
     model = make_tiny_model("sd15")
-    fn = next(iter(attn1_replaces(apply(model, "dense")).values()))
+    fn = attention_of(apply(model, "dense"))
     q, k, v = qkv(8, dtype=dtype)
     out = fn(q, k, v, extra_options())
     assert out.dtype == dtype
@@ -67,7 +72,7 @@ def test_replace_computes_the_mode_on_host_shaped_inputs(dtype):
 
 def test_keyframes_are_redrawn_per_step_and_follow_context_window_ids():
     model = make_tiny_model("sd15")
-    fn = next(iter(attn1_replaces(apply(model, "keyframes", keyframe_interval=2)).values()))
+    fn = attention_of(apply(model, "keyframes", keyframe_interval=2))
     q, k, v = qkv(8)
     window = [6, 7, 8, 9]
     out = fn(q, k, v, extra_options(step_sigma=3.0, window=window))
@@ -79,7 +84,7 @@ def test_keyframes_are_redrawn_per_step_and_follow_context_window_ids():
 
 def test_anchor_outside_the_call_is_a_clear_error_and_inside_it_is_the_anchor_reference():
     model = make_tiny_model("sd15")
-    fn = next(iter(attn1_replaces(apply(model, "anchor", anchor_frame=5)).values()))
+    fn = attention_of(apply(model, "anchor", anchor_frame=5))
     q, k, v = qkv(8)
     with pytest.raises(ValueError, match="anchor_frame"):
         fn(q, k, v, extra_options())
@@ -89,7 +94,7 @@ def test_anchor_outside_the_call_is_a_clear_error_and_inside_it_is_the_anchor_re
 
 def test_outside_the_schedule_window_attention_is_vanilla():
     model = make_tiny_model("sd15")
-    fn = next(iter(attn1_replaces(apply(model, "dense", start_percent=0.6)).values()))
+    fn = attention_of(apply(model, "dense", start_percent=0.6))
     q, k, v = qkv(8)
     out = fn(q, k, v, extra_options(step_sigma=3.0))                   # step 1 of 4: 25 %
     assert torch.allclose(out, host.optimized_attention(q, k, v, 2, extra_options()), atol=1e-5)

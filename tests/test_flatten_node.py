@@ -4,7 +4,7 @@ import torch
 
 from tve.flow.estimate import FlowField
 from tve.flow.trajectories import build_trajectories
-from tve.nodes import host
+from tve.nodes import host, passes
 from tve.nodes.flatten import ApplyFLATTEN
 from tve.tests.hosts import FAMILIES, cond_chunks_split, make_conditioning, make_latent, make_tiny_model
 from tve.tools.video_world import render_clip
@@ -27,7 +27,8 @@ def test_every_block_gets_dense_attention_and_the_top_grid_gets_trajectories(fam
     patched = apply(model, trajectories_for(4))
     replaces = patched.model_options["transformer_options"]["patches_replace"]["attn1"]
     assert set(replaces) == {b.key for b in host.attention_blocks(model)}
-    flatten = next(iter(replaces.values())).__self__
+    assert set(replaces.values()) == {passes.route_attention}
+    flatten = passes.state_of(patched).attention[next(iter(replaces))]
     top = min(b.level for b in host.attention_blocks(model))
     assert flatten.grids == {(-(-8 // 2 ** top), -(-8 // 2 ** top))}
     assert "patches_replace" not in model.model_options["transformer_options"]

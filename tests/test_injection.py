@@ -21,8 +21,9 @@ class UNetInputs:
         self.calls = []
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        from tve.nodes.passes import current_pass
         sigma = transformer_options["sigmas"].reshape(-1)[0].float()
-        self.calls.append((transformer_options.get("tve_pass"), float(sigma),
+        self.calls.append((current_pass(transformer_options).value, float(sigma),
                            (x.float() * (sigma ** 2 + 1) ** 0.5).clone()))
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 

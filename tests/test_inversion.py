@@ -143,3 +143,59 @@ def test_inversion_from_another_family_or_grid_is_refused():
         inversion.index_of(float(inversion.sigmas[1]) * 1.1)
     assert inversion.index_of(float(inversion.sigmas[1])) == 1
     assert math.isfinite(float(inversion.latents.abs().max()))
+
+
+@real_host
+def test_subdivided_ddim_uniform_grid_is_part_of_the_finer_ddim_uniform_grid():
+    # diffusers' DDIM timesteps for n·m steps contain those of n steps and every m-th between them.
+    from tve.nodes import host
+    model = make_tiny_model("sd15")
+    coarse = host.sigma_grid(model, "ddim_uniform", 5)
+    fine = host.subdivided_grid(model, coarse, 10)
+    reference = host.sigma_grid(model, "ddim_uniform", 50)
+    assert len(fine) == 4 * 10 + 1 + 1                       # 4 nonzero intervals split, the step to 0 kept
+    assert torch.equal(fine[torch.isin(fine, coarse)], coarse)
+    for sigma in fine.tolist():
+        assert torch.isclose(reference, torch.tensor(sigma), rtol=1e-5).any(), sigma
+
+
+@real_host
+def test_finer_inversion_keeps_the_source_on_the_sampling_grid_and_x_T_at_its_top():
+    from comfy.patcher_extension import WrappersMP
+    from tve.nodes import host
+    from tve.nodes.inversion import invert
+    model = make_tiny_model("sd15")
+    calls = []
+    spy = model.clone()
+    spy.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
+        calls.append(float(args[5]["sigmas"].reshape(-1)[0])), executor(*args, **kw))[1])
+    latent = make_latent(2, 8, 8)["samples"]
+    x_T, inversion = invert(spy, latent, make_conditioning(), 4, "ddim_uniform", multiple=5)
+    grid = host.sigma_grid(model, "ddim_uniform", 4)
+    assert torch.equal(inversion.sigmas, grid)
+    assert inversion.latents.shape[0] == len(grid)
+    assert len(calls) == 3 * 5 + 1                           # the fine walk: 5 steps per nonzero interval
+    assert calls[-1] == pytest.approx(float(host.subdivided_grid(model, grid, 5)[1]), rel=1e-5)
+    assert torch.allclose(inversion.latents[0].float(), host.process_latent_in(model, x_T).float(), atol=1e-5)
+    assert torch.allclose(inversion.latents[-1].float(), host.process_latent_in(model, latent).float(), atol=1e-6)
+    with pytest.raises(ValueError, match="inversion_multiple"):
+        invert(model, latent, make_conditioning(), 4, "ddim_uniform", multiple=0)
+
+
+@real_host
+def test_finer_inversion_reconstructs_the_trained_models_clip_more_faithfully():
+    import comfy.sample
+    import comfy.samplers
+    from tve.nodes.inversion import invert
+    from tve.tests.trained_model import load_trained_model, trained_conditioning
+    from tve.tools.train_test_model import HELD_OUT_SEED, render_frames
+    model = load_trained_model()
+    cond = trained_conditioning("source")
+    raw = render_frames(1, 2, HELD_OUT_SEED + 3)
+    errors = []
+    for multiple in (1, 5):
+        x_T, inversion = invert(model, raw, cond, 10, "ddim_uniform", multiple)
+        recon = comfy.sample.sample_custom(model, torch.zeros_like(x_T), 1.0, comfy.samplers.sampler_object("euler"),
+                                           inversion.sigmas, cond, cond, x_T, disable_pbar=True)
+        errors.append(float((recon - raw).norm() / raw.norm()))
+    assert errors[1] < 0.8 * errors[0], errors

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from tve.nodes import passes
 from tve.tests.hosts import make_conditioning, make_latent, make_tiny_model
 
 pytestmark = pytest.mark.real_host
@@ -215,7 +216,7 @@ def test_outside_the_mask_every_edit_step_sees_the_source_at_its_sigma():
 
     def spy(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         sigma = transformer_options["sigmas"].reshape(-1)[0].float()
-        if transformer_options.get("tve_pass") == "edit":
+        if passes.current_pass(transformer_options) is passes.Pass.EDIT:
             seen.append((x.float() * (sigma ** 2 + 1) ** 0.5)[..., 4:].clone())
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
@@ -228,20 +229,19 @@ def test_outside_the_mask_every_edit_step_sees_the_source_at_its_sigma():
         assert torch.allclose(x, inversion.latents[i][..., 4:].float(), atol=1e-4)
 
 
-def test_an_outer_sample_wrapper_sees_the_sampled_patcher_and_its_transformer_options():
+def test_an_outer_sample_wrapper_sees_the_sampled_patcher():
     from comfy.patcher_extension import WrappersMP
     from tve.nodes import host
     model = make_tiny_model("sd15").clone()
-    model.model_options["transformer_options"]["marker"] = 7
     seen = {}
 
     def outer(executor, *args, **kwargs):
-        seen["patcher"], seen["options"] = host.sampling_model(executor), host.sampling_transformer_options(executor)
+        seen["patcher"] = host.sampling_model(executor)
         return executor(*args, **kwargs)
 
     model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "test_spy", outer)
     sample(model, torch.zeros(1, 4, 8, 8), host.sigma_grid(model, "ddim_uniform", 2))
-    assert seen["patcher"] is model and seen["options"]["marker"] == 7
+    assert seen["patcher"] is model
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -15,9 +15,11 @@ class PassRecorder:
         self.calls = []
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        self.calls.append((transformer_options.get("tve_pass"), float(transformer_options["sigmas"][0]),
-                           tuple(transformer_options.get("tve_frame_ids", range(x.shape[0] // len(
-                               transformer_options["cond_or_uncond"]))))))
+        from tve.nodes import host
+        from tve.nodes.passes import current_pass
+        frames = x.shape[0] // len(transformer_options["cond_or_uncond"])
+        self.calls.append((current_pass(transformer_options).value, float(transformer_options["sigmas"][0]),
+                           host.call_frame_ids(frames, transformer_options)))
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
@@ -128,5 +130,3 @@ def test_bad_inputs_are_refused_before_sampling():
         tokenflow(model, inversion, mode="sideways")
     with pytest.raises(ValueError, match="inversion"):
         tokenflow(make_tiny_model("sdxl"), inversion)
-    with pytest.raises(ValueError, match="already"):
-        tokenflow(tokenflow(model, inversion), inversion)

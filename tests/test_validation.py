@@ -126,15 +126,20 @@ def test_flow_consumers_refuse_non_finite_flow_and_frames():
         FlowTrajectories().build(flow, {"samples": torch.zeros(3, 16, 3, 4)}, 0, True)
 
 
-def test_trajectories_carry_the_fingerprint_of_their_latent_and_flatten_refuses_another_videos_inversion_source():
+def test_trajectories_carry_the_fingerprint_of_their_latent_and_sources_of_two_latents_are_refused():
     flow = estimate_flow(clip(3), "dis")
     latent = make_latent(3, 3, 4)
     trajectories, = FlowTrajectories().build(flow, latent, 0, True)
     assert validation.same_fingerprint(trajectories.source, validation.fingerprint(latent["samples"]))
     other, = FlowTrajectories().build(flow, make_latent(3, 3, 4, seed=9), 0, True)
-    model, = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories, "highest resolution", "dense_output")
+    validation.same_sources([trajectories, trajectories])
     with pytest.raises(ValueError, match="^trajectories: made from another latent than the trajectories"):
-        ApplyFLATTEN().apply(model, other, "highest resolution", "dense_output")
+        validation.same_sources([trajectories, other])
+    # FLATTEN applied again is one FLATTEN with the later settings (issue 15): its trajectories replace the first.
+    model, = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories, "highest resolution", "dense_output")
+    again, = ApplyFLATTEN().apply(model, other, "highest resolution", "dense_output")
+    from tve.nodes import passes
+    assert passes.state_of(again).trajectories == [other]
 
 
 def test_pca_preview_of_a_single_token_grid_gives_a_picture():

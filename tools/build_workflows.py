@@ -222,6 +222,35 @@ T2V_ZERO_NOTE = """Text2Video-Zero (Khachatryan et al., ICCV 2023): zero-shot te
 cells per frame, re-noised: the start latents of all frames. Its sigmas output is the rest of the schedule.
 • Cross-frame attention 'anchor': every frame attends to frame 0, which keeps the subject's appearance."""
 
+TOKENFLOW_CONTROLNET_NOTE = """TokenFlow with a ControlNet: Canny edges of the SOURCE frames (core Canny) guide the \
+edit through core Apply ControlNet; TVE gives each keyframe pass the keyframes' own edge maps (stacks of several \
+ControlNets / T2I-Adapters work the same way).
+
+• ControlNet: an SD1.5 canny ControlNet in models/controlnet, e.g. control_v11p_sd15_canny_fp16.safetensors \
+(https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors). One hint image per frame (or one for all).
+• strength 0.8 / end_percent 1.0: how strongly and how long the edges hold the edit to the source's outlines.
+• TokenFlow settings as in tokenflow_edit.json."""
+
+CONTROLNET_CANNY = "control_v11p_sd15_canny_fp16.safetensors"
+CONTROLNET_CANNY_URL = ("https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+                        "control_v11p_sd15_canny_fp16.safetensors")
+
+
+def canny_controlnet(column: int) -> list[Node]:
+    """Core Canny on the source frames → ControlNetLoader → ControlNetApplyAdvanced on the edit prompts."""
+    return [
+        Node("canny", "Canny", column - 1, {"low_threshold": 0.4, "high_threshold": 0.8},
+             {"image": ("components", "images")}),
+        Node("controlnet", "ControlNetLoader", column - 1, {"control_net_name": CONTROLNET_CANNY},
+             properties={"models": [{"name": CONTROLNET_CANNY, "url": CONTROLNET_CANNY_URL,
+                                     "directory": "controlnet"}]}),
+        Node("apply_controlnet", "ControlNetApplyAdvanced", column,
+             {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0},
+             {"positive": ("target_prompt", "CONDITIONING"), "negative": ("negative_prompt", "CONDITIONING"),
+              "control_net": ("controlnet", "CONTROL_NET"), "image": ("canny", "IMAGE")}),
+    ]
+
+
 WORKFLOWS: dict[str, list[Node | Note]] = {
     "optical_flow_preview.json": [
         Note("note", 0, FLOW_NOTE),
@@ -278,6 +307,19 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
         cfg_guider(5, ("tokenflow", "MODEL")),
         *sample_and_save(6, ("guider", "GUIDER"), "TVE_tokenflow_edit"),
         *consistency(9, flow_column=8),
+    ],
+    "tokenflow_controlnet_edit.json": [
+        Note("note", 0, TOKENFLOW_CONTROLNET_NOTE),
+        checkpoint(),
+        *source_frames(),
+        *edit_prompts(),
+        *inversion(),
+        *canny_controlnet(5),
+        tokenflow(5, ("checkpoint", "MODEL")),
+        Node("guider", "CFGGuider", 6, {"cfg": 7.5},
+             {"model": ("tokenflow", "MODEL"), "positive": ("apply_controlnet", "positive"),
+              "negative": ("apply_controlnet", "negative")}),
+        *sample_and_save(7, ("guider", "GUIDER"), "TVE_tokenflow_controlnet_edit"),
     ],
     "flatten_edit.json": [
         Note("note", 0, FLATTEN_NOTE),

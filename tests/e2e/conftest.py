@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tve.tests.e2e.headless_comfyui import HeadlessComfyUI, start
-from tve.tests.e2e.session_files import CHECKPOINT, FPS, FRAMES, HEIGHT, PACK_FOLDER, RAFT_PLACEHOLDER, VIDEO, WIDTH
-from tve.tests.e2e.tiny_sd15 import write_tiny_sd15
+from tve.tests.e2e.session_files import CHECKPOINT, CONTROLNET, FPS, FRAMES, HEIGHT, PACK_FOLDER, RAFT_PLACEHOLDER, VIDEO, WIDTH
+from tve.tests.e2e.tiny_sd15 import write_tiny_controlnet, write_tiny_sd15
 from tve.tools.video_world import render_clip
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +29,13 @@ def checkpoint_file(e2e_root) -> Path:
     folder = e2e_root / "models" / "checkpoints"
     folder.mkdir(parents=True)
     return write_tiny_sd15(folder / CHECKPOINT, seed=0)
+
+
+@pytest.fixture(scope="session")
+def controlnet_file(e2e_root) -> Path:
+    folder = e2e_root / "models" / "controlnet"
+    folder.mkdir(parents=True)
+    return write_tiny_controlnet(folder / CONTROLNET, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -49,9 +56,9 @@ def source_video(e2e_root) -> Path:
 
 
 @pytest.fixture(scope="session")
-def comfyui(e2e_root, checkpoint_file, source_video) -> HeadlessComfyUI:
+def comfyui(e2e_root, checkpoint_file, controlnet_file, source_video) -> HeadlessComfyUI:
     """The server: ``--base-directory`` for input/output/temp/user, extra_model_paths.yaml for the pack's
-    custom_nodes folder, the checkpoint and optical_flow; only this pack is allowed to load."""
+    custom_nodes folder, the checkpoint, the ControlNet and optical_flow; only this pack is allowed to load."""
     comfyui_path = Path(os.environ["COMFYUI_PATH"]).resolve()
     base = e2e_root / "base"
     (base / "custom_nodes").mkdir()                  # ComfyUI lists its own custom_nodes folder: keep it empty
@@ -62,7 +69,8 @@ def comfyui(e2e_root, checkpoint_file, source_video) -> HeadlessComfyUI:
     flow_folder.mkdir(parents=True)
     (flow_folder / RAFT_PLACEHOLDER).write_bytes(b"")
     config = e2e_root / "extra_model_paths.yaml"
-    paths = {"custom_nodes": custom_nodes, "checkpoints": checkpoint_file.parent, "optical_flow": flow_folder}
+    paths = {"custom_nodes": custom_nodes, "checkpoints": checkpoint_file.parent, "controlnet": controlnet_file.parent,
+             "optical_flow": flow_folder}
     config.write_text("tve_e2e:\n" + "".join(f"    {key}: {json.dumps(str(path))}\n" for key, path in paths.items()),
                       encoding="utf-8")
     server = start(comfyui_path, ["--base-directory", str(base), "--extra-model-paths-config",

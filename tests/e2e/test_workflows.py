@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tve.tests.e2e.session_files import CHECKPOINT, FRAMES, HEIGHT, PACK_FOLDER, RAFT_PLACEHOLDER, VIDEO, WIDTH
+from tve.tests.e2e.session_files import CHECKPOINT, CONTROLNET, FRAMES, HEIGHT, PACK_FOLDER, RAFT_PLACEHOLDER, VIDEO, WIDTH
 from tve.tests.e2e.ui_workflow import combo_choices, problems, to_api
 
 pytestmark = pytest.mark.real_host
@@ -23,6 +23,7 @@ RUN_TIMEOUT_S = 600
 # counts. An override naming an input the node lacks fails the test (keeps this table honest).
 TYPE_OVERRIDES = {
     "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
+    "ControlNetLoader": {"control_net_name": CONTROLNET},
     "LoadVideo": {"file": VIDEO},
     "TVE_OpticalFlow": {"method": "dis", "raft_weights": "none (method dis)"},
     "TVE_DDIMInversion": {"steps": 2},

@@ -5,7 +5,8 @@ The UNet is SD1.5's shrunk to two resolution levels of 320 channels with one Res
 stages PnP injection picks its blocks from); the CLIP-L text encoder and the VAE are full size, so the
 checkpoint holds every key a real SD1.5 file has under ``model.diffusion_model.``, ``cond_stage_model.`` and
 ``first_stage_model.``. Names and shapes come from comfy's own classes built on the meta device; the layout is
-comfy's own ``state_dict_for_saving``. Outputs are meaningless; workflows run end to end.
+comfy's own ``state_dict_for_saving``. ``write_tiny_controlnet`` writes a ControlNet for that UNet the same way.
+Outputs are meaningless; workflows run end to end.
 """
 from __future__ import annotations
 
@@ -62,4 +63,23 @@ def random_weights(shapes: dict[str, torch.Tensor], seed: int) -> dict[str, torc
 
 def write_tiny_sd15(path: Path, seed: int = 0) -> Path:
     safetensors.torch.save_file(random_weights(checkpoint_shapes(), seed), str(path))
+    return path
+
+
+def controlnet_shapes() -> dict[str, torch.Tensor]:
+    """Every tensor of an SD1.5 ControlNet (RGB hint) for the tiny UNet, as meta tensors named as in a ControlNet
+    ``.pth``/``.safetensors`` file (``control_model.`` prefix): comfy's own ``comfy.cldm.cldm.ControlNet``."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    config = {k: v for k, v in UNET.items() if k not in ("out_channels", "transformer_depth_output",
+                                                         "use_temporal_resblock", "use_temporal_attention")}
+    control = comfy.cldm.cldm.ControlNet(hint_channels=3, num_heads=8, device=torch.device("meta"),
+                                         operations=comfy.ops.disable_weight_init, **config)
+    return {f"control_model.{name}": t for name, t in control.state_dict().items()}
+
+
+def write_tiny_controlnet(path: Path, seed: int = 1) -> Path:
+    """A ControlNet file that core ControlNetLoader loads and that fits the tiny SD1.5 checkpoint's UNet."""
+    safetensors.torch.save_file(random_weights(controlnet_shapes(), seed), str(path))
     return path

@@ -22,6 +22,7 @@ class ModelPatcher:
         self.model_options = {"transformer_options": {}}
         self.object_patches = {}
         self.wrappers = {}
+        self.attachments = {}
         self.calls = []                 # (setter, args) of every setter called on this patcher
 
     def clone(self):
@@ -29,6 +30,8 @@ class ModelPatcher:
         n.model_options = copy.deepcopy(self.model_options)
         n.object_patches = self.object_patches.copy()
         n.wrappers = {t: {k: list(v) for k, v in d.items()} for t, d in self.wrappers.items()}
+        n.attachments = {k: v.on_model_patcher_clone() if hasattr(v, "on_model_patcher_clone") else v
+                         for k, v in self.attachments.items()}
         return n
 
     def is_clone(self, other):
@@ -69,5 +72,19 @@ class ModelPatcher:
         self.calls.append(("add_wrapper_with_key", wrapper_type, key))
         self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
 
+    def remove_wrappers_with_key(self, wrapper_type, key):
+        self.calls.append(("remove_wrappers_with_key", wrapper_type, key))
+        self.wrappers.get(wrapper_type, {}).pop(key, None)
+
     def get_wrappers(self, wrapper_type, key):
         return self.wrappers.get(wrapper_type, {}).get(key, [])
+
+    def set_attachments(self, key, attachment):
+        self.calls.append(("set_attachments", key))
+        self.attachments[key] = attachment
+
+    def remove_attachments(self, key):
+        self.attachments.pop(key, None)
+
+    def get_attachment(self, key):
+        return self.attachments.get(key, None)
