@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -246,9 +245,21 @@ def _raft_padding(size: int) -> int:
     return max(RAFT_MIN_SIZE, -(-size // 8) * 8) - size
 
 
+def opencv():
+    """``cv2``, imported only where DIS runs: without a working OpenCV every other method and node still loads."""
+    try:
+        import cv2
+    except ImportError as error:                     # also a wheel whose shared libraries (libGL) are missing
+        raise RuntimeError(f"method: 'dis' needs OpenCV, which does not import here ({error}); install it with "
+                           "ComfyUI's Python (pip install opencv-python) or use a RAFT method") from error
+    return cv2
+
+
 def _dis_flows(frames: torch.Tensor, size: tuple[int, int], on_batch: Callable[[int, int], None] | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F-1, 2, h, w) forward and backward float32 flows from OpenCV DIS on uint8 grayscale frames at ``size``."""
+    cv2 = opencv()
+
     def gray(image: torch.Tensor) -> np.ndarray:                            # (H, W, 3) → (h, w) uint8
         small = resize_frames(image.detach().float().cpu().permute(2, 0, 1)[None], size)[0].permute(1, 2, 0)
         rgb = (small.clamp(0, 1) * 255).round().to(torch.uint8).numpy()

@@ -2,20 +2,22 @@
 
 Flow colours follow the Middlebury colour wheel (Baker et al., IJCV 2011): hue = direction,
 saturation = speed, white = still; speeds beyond the normalising magnitude are darkened to 75 %.
+Tracks are drawn with Pillow (which ComfyUI installs), so previews need no OpenCV.
 """
 from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from .trajectories import TrajectoryGrid
 
 # Middlebury wheel: segments red-yellow, yellow-green, green-cyan, cyan-blue, blue-magenta, magenta-red.
 _SEGMENTS = (15, 6, 4, 11, 13, 6)
 _GOLDEN = (math.sqrt(5) - 1) / 2     # hue step between consecutive track colours
+SUPERSAMPLE = 4                       # tracks are rasterised at 4x and box-filtered: anti-aliased edges
 
 
 def _colour_wheel() -> torch.Tensor:
@@ -90,20 +92,33 @@ def draw_tracks(frames: torch.Tensor, grid: TrajectoryGrid, count: int, seed: in
     generator = torch.Generator().manual_seed(seed)
     chosen = pool[torch.randperm(len(pool), generator=generator)[:count]]
     cells = tracks[chosen].clamp(min=0)                                    # (count, F)
-    shift = 4                                                              # cv2 fixed point: 1/16 px
-    x = (((cells % w).double() + 0.5) * width / w - 0.5) * (1 << shift)
-    y = (((cells // w).double() + 0.5) * height / h - 0.5) * (1 << shift)
-    points = torch.stack([x, y], -1).round().int().numpy()                 # (count, F, 2)
+    # Cell centres in the supersampled image, where pixel j spans [j·s, (j+1)·s).
+    x = ((cells % w).double() + 0.5) * (width / w) * SUPERSAMPLE
+    y = ((cells // w).double() + 0.5) * (height / h) * SUPERSAMPLE
+    points = torch.stack([x, y], -1).tolist()                              # (count, F, 2)
     first = present[chosen].long().argmax(1).tolist()                      # start frame of each track
     hue = torch.arange(len(chosen), dtype=torch.float64) * _GOLDEN * 2 * math.pi
-    colours = _hue(torch.cos(hue).float(), torch.sin(hue).float()).tolist()
-    thickness = max(1, round(min(height, width) / 256))
-    canvas = frames.detach().float().cpu().numpy().copy()                  # (F, H, W, 3) float32
+    colours = _hue(torch.cos(hue).float(), torch.sin(hue).float())         # (count, 3) in [0, 1]
+    thickness = max(1, round(min(height, width) / 256)) * SUPERSAMPLE
+    radius = thickness + SUPERSAMPLE
+    canvas = frames.detach().float().cpu().clone()                         # (F, H, W, 3) float32
     for f in range(count_frames):
-        image = canvas[f]
+        # Each track paints its index + 1 into a label image (later tracks on top); coverage comes from the box
+        # filter of the supersampled mask, colour from the label, so undrawn pixels keep their exact values.
+        labels = Image.new("I", (width * SUPERSAMPLE, height * SUPERSAMPLE), 0)
+        draw = ImageDraw.Draw(labels)
         for i in present[chosen, f].nonzero().squeeze(1).tolist():
-            history = np.ascontiguousarray(points[i, first[i]:f + 1])
-            cv2.polylines(image, [history], False, colours[i], thickness, cv2.LINE_AA, shift)
-            cv2.circle(image, tuple(int(c) for c in history[-1]), (thickness + 1) << shift, colours[i], -1,
-                       cv2.LINE_AA, shift)
-    return torch.from_numpy(canvas).clamp(0, 1).to(frames.device, frames.dtype)
+            history = [tuple(point) for point in points[i][first[i]:f + 1]]
+            if len(history) > 1:
+                draw.line(history, fill=i + 1, width=thickness, joint="curve")
+            cx, cy = history[-1]
+            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=i + 1)
+        label = torch.from_numpy(np.asarray(labels, dtype=np.int32).copy())  # (H·s, W·s)
+        if not label.any():
+            continue
+        blocks = label.reshape(height, SUPERSAMPLE, width, SUPERSAMPLE).permute(0, 2, 1, 3).reshape(height, width, -1)
+        coverage = (blocks > 0).float().mean(-1, keepdim=True)             # (H, W, 1)
+        top = blocks.amax(-1)                                              # (H, W): the track drawn last wins
+        colour = colours[(top - 1).clamp(min=0)]                           # (H, W, 3)
+        canvas[f] = torch.where(coverage > 0, canvas[f] * (1 - coverage) + colour * coverage, canvas[f])
+    return canvas.clamp(0, 1).to(frames.device, frames.dtype)

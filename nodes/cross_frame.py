@@ -76,8 +76,11 @@ class ApplyCrossFrameAttention:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "mode": (MODES, {"default": "keyframes"}),
+            "model": ("MODEL", {"tooltip": "The model to patch (a clone is returned; yours is unchanged)."}),
+            "mode": (MODES, {"default": "keyframes", "tooltip": (
+                "keyframes: TokenFlow's extended attention over random keyframes. dense: FLATTEN's, all frames "
+                "(memory grows with frames). anchor: Text2Video-Zero's, one anchor frame. fine_coarse: EI²'s, own frame "
+                "at full resolution plus the other frames pooled.")}),
             "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024,
                                           "tooltip": "keyframes: one keyframe per this many frames."}),
             "anchor_frame": ("INT", {"default": 0, "min": 0, "max": 100000,
@@ -86,12 +89,15 @@ class ApplyCrossFrameAttention:
                                                 "tooltip": "anchor: also attend to the frame's own tokens."}),
             "coarse_factor": ("INT", {"default": 2, "min": 1, "max": 16,
                                       "tooltip": "fine_coarse: pooling of the other frames' tokens."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
-                             "tooltip": "keyframes: the random keyframe draw (re-drawn every step)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
+                             "tooltip": "keyframes: seeds the keyframe draw (re-drawn every step). Fixed: it does not "
+                                        "re-roll on every queue."}),
             "token_grids": (TOKEN_GRIDS, {"default": "all",
                                           "tooltip": "Which UNet resolutions get cross-frame attention."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Fraction of the sampling steps after which it starts (0 = first)."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Fraction of the sampling steps after which it stops (1 = last)."}),
         }}
 
     RETURN_TYPES = ("MODEL",)

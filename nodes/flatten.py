@@ -99,7 +99,9 @@ class ApplyFLATTEN:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": (
+                "The model to patch (a clone). Give the result to DDIM Inversion too: FLATTEN inverts with the same "
+                "attention.")}),
             "trajectories": (sockets.TRAJECTORIES, {"tooltip": "From Flow Trajectories (TVE), built on the latent you invert and sample."}),
             "token_grids": (GRID_CHOICES, {"default": "highest resolution", "tooltip": (
                 "Where trajectory attention runs: the highest-resolution self-attention (the paper) or every one.")}),

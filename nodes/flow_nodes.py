@@ -79,7 +79,8 @@ class OpticalFlow:
             "images": ("IMAGE", {"tooltip": "The source video frames, in order."}),
             "vae": ("VAE", {"tooltip": "The VAE that encodes these frames: VAEEncode centre-crops them to a multiple "
                                        "of its factor (8 px for SD), and the flow covers exactly those pixels."}),
-            "method": (FLOW_METHODS, {"default": "raft_large"}),
+            "method": (FLOW_METHODS, {"default": "raft_large", "tooltip": (
+                "raft_large: most accurate (needs its checkpoint). raft_small: faster. dis: OpenCV, no weights, CPU.")}),
             "raft_weights": ([NO_WEIGHTS] + host.optical_flow_files(), {
                 "tooltip": "torchvision RAFT checkpoint in models/optical_flow (ignored by 'dis')."}),
             "batch_size": ("INT", {"default": 8, "min": 1, "max": 256,
@@ -135,8 +136,9 @@ class FlowTrajectories:
         return {"required": {
             "flow": (sockets.FLOW, {"tooltip": "From Optical Flow (TVE) of the frames that were VAE-encoded."}),
             "latent": ("LATENT", {"tooltip": "The VAE-encoded frames the edit will start from."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
-                             "tooltip": "Decides which trajectory continues when several land on one cell."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
+                             "tooltip": "Tie-break: decides which trajectory continues when several land on one "
+                                        "cell. Fixed: it does not re-roll on every queue."}),
             "cut_at_occlusions": ("BOOLEAN", {"default": True,
                                               "tooltip": "End a trajectory where its cell is mostly occluded."}),
         }}
@@ -154,7 +156,8 @@ class FlowTrajectories:
 
 
 class PreviewFlow:
-    DESCRIPTION = "Colour-wheel picture of the forward flow (hue = direction, saturation = speed) and the occlusion mask."
+    DESCRIPTION = ("Shows the forward flow as a colour wheel (hue = direction, saturation = speed) and the occlusion "
+                   "mask (white = no match in the next frame) on the node, and returns both pictures.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -162,28 +165,35 @@ class PreviewFlow:
 
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("flow", "occlusion")
+    OUTPUT_NODE = True
     FUNCTION = "preview"
     CATEGORY = CATEGORY
 
     def preview(self, flow: FlowField):
         sockets.expect(flow, FlowField, "flow", sockets.FLOW)
-        return flow_to_color(flow.forward), occlusion_to_image(flow.occlusion)
+        colours, occlusion = flow_to_color(flow.forward), occlusion_to_image(flow.occlusion)
+        shown = host.preview_images(colours, "tve_flow") + host.preview_images(occlusion, "tve_occlusion")
+        return {"ui": {"images": shown}, "result": (colours, occlusion)}
 
 
 class PreviewTrajectories:
-    DESCRIPTION = "Draws a sample of the longest trajectories of one token grid over the frames."
+    DESCRIPTION = ("Draws a sample of the longest trajectories of one token grid over the frames, shows them on the "
+                   "node and returns them.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "trajectories": (sockets.TRAJECTORIES, {"tooltip": "From Flow Trajectories (TVE)."}),
-            "images": ("IMAGE",),
-            "grid": (GRID_CHOICES, {"default": "latent"}),
-            "tracks": ("INT", {"default": 64, "min": 1, "max": 4096}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
+            "images": ("IMAGE", {"tooltip": "The frames to draw on: the source frames (cropped as VAEEncode crops them) or frames decoded from their latent."}),
+            "grid": (GRID_CHOICES, {"default": "latent", "tooltip": "Which token grid's trajectories to draw."}),
+            "tracks": ("INT", {"default": 64, "min": 1, "max": 4096, "tooltip": "How many of the longest to draw."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
+                             "tooltip": "Which of the longest tracks are drawn."}),
         }}
 
     RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("tracks",)
+    OUTPUT_NODE = True
     FUNCTION = "preview"
     CATEGORY = CATEGORY
 
@@ -197,7 +207,8 @@ class PreviewTrajectories:
         level = GRID_CHOICES.index(grid)
         if level >= len(grids):
             raise ValueError(f"grid: '{grid}' is not available; these trajectories have {len(grids)} grids")
-        return (draw_tracks(images, trajectories.at(grids[level]), tracks, seed),)
+        drawn = draw_tracks(images, trajectories.at(grids[level]), tracks, seed)
+        return {"ui": {"images": host.preview_images(drawn, "tve_tracks")}, "result": (drawn,)}
 
 
 NODES = {

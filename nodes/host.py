@@ -108,6 +108,20 @@ def progress(total: int) -> Callable[[int, int], None]:
     return update
 
 
+def report_progress_to(fn: Callable[[int, int], None] | None) -> None:
+    """Send every progress-bar update of comfy and of the nodes to ``fn(done, total)`` (scripts run outside the
+    server, which otherwise owns this hook); None stops."""
+    comfy.utils.set_progress_bar_global_hook(
+        None if fn is None else lambda value, total, preview=None, node_id=None: fn(value, total))
+
+
+def preview_images(images: torch.Tensor, prefix: str) -> list[dict]:
+    """Save ``images`` (N, H, W, 3) as the temporary PNGs core PreviewImage shows on a node; its ``ui.images``
+    entries (filename, subfolder, type) for a node's ``{"ui": {"images": ...}}``."""
+    import nodes
+    return nodes.PreviewImage().save_images(images, filename_prefix=prefix)["ui"]["images"]
+
+
 # ---------------------------------------------------------------------------------------------- attention blocks
 @dataclass(frozen=True)
 class AttentionBlock:

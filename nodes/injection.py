@@ -134,13 +134,15 @@ class ApplyFeatureInjection:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "The model you edit with; it must be the one the inversion was made with."}),
             "inversion": (sockets.INVERSION, {"tooltip": "From DDIM Inversion (TVE): the source video at every σ."}),
             "attention_injection_end": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                                   "tooltip": "Fraction of the steps with q/k injection."}),
             "conv_injection_end": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01,
                                              "tooltip": "Fraction of the steps with ResBlock feature injection."}),
-            "block_preset": (PRESETS, {"default": "tokenflow"}),
+            "block_preset": (PRESETS, {"default": "tokenflow", "tooltip": (
+                "Which decoder blocks are injected: TokenFlow's (q/k of all but the first decoder transformer, one "
+                "ResBlock of the second stage) or FLATTEN's.")}),
             "order": (ORDERS, {"default": "sigma-matched", "tooltip": (
                 "sigma-matched: source features at the same σ (the papers). clean-first: step i gets the features "
                 "of inversion step i, cleanest first (what other ComfyUI packs do).")}),

@@ -121,11 +121,14 @@ class DDIMInversion:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": (
+                "The model you will edit with (with FLATTEN applied if you use it: the paper inverts with it).")}),
             "latent": ("LATENT", {"tooltip": "The VAE-encoded source frames."}),
             "conditioning": ("CONDITIONING", {"tooltip": "The source prompt (an empty prompt is the usual choice)."}),
-            "steps": ("INT", {"default": 50, "min": 2, "max": 1000}),
-            "scheduler": (host.scheduler_names(), {"default": "ddim_uniform"}),
+            "steps": ("INT", {"default": 50, "min": 2, "max": 1000, "tooltip": (
+                "Inversion steps; sample the edit with the SIGMAS output (the same grid). 50 is the papers' choice.")}),
+            "scheduler": (host.scheduler_names(), {"default": "ddim_uniform", "tooltip": (
+                "The σ grid: ddim_uniform is DDIM's timesteps (the papers); any core scheduler works.")}),
         }}
 
     RETURN_TYPES = ("LATENT", sockets.INVERSION, "SIGMAS")

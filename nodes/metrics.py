@@ -123,24 +123,28 @@ def pick_block(model: Any, choice: str) -> host.AttentionBlock:
 
 
 class PreviewFeatures:
-    DESCRIPTION = ("What TokenFlow sees: the PCA of the source video's self-attention features per frame (similar "
-                   "colours = similar features) and each frame rebuilt from its nearest keyframe through the "
-                   "nearest-neighbour field (where it matches the PCA picture, propagation will be clean).")
+    DESCRIPTION = ("What TokenFlow sees, shown on the node and returned: the PCA of the source video's "
+                   "self-attention features per frame (similar colours = similar features) and each frame rebuilt "
+                   "from its nearest keyframe through the nearest-neighbour field (where it matches the PCA picture, "
+                   "propagation will be clean).")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "The model the inversion was made with."}),
             "inversion": (sockets.INVERSION, {"tooltip": "From DDIM Inversion (TVE) of the source video."}),
             "step_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "Where on the σ grid to look (0 = noisiest)."}),
-            "block": (FEATURE_BLOCKS, {"default": "output latent"}),
-            "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024}),
+            "block": (FEATURE_BLOCKS, {"default": "output latent",
+                                       "tooltip": "Which self-attention block's input features to show."}),
+            "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024,
+                                          "tooltip": "Every this many frames is a keyframe of the NN-field picture."}),
             "scale": ("INT", {"default": 8, "min": 1, "max": 64, "tooltip": "Pixels per token in the pictures."}),
         }}
 
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("features_pca", "nn_field")
+    OUTPUT_NODE = True
     FUNCTION = "preview"
     CATEGORY = CATEGORY
 
@@ -158,7 +162,9 @@ class PreviewFeatures:
         field = nn_field_image(features, pca, keyframe_interval)
         up = lambda img: F.interpolate(img.permute(0, 3, 1, 2), scale_factor=scale, mode="nearest").permute(0, 2, 3, 1)
         device = host.intermediate_device()
-        return up(pca).to(device), up(field).to(device)
+        pca, field = up(pca).to(device), up(field).to(device)
+        shown = host.preview_images(pca, "tve_features_pca") + host.preview_images(field, "tve_nn_field")
+        return {"ui": {"images": shown}, "result": (pca, field)}
 
 
 NODES = {

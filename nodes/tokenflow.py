@@ -168,16 +168,22 @@ class ApplyTokenFlow:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": (
+                "The model you edit with (patch FLATTEN or cross-frame attention first if you stack them).")}),
             "inversion": (sockets.INVERSION, {"tooltip": "From DDIM Inversion (TVE) of the same frames, with this model."}),
             "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024,
                                           "tooltip": "One keyframe per this many frames (re-drawn every step)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
+                             "tooltip": "Seeds the keyframe draw (re-drawn every step). Fixed: it does not re-roll on "
+                                        "every queue, so the inversion and the edit are not re-run."}),
             "propagation": (list(PROPAGATION_MODES), {"default": "paper", "tooltip": (
                 "paper: blend the two keyframes nearest in time, linear in their distance. official: the reference "
                 "code's rule (current and previous window, sigmoid weights).")}),
-            "attention_injection_end": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "conv_injection_end": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "attention_injection_end": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "Fraction of the steps with PnP q/k injection in the keyframe pass (more keeps more of the source "
+                "layout).")}),
+            "conv_injection_end": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "Fraction of the steps with PnP ResBlock feature injection in the keyframe pass.")}),
         }}
 
     RETURN_TYPES = ("MODEL",)

@@ -1,8 +1,9 @@
 """Test harness: the pack is imported as package ``tve`` whatever its folder is called.
 
-Without ``COMFYUI_PATH`` the nodes run against the stand-in host in ``tests/stand_in`` (a recording
-ModelPatcher and the few comfy functions the nodes call). With ``COMFYUI_PATH`` set, the real ComfyUI is
-imported in-process on the CPU and the same tests, plus the ``real_host`` ones, run against it.
+The host is ``COMFYUI_PATH`` or, when the pack sits in ``ComfyUI/custom_nodes/``, that ComfyUI: it is imported
+in-process on the CPU and every test runs against it, the ``real_host`` and e2e ones included. Without a host the
+nodes run against the stand-in in ``tests/stand_in`` (a recording ModelPatcher and the few comfy functions the
+nodes call) and the ``real_host`` tests skip with a reason.
 """
 import os
 import sys
@@ -25,7 +26,11 @@ def _register_pack_alias() -> None:
 
 _register_pack_alias()
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+from tve.tools._tve_alias import find_comfyui  # noqa: E402  (the tools find their host the same way)
+
+COMFYUI_PATH = find_comfyui()
+if COMFYUI_PATH:
+    os.environ["COMFYUI_PATH"] = COMFYUI_PATH     # the helpers (tests/hosts.py, e2e) read it from the environment
 # Idle OpenMP workers sleep instead of spinning: on a loaded 2-core machine spinning stalls torch ~20x.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -52,10 +57,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "real_host: needs the real ComfyUI (set COMFYUI_PATH to an extracted checkout)")
 
 
+def pytest_report_header(config):
+    if not COMFYUI_PATH:
+        return "TVE host: stand-in (tests/stand_in); real_host and e2e tests skip"
+    import comfyui_version
+    return f"TVE host: ComfyUI {comfyui_version.__version__} at {COMFYUI_PATH}"
+
+
 def pytest_collection_modifyitems(config, items):
     if COMFYUI_PATH:
         return
-    skip = pytest.mark.skip(reason="real ComfyUI host needed: set COMFYUI_PATH to a ComfyUI checkout")
+    skip = pytest.mark.skip(reason="real ComfyUI host needed: set COMFYUI_PATH to a ComfyUI checkout, or clone the "
+                                   "pack into ComfyUI/custom_nodes/")
     for item in items:
         if "real_host" in item.keywords:
             item.add_marker(skip)

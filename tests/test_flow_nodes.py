@@ -1,4 +1,6 @@
 """The optical-flow nodes on both hosts: weights from models/optical_flow, errors, progress, previews."""
+import os
+
 import pytest
 import torch
 import torchvision
@@ -85,15 +87,30 @@ def test_trajectories_refuse_a_latent_of_another_frame_count_or_aspect():
         FlowTrajectories().build(flow, {"samples": torch.zeros(4, 4, 8, 12)}, 0, True)
 
 
-def test_previews_have_one_picture_per_pair_and_per_frame():
+def shown_files(ui: dict) -> list:
+    """The preview PNGs a node's ``ui.images`` names; on the real host each must exist in ComfyUI's temp folder."""
+    files = ui["images"]
+    if REAL_HOST:
+        import folder_paths
+        for entry in files:
+            assert entry["type"] == "temp"
+            assert os.path.isfile(os.path.join(folder_paths.get_temp_directory(), entry["subfolder"], entry["filename"]))
+    return files
+
+
+def test_previews_show_on_the_node_and_return_one_picture_per_pair_and_per_frame():
     video = clip(4, 64, 64)
     (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
-    colours, occlusion = PreviewFlow().preview(flow)
+    shown = PreviewFlow().preview(flow)
+    colours, occlusion = shown["result"]
     assert colours.shape == occlusion.shape == (3, 64, 64, 3)
+    assert len(shown_files(shown["ui"])) == 3 + 3                       # flow pictures, then occlusion masks
     (trajectories,) = FlowTrajectories().build(flow, {"samples": frames_to_latent(video.frames)}, 0, True)
-    (tracks,) = PreviewTrajectories().preview(trajectories, video.frames, "latent", 16, 0)
+    shown = PreviewTrajectories().preview(trajectories, video.frames, "latent", 16, 0)
+    (tracks,) = shown["result"]
     assert tracks.shape == video.frames.shape and not torch.equal(tracks, video.frames)
-    (coarse,) = PreviewTrajectories().preview(trajectories, video.frames, "latent/8", 16, 0)
+    assert len(shown_files(shown["ui"])) == 4
+    (coarse,) = PreviewTrajectories().preview(trajectories, video.frames, "latent/8", 16, 0)["result"]
     assert coarse.shape == video.frames.shape
     with pytest.raises(ValueError, match="images"):
         PreviewTrajectories().preview(trajectories, video.frames[:3], "latent", 16, 0)
@@ -125,8 +142,8 @@ def test_trajectories_previews_and_metrics_line_up_with_the_latent_of_odd_sized_
     assert latent["samples"].shape[-2:] == (6, 11)
     (trajectories,) = FlowTrajectories().build(flow, latent, 0, True)
     assert max(trajectories.grids, key=lambda hw: hw[0] * hw[1]) == (6, 11)
-    (from_source,) = PreviewTrajectories().preview(trajectories, video.frames, "latent", 16, 0)
-    (from_decoded,) = PreviewTrajectories().preview(trajectories, encoded, "latent", 16, 0)
+    (from_source,) = PreviewTrajectories().preview(trajectories, video.frames, "latent", 16, 0)["result"]
+    (from_decoded,) = PreviewTrajectories().preview(trajectories, encoded, "latent", 16, 0)["result"]
     assert from_source.shape == (3, 48, 88, 3) and torch.equal(from_source, from_decoded)
     edited = ConsistencyMetrics().measure(encoded.flip(-1), flow, video.frames)["result"]
     source_only = ConsistencyMetrics().measure(encoded, flow)["result"]

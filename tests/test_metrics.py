@@ -92,7 +92,9 @@ def test_preview_features_node_draws_both_pictures_for_the_source():
     from tve.nodes.metrics import PreviewFeatures
     model = make_tiny_model("sd15")
     _, inversion = invert(model, make_latent(4, 8, 8)["samples"], make_conditioning(), 4, "ddim_uniform")
-    pca, field = PreviewFeatures().preview(model, inversion, 0.5, "output latent", 2, 4)
+    shown = PreviewFeatures().preview(model, inversion, 0.5, "output latent", 2, 4)
+    pca, field = shown["result"]
+    assert len(shown["ui"]["images"]) == 4 + 4
     assert pca.shape == field.shape == (4, 32, 32, 3)
     assert torch.equal(field[0], pca[0]) and torch.equal(field[2], pca[2])
     assert 0 <= float(pca.min()) and float(pca.max()) <= 1

@@ -73,3 +73,31 @@ def test_comfyui_loads_the_pack_from_custom_nodes_under_any_folder_name(odd_fold
 def test_stand_in_is_what_the_suite_runs_against_without_comfyui():
     import comfy
     assert "stand_in" in comfy.__file__
+
+
+def test_the_suite_finds_the_comfyui_whose_custom_nodes_hold_the_pack(tmp_path):
+    from tve.tools._tve_alias import comfyui_around
+    comfyui = tmp_path / "ComfyUI"
+    (comfyui / "comfy").mkdir(parents=True)
+    (comfyui / "custom_nodes").mkdir()
+    pack = comfyui / "custom_nodes" / "TVE pack.v2"
+    pack.symlink_to(ROOT, target_is_directory=True)
+    assert comfyui_around(pack) is None                          # no main.py / comfy/model_patcher.py yet
+    (comfyui / "main.py").write_text("")
+    (comfyui / "comfy" / "model_patcher.py").write_text("")
+    assert comfyui_around(pack) == comfyui
+    elsewhere = tmp_path / "src" / "custom_nodes_backup" / "pack"
+    elsewhere.mkdir(parents=True)
+    assert comfyui_around(elsewhere) is None
+
+
+def test_every_input_of_every_node_has_a_tooltip_and_every_node_a_description():
+    from tve.nodes import NODE_CLASS_MAPPINGS
+    missing = []
+    for node_id, cls in sorted(NODE_CLASS_MAPPINGS.items()):
+        assert len(getattr(cls, "DESCRIPTION", "")) > 40, f"{node_id} has no DESCRIPTION"
+        spec = cls.INPUT_TYPES()
+        for name, (_, *rest) in {**spec.get("required", {}), **spec.get("optional", {})}.items():
+            if not (rest and rest[0].get("tooltip", "").strip()):
+                missing.append(f"{node_id}.{name}")
+    assert not missing, f"inputs without a tooltip: {missing}"

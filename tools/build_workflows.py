@@ -333,14 +333,10 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
         optical_flow(3, group="Flow"),
         Node("trajectories", "TVE_FlowTrajectories", 4, {"seed": 0, "cut_at_occlusions": True},
              {"flow": ("flow", "flow"), "latent": ("encode", "LATENT")}, group="Flow"),
-        Node("preview_flow", "TVE_PreviewFlow", 4, links={"flow": ("flow", "flow")}, group="Flow"),
-        Node("preview_tracks", "TVE_PreviewTrajectories", 5, {"grid": "latent", "tracks": 64, "seed": 0},
-             {"trajectories": ("trajectories", "trajectories"), "images": FRAMES}, group="Flow"),
-        Node("show_flow", "PreviewImage", 6, links={"images": ("preview_flow", "flow")}, title="Flow",
+        Node("preview_flow", "TVE_PreviewFlow", 5, links={"flow": ("flow", "flow")}, title="Flow and occlusion",
              group="Preview"),
-        Node("show_occlusion", "PreviewImage", 6, links={"images": ("preview_flow", "occlusion")},
-             title="Occlusion", group="Preview"),
-        Node("show_tracks", "PreviewImage", 7, links={"images": ("preview_tracks", "IMAGE")}, title="Trajectories",
+        Node("preview_tracks", "TVE_PreviewTrajectories", 5, {"grid": "latent", "tracks": 64, "seed": 0},
+             {"trajectories": ("trajectories", "trajectories"), "images": FRAMES}, title="Trajectories",
              group="Preview"),
     ],
     "inversion_reconstruction.json": [
@@ -450,8 +446,10 @@ def is_upload(spec: list) -> bool:
 
 
 def has_control(name: str, spec: list) -> bool:
-    """The frontend adds a control_after_generate widget to seeds and to inputs that ask for one."""
-    return bool(input_options(spec).get("control_after_generate")) or (input_type(spec) == "INT" and name in SEED_NAMES)
+    """The frontend adds a control_after_generate widget to inputs that ask for one and, unless they say
+    ``control_after_generate: False``, to INTs named seed / noise_seed."""
+    default = input_type(spec) == "INT" and name in SEED_NAMES
+    return bool(input_options(spec).get("control_after_generate", default))
 
 
 def widget_layout(info: Mapping) -> list[tuple[str, str]]:

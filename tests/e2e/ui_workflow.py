@@ -2,7 +2,8 @@
 
 Written from the frontend's rules (comfyui_frontend_package 1.27), independently of tools/build_workflows.py:
 ``widgets_values`` holds a node's widget inputs in ``input_order`` (required, then optional), with a
-control_after_generate value after every INT named seed/noise_seed or declaring ``control_after_generate``, and
+control_after_generate value after every input declaring ``control_after_generate`` and every INT named seed /
+noise_seed that does not declare it False, and
 the upload button's value after the required widgets of a node with an image/video upload combo. An input slot
 with a ``widget`` entry is a widget converted to a socket; its link wins over its saved value.
 """
@@ -47,7 +48,8 @@ def widget_slots(info: Mapping) -> list[str | None]:
         widgets = [(n, s) for n, (s, opt) in inputs_of(info).items() if opt == optional and is_widget(s)]
         for name, spec in widgets:
             slots.append(name)
-            if options(spec).get("control_after_generate") or (kind(spec) == "INT" and name in ("seed", "noise_seed")):
+            # useIntWidget: inputSpec.control_after_generate ?? (name is seed / noise_seed)
+            if options(spec).get("control_after_generate", kind(spec) == "INT" and name in ("seed", "noise_seed")):
                 slots.append(None)
         if not optional and any(options(s).get(flag) for _, s in widgets for flag in UPLOAD_FLAGS):
             slots.append(None)
