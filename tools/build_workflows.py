@@ -243,6 +243,7 @@ pixels VAEEncode encodes (a centre crop to a multiple of 8), so the trajectories
 (https://download.pytorch.org/models/{RAFT_LARGE}); 'raft_small' needs \
 raft_small_C_T_V2-01064c6d.pth; 'dis' (OpenCV) needs no weights and runs on the CPU. max_resolution caps the \
 size the flow is estimated at (RAFT's memory grows with its 4th power); the flow is scaled back up.
+• VRAM (an estimate from RAFT's correlation volumes): ≈ 0.3 GB for a batch of 8 frame pairs at 512×288 in fp16, besides the VAE; a batch that does not fit is halved. 'dis' uses none.
 • Preview Flow: colour = direction, saturation = speed; white in the occlusion mask = no match in the next frame.
 • Preview Trajectories: 'grid' picks the token grid (latent, /2, /4, /8); 'tracks' how many to draw."""
 

@@ -186,3 +186,43 @@ def test_workflow_runs_to_the_end_with_its_frame_count_at_its_size(path, source,
             assert made.size == size, (title, made)
             assert made.fps == (source.fps if reads_video else 8.0), (title, made)
             assert made.audio == (source.audio and reads_video), (title, made)
+
+
+def inside(node: dict, bounding: list) -> bool:
+    """The frontend's rule: a node (its title bar included) whose rectangle lies within a group's belongs to it."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    gx, gy, gw, gh = bounding
+    return gx <= x and gy <= y - 30 and x + w <= gx + gw and y + h <= gy + gh
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+def test_every_node_sits_in_one_group_and_the_note_says_what_to_set_first(path):
+    workflow = load(path)
+    titles = [group["title"] for group in workflow["groups"]]
+    for node in workflow["nodes"]:
+        holders = [g["title"] for g in workflow["groups"] if inside(node, g["bounding"])]
+        assert len(holders) == 1, (node["type"], node.get("title"), holders)
+    (note,) = [node["widgets_values"][0] for node in workflow["nodes"] if node["type"] == "Note"]
+    assert note.count("Set first") == 1 and "VRAM" in note and "estimate" in note
+    if any(node["type"] == "LoadVideo" for node in workflow["nodes"]):
+        assert titles[0] == "Load" and all(word in note for word in ("Checkpoint", "video", "number of frames"))
+    if any(node["type"] == "TVE_DDIMInversion" for node in workflow["nodes"]):
+        assert titles == ["Load", "Invert", "Edit", "Save"] and "prompt" in note.lower()
+
+
+@pytest.mark.parametrize("path", [p for p in WORKFLOW_FILES if "LoadVideo" in p.read_text(encoding="utf-8")],
+                         ids=lambda p: p.name)
+def test_video_workflows_cap_and_resize_the_frames_and_carry_fps_and_audio(path, object_info):
+    graph = to_api(load(path), object_info)
+    by_type = {node["class_type"]: (node_id, node["inputs"]) for node_id, node in graph.items()}
+    components, _ = by_type["GetVideoComponents"]
+    frames_id, frames = by_type["ImageFromBatch"]
+    resize_id, resize = by_type["ImageScaleToMaxDimension"]
+    assert frames["image"] == [components, 0] and resize["image"] == [frames_id, 0]
+    assert by_type["VAEEncode"][1]["pixels"] == [resize_id, 0]
+    assert resize["largest_size"] == (1024 if "sdxl" in path.name else 512)
+    flows = [node["inputs"] for node in graph.values() if node["class_type"] == "TVE_OpticalFlow"]
+    assert all(flow["images"] == [resize_id, 0] for flow in flows)
+    if "CreateVideo" in by_type:
+        video = by_type["CreateVideo"][1]
+        assert video["fps"] == [components, 2] and video["audio"] == [components, 1]
