@@ -592,7 +592,8 @@ def _frame(node: dict) -> tuple[int, int, int, int]:
 
 def _groups(spec: list[Node | Note], nodes: dict[str, dict]) -> list[dict]:
     """One UI group (the frontend's titled frame) per ``group`` name, in order of first use, around its nodes.
-    Frames must not overlap each other or hold a node of another group: the frontend moves what a frame holds."""
+    Frames must not overlap each other or a node of another group: the frontend moves what a frame holds. The e2e
+    suite checks that every shipped node sits in a group."""
     members: dict[str, list[dict]] = {}
     for item in spec:
         if item.group is not None:
@@ -608,9 +609,14 @@ def _groups(spec: list[Node | Note], nodes: dict[str, dict]) -> list[dict]:
     for item in spec:
         for title, (gx0, gy0, gx1, gy1) in frames.items():
             x0, y0, x1, y1 = _frame(nodes[item.name])
-            if item.group != title and x0 < gx1 and gx0 < x1 and y0 < gy1 and gy0 < y1:
-                raise ValueError(f"{item.name} (group {item.group}) overlaps group '{title}'; give it a column "
-                                 "of its own group")
+            if item.group not in (None, title) and x0 < gx1 and gx0 < x1 and y0 < gy1 and gy0 < y1:
+                raise ValueError(f"{item.name} (group '{item.group}') overlaps group '{title}'; give each group "
+                                 "columns of its own")
+    placed = list(frames.items())
+    for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(placed):
+        for b, (bx0, by0, bx1, by1) in placed[i + 1:]:
+            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                raise ValueError(f"groups '{a}' and '{b}' overlap; give each group columns of its own")
     return groups
 
 
