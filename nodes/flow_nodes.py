@@ -113,6 +113,7 @@ class OpticalFlow:
             dtype = host.helper_dtype(device)
             working = raft_working_bytes(flow_resolution(crop.crop_hw, max_resolution), 2 * batch_size,
                                          torch.finfo(dtype).bits // 8)
+            working += 4 * batch_size * frames[0].numel() * 4        # both frames of each flow, float32, pre-resize
             raft.to(host.free_memory_for(raft, working), dtype)
         on_batch = host.progress(images.shape[0] - 1)
         try:
