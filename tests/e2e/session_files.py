@@ -17,9 +17,10 @@ class SourceVideo:
     audio: bool                                    # an AAC track (a tone) alongside the frames
 
 
-# Small and not square (4:3, a multiple of 8); and ordinary web footage: 16:9 at 426x240 (not a multiple of 8),
-# with sound, longer than the shipped frame caps.
+# Small and not square (4:3, a multiple of 8); ordinary web footage: 16:9 at 426x240 (not a multiple of 8), with
+# sound, longer than the shipped frame caps; and the most common phone/web size, 854x480 at 30 fps.
 SMALL = SourceVideo("tve_e2e_source.mp4", frames=6, height=48, width=64, fps=8, audio=False)
 WEB = SourceVideo("tve_e2e_426x240.mp4", frames=18, height=240, width=426, fps=12, audio=True)
-SOURCES = (SMALL, WEB)
+PHONE = SourceVideo("tve_e2e_854x480.mp4", frames=8, height=480, width=854, fps=30, audio=False)
+SOURCES = (SMALL, WEB, PHONE)
 FRAMES, HEIGHT, WIDTH = SMALL.frames, SMALL.height, SMALL.width      # Text2Video-Zero's size and frame count
