@@ -3,10 +3,10 @@
 RAFT (Teed & Deng, ECCV 2020) is torchvision's architecture with a state dict the caller loads; its inputs are
 [-1, 1] (torchvision's transforms), padded to a multiple of 8 and at least 128 px (the correlation pyramid's
 minimum), and the last refinement iteration is kept. Its all-pairs correlation volume grows with the fourth power
-of the frame size (~4 GB per pair at 1080p), so frames larger than ``max_size`` are downscaled (antialiased) for
+of the frame size (~4 GB per flow at 1080p), so frames larger than ``max_size`` are downscaled (antialiased) for
 the estimate and the flow is scaled back up, vectors included; FLATTEN's trajectories live on the latent grid
-(1/8 of the frame), which a flow at 512 px resolves fully. A batch that runs out of memory is retried in halves. DIS (Kroeger et al., ECCV 2016) is OpenCV's, tuned for
-sub-pixel accuracy. Occlusion: the forward–backward consistency check of Sundaram, Brox & Keutzer, ECCV 2010.
+(1/8 of the frame), which a flow at 512 px resolves fully. A batch that runs out of memory is retried in halves.
+DIS (Kroeger et al., ECCV 2016) is OpenCV's, tuned for sub-pixel accuracy. Occlusion: the forward–backward consistency check of Sundaram, Brox & Keutzer, ECCV 2010.
 """
 from __future__ import annotations
 

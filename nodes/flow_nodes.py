@@ -185,7 +185,8 @@ class PreviewTrajectories:
     def INPUT_TYPES(cls):
         return {"required": {
             "trajectories": (sockets.TRAJECTORIES, {"tooltip": "From Flow Trajectories (TVE)."}),
-            "images": ("IMAGE", {"tooltip": "The frames to draw on: the source frames (cropped as VAEEncode crops them) or frames decoded from their latent."}),
+            "images": ("IMAGE", {"tooltip": "The frames to draw on: the source frames (cropped as VAEEncode crops "
+                                            "them) or frames decoded from their latent."}),
             "grid": (GRID_CHOICES, {"default": "latent", "tooltip": "Which token grid's trajectories to draw."}),
             "tracks": ("INT", {"default": 64, "min": 1, "max": 4096, "tooltip": "How many of the longest to draw."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
