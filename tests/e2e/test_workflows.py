@@ -180,8 +180,11 @@ def test_workflow_runs_to_the_end_with_its_frame_count_at_its_size(path, source,
     frames, size = expected_video(graph, source)
     reads_video = any(node["class_type"] == "LoadVideo" for node in graph.values())
     for node_id, title in output_nodes.items():
-        if "images" not in entry["outputs"][node_id]:
-            continue                                    # text only (Consistency)
+        if "images" not in entry["outputs"][node_id]:       # Consistency: its summary, on the frames of the video
+            (summary,) = entry["outputs"][node_id]["text"]
+            assert "warp error" in summary and "source warp error" in summary, summary
+            assert f", {frames} frames" in summary and f"x{size[0]}" in summary, summary
+            continue
         made = output_of(comfyui, entry["outputs"][node_id])
         assert made.frames == PICTURES.get((path.name, title), lambda n: n)(frames), (title, made)
         if made.size is not None:
