@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .estimate import FlowField
+from .latent_crop import LatentCrop
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Trajectories:
     latent_hw: tuple[int, int]
     grids: dict[tuple[int, int], TrajectoryGrid]
     source: torch.Tensor | None = None       # (F, k) fingerprint of the latent they were built for, if known
+    crop: LatentCrop | None = None   # the flow's VAEEncode crop: frames of its frame_hw line up through it
 
     def at(self, grid_hw: tuple[int, int]) -> TrajectoryGrid:
         key = tuple(int(s) for s in grid_hw)
@@ -58,7 +60,7 @@ def build_trajectories(flow: FlowField, latent_hw: tuple[int, int], seed: int = 
     """Trajectories at every grid of :func:`unet_token_grids` of ``latent_hw`` (the same seed for each)."""
     grids = {hw: build_trajectory_grid(flow, hw, seed, cut_occluded)
              for hw in dict.fromkeys(unet_token_grids(latent_hw, levels))}
-    return Trajectories(frames=flow.frames, latent_hw=tuple(int(s) for s in latent_hw), grids=grids)
+    return Trajectories(frames=flow.frames, latent_hw=tuple(int(s) for s in latent_hw), grids=grids, crop=flow.crop)
 
 
 def build_trajectory_grid(flow: FlowField, grid_hw: tuple[int, int], seed: int = 0,

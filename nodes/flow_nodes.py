@@ -1,11 +1,17 @@
-"""Optical flow, FLATTEN trajectories and their previews (FLATTEN §3.2; RAFT, Teed & Deng 2020)."""
+"""Optical flow, FLATTEN trajectories and their previews (FLATTEN §3.2; RAFT, Teed & Deng 2020).
+
+The flow is computed on exactly the pixels VAEEncode encodes (its centre crop to a multiple of the VAE's factor,
+``flow/latent_crop.py``), so flow, trajectories, metrics and previews line up with the latent at any frame size.
+"""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
-from ..flow.estimate import FlowField, build_raft, estimate_flow
+from ..flow.estimate import FlowField, build_raft, estimate_flow, flow_resolution, raft_working_bytes
+from ..flow.latent_crop import LatentCrop, match_frames
 from ..flow.preview import draw_tracks, flow_to_color, occlusion_to_image
 from ..flow.trajectories import Trajectories, build_trajectories
 from . import host, sockets, validation
@@ -14,43 +20,82 @@ CATEGORY = "video editing/TVE"
 FLOW_METHODS = ["raft_large", "raft_small", "dis"]
 NO_WEIGHTS = "none (method dis)"
 GRID_CHOICES = ["latent", "latent/2", "latent/4", "latent/8"]
+DEFAULT_MAX_RESOLUTION = 512
+_RAFT_CACHE: dict[tuple, torch.nn.Module] = {}        # the last RAFT built, by (variant, path, mtime, size)
 
 
-def check_frames(images: torch.Tensor, method: str, name: str = "images") -> torch.Tensor:
-    """Frames optical flow can be computed on: 2 or more, at least one latent cell (DIS: its patch) a side."""
+def check_frames(images: torch.Tensor, method: str, ratio: int, name: str = "images") -> torch.Tensor:
+    """Frames optical flow can be computed on: 2 or more, at least one latent cell a side and, for DIS, its patch
+    after VAEEncode's crop to a multiple of the VAE's factor ``ratio``."""
     if method == "dis":
-        return validation.frames(images, name, 2, validation.DIS_MIN_SIZE, "OpenCV DIS's patch size; RAFT takes "
-                                                                            "smaller frames")
-    return validation.frames(images, name, 2)
+        size = -(-validation.DIS_MIN_SIZE // ratio) * ratio
+        return validation.frames(images, name, 2, size, f"OpenCV DIS's {validation.DIS_MIN_SIZE} px patch after "
+                                 f"VAEEncode's crop to a multiple of {ratio}; RAFT takes smaller frames")
+    return validation.frames(images, name, 2, ratio)
 
 
 def check_flow_matches_latent(flow: FlowField, samples: torch.Tensor) -> None:
-    """Frame count and aspect ratio of the FLOW must be those of the LATENT it will steer."""
-    frames, (h, w) = samples.shape[0], samples.shape[-2:]
+    """Frame count and size of the FLOW must be those of the LATENT it will steer."""
+    if samples.ndim != 4:
+        raise ValueError(f"latent: expected image latents (F, C, h, w), got shape {tuple(samples.shape)}")
+    frames, (h, w) = samples.shape[0], tuple(samples.shape[-2:])
     if frames != flow.frames:
         raise ValueError(f"latent: has {frames} frames but the flow was computed on {flow.frames}; "
                          "use the same frames for both")
-    # h, w come from H/8, W/8 rounded: allow one latent cell of rounding on the shorter side.
+    if flow.crop is not None:
+        if (h, w) != flow.crop.latent_hw:
+            lh, lw = flow.crop.latent_hw
+            raise ValueError(f"latent: {w}x{h} (w x h), but the flow's frames ({flow.crop.describe()}) encode to "
+                             f"a {lw}x{lh} latent with its VAE; compute the flow on the frames that were VAE-encoded")
+        return
+    # A flow made without a crop (in Python): h, w are H/8, W/8 rounded; allow one cell on the shorter side.
     if abs(flow.height * w - flow.width * h) > max(flow.height, flow.width) * (1 + 0.01 * min(h, w)):
         raise ValueError(f"latent: aspect ratio {w}x{h} does not match the flow's {flow.width}x{flow.height}; "
                          "compute the flow on the frames that were VAE-encoded")
 
 
+def load_raft(method: str, raft_weights: str) -> torch.nn.Module:
+    """The RAFT module of ``models/optical_flow/<raft_weights>``, built once per file (kept on the offload device)."""
+    if raft_weights == NO_WEIGHTS:
+        raise ValueError(
+            f"raft_weights: {method} needs a torchvision RAFT checkpoint; put "
+            f"{'raft_large_C_T_SKHT_V2-ff5fadd5.pth' if method == 'raft_large' else 'raft_small_C_T_V2-01064c6d.pth'}"
+            f" into one of {host.optical_flow_folders()} or choose method 'dis'")
+    path = host.optical_flow_path(raft_weights)
+    status = os.stat(path)
+    key = (method, path, status.st_mtime_ns, status.st_size)
+    if key not in _RAFT_CACHE:
+        raft = build_raft(method, host.load_weights(path))
+        _RAFT_CACHE.clear()
+        _RAFT_CACHE[key] = raft
+    return _RAFT_CACHE[key]
+
+
 class OpticalFlow:
     DESCRIPTION = ("Forward and backward optical flow between consecutive frames, with an occlusion mask from "
-                   "forward-backward consistency. RAFT needs a torchvision checkpoint in models/optical_flow; "
-                   "'dis' (OpenCV) needs none and runs on the CPU.")
+                   "forward-backward consistency, on exactly the pixels VAEEncode encodes (frames of any size). "
+                   "RAFT needs a torchvision checkpoint in models/optical_flow; 'dis' (OpenCV) needs none and runs "
+                   "on the CPU.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "images": ("IMAGE", {"tooltip": "The source video frames, in order."}),
+            "vae": ("VAE", {"tooltip": "The VAE that encodes these frames: VAEEncode centre-crops them to a multiple "
+                                       "of its factor (8 px for SD), and the flow covers exactly those pixels."}),
             "method": (FLOW_METHODS, {"default": "raft_large", "tooltip": (
                 "raft_large: most accurate (needs its checkpoint). raft_small: faster. dis: OpenCV, no weights, CPU.")}),
             "raft_weights": ([NO_WEIGHTS] + host.optical_flow_files(), {
                 "tooltip": "torchvision RAFT checkpoint in models/optical_flow (ignored by 'dis')."}),
             "batch_size": ("INT", {"default": 8, "min": 1, "max": 256,
-                                   "tooltip": "Frame pairs per RAFT call; lower it if you run out of memory."}),
+                                   "tooltip": "Frame pairs per RAFT call (halved automatically if the GPU runs out "
+                                              "of memory)."}),
+            "max_resolution": ("INT", {"default": DEFAULT_MAX_RESOLUTION, "min": 0, "max": 16384, "step": 8,
+                                       "tooltip": "Longest side, in pixels, the flow is estimated at: larger frames "
+                                                  "are downscaled for it and the flow is scaled back up. FLATTEN's "
+                                                  "trajectories live on the latent grid (1/8 of the frame), which "
+                                                  "512 resolves; RAFT's memory grows with the 4th power of this. "
+                                                  "0 = full resolution."}),
         }}
 
     RETURN_TYPES = (sockets.FLOW,)
@@ -58,29 +103,35 @@ class OpticalFlow:
     FUNCTION = "estimate"
     CATEGORY = CATEGORY
 
-    def estimate(self, images: torch.Tensor, method: str, raft_weights: str, batch_size: int):
+    def estimate(self, images: torch.Tensor, vae, method: str, raft_weights: str, batch_size: int,
+                 max_resolution: int = DEFAULT_MAX_RESOLUTION):
         validation.choice(method, "method", FLOW_METHODS)
-        check_frames(images, method)
+        ratio = host.vae_downscale_ratio(vae)
+        check_frames(images, method, ratio)
         validation.integer(batch_size, "batch_size", 1)
+        validation.integer(max_resolution, "max_resolution", 0)
+        crop = LatentCrop(tuple(images.shape[1:3]), ratio)
+        frames = crop.crop_frames(images)                                # the pixels VAEEncode encodes
         raft = None
         if method != "dis":
-            if raft_weights == NO_WEIGHTS:
-                raise ValueError(
-                    f"raft_weights: {method} needs a torchvision RAFT checkpoint; put "
-                    f"{'raft_large_C_T_SKHT_V2-ff5fadd5.pth' if method == 'raft_large' else 'raft_small_C_T_V2-01064c6d.pth'}"
-                    f" into one of {host.optical_flow_folders()} or choose method 'dis'")
-            raft = build_raft(method, host.load_optical_flow_weights(raft_weights)).to(host.torch_device())
-        pairs = images.shape[0] - 1
-        on_batch = host.progress(2 * pairs)
+            raft = load_raft(method, raft_weights)
+            device = host.torch_device()
+            dtype = host.helper_dtype(device)
+            working = raft_working_bytes(flow_resolution(crop.crop_hw, max_resolution), 2 * batch_size,
+                                         torch.finfo(dtype).bits // 8)
+            working += 4 * batch_size * frames[0].numel() * 4        # both frames of each flow, float32, pre-resize
+            raft.to(host.free_memory_for(raft, working), dtype)
+        on_batch = host.progress(images.shape[0] - 1)
         try:
-            flow = estimate_flow(images, method, raft=raft, batch_size=batch_size, on_batch=on_batch)
+            flow = estimate_flow(frames, method, raft=raft, batch_size=batch_size, on_batch=on_batch,
+                                 max_size=max_resolution, on_out_of_memory=host.empty_cache)
         finally:
             if raft is not None:
                 raft.to(host.offload_device())
         validation.flow(flow, "flow")
         device = host.intermediate_device()
         return (FlowField(forward=flow.forward.to(device), backward=flow.backward.to(device),
-                          occlusion=flow.occlusion.to(device), method=flow.method),)
+                          occlusion=flow.occlusion.to(device), method=flow.method, crop=crop),)
 
 
 class FlowTrajectories:
@@ -145,7 +196,8 @@ class PreviewTrajectories:
     def INPUT_TYPES(cls):
         return {"required": {
             "trajectories": (sockets.TRAJECTORIES, {"tooltip": "From Flow Trajectories (TVE)."}),
-            "images": ("IMAGE", {"tooltip": "The frames to draw on (those the flow was computed on)."}),
+            "images": ("IMAGE", {"tooltip": "The frames to draw on: the source frames (cropped as VAEEncode crops "
+                                            "them) or frames decoded from their latent."}),
             "grid": (GRID_CHOICES, {"default": "latent", "tooltip": "Which token grid's trajectories to draw."}),
             "tracks": ("INT", {"default": 64, "min": 1, "max": 4096, "tooltip": "How many of the longest to draw."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
@@ -164,7 +216,10 @@ class PreviewTrajectories:
         validation.choice(grid, "grid", GRID_CHOICES)
         validation.integer(tracks, "tracks", 1)
         validation.integer(seed, "seed", 0)
-        validation.frame_count(images.shape[0], trajectories.frames, "images", "the trajectories")
+        if trajectories.crop is not None:
+            images = match_frames(images, trajectories.crop, trajectories.frames, "images", "trajectories")
+        else:
+            validation.frame_count(images.shape[0], trajectories.frames, "images", "the trajectories")
         grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])
         level = GRID_CHOICES.index(grid)
         if level >= len(grids):

@@ -48,13 +48,20 @@ def optical_flow_folders() -> list[str]:
 RAFT_FILES = "raft_large_C_T_SKHT_V2-ff5fadd5.pth or raft_small_C_T_V2-01064c6d.pth"
 
 
-def load_optical_flow_weights(name: str) -> dict[str, torch.Tensor]:
-    """State dict of ``models/optical_flow/<name>`` through comfy's safe loader (no pickled code); a missing,
-    empty, unreadable or pickled file is one ValueError naming ``raft_weights`` and saying what the file is."""
+def optical_flow_path(name: str) -> str:
+    """Full path of ``models/optical_flow/<name>``; a ValueError naming ``raft_weights`` and saying where to put
+    it if it is not there."""
     path = folder_paths.get_full_path(OPTICAL_FLOW_FOLDER, name)
     if path is None:
         raise ValueError(f"raft_weights: '{name}' was not found in {optical_flow_folders()}; put a torchvision "
                          f"RAFT checkpoint there ({RAFT_FILES}) or use method 'dis'")
+    return path
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """State dict of a RAFT weights file through comfy's safe loader (no pickled code); an empty, unreadable or
+    pickled file is one ValueError naming ``raft_weights`` and saying what the file is."""
+    name = os.path.basename(path)
     if os.path.getsize(path) == 0:
         raise ValueError(f"raft_weights: '{name}' is an empty file (0 bytes), not a RAFT checkpoint; download "
                          f"{RAFT_FILES} again into {os.path.dirname(path)}")
@@ -72,6 +79,16 @@ def load_optical_flow_weights(name: str) -> dict[str, torch.Tensor]:
     return state
 
 
+# ---------------------------------------------------------------------------------------------- the VAE
+def vae_downscale_ratio(vae: Any) -> int:
+    """The spatial factor by which ``vae`` (a VAE socket value) encodes, whose multiples VAEEncode crops frames to
+    (``VAE.vae_encode_crop_pixels``): 8 for SD1.x, SD2.x and SDXL."""
+    if not getattr(vae, "crop_input", False) or not hasattr(vae, "spacial_compression_encode"):
+        raise ValueError(f"vae: expected an image VAE (from a checkpoint or VAE loader), got a {type(vae).__name__} "
+                         "that does not crop frames as VAEEncode does")
+    return int(vae.spacial_compression_encode())
+
+
 # ---------------------------------------------------------------------------------------------- devices, progress
 def torch_device() -> torch.device:
     return comfy.model_management.get_torch_device()
@@ -83,6 +100,24 @@ def offload_device() -> torch.device:
 
 def intermediate_device() -> torch.device:
     return comfy.model_management.intermediate_device()
+
+
+def free_memory_for(module: torch.nn.Module, working_bytes: int) -> torch.device:
+    """Make room on the torch device for a helper ``module`` (its weights) and ``working_bytes`` of activations,
+    offloading loaded models as comfy's own helper nodes do (``ImageUpscaleWithModel``); returns the device."""
+    device = torch_device()
+    comfy.model_management.free_memory(comfy.model_management.module_size(module) + working_bytes, device)
+    return device
+
+
+def helper_dtype(device: torch.device) -> torch.dtype:
+    """float16 where the host runs half precision on ``device`` (GPUs), else float32 (the CPU)."""
+    return torch.float16 if comfy.model_management.should_use_fp16(device) else torch.float32
+
+
+def empty_cache() -> None:
+    """Return the torch allocator's free blocks to the device (after an out-of-memory error)."""
+    comfy.model_management.soft_empty_cache()
 
 
 def progress(total: int) -> Callable[[int, int], None]:

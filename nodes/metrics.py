@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..attention.tokenflow import pair_nearest_neighbour_field
 from ..flow.consistency import measure_consistency
 from ..flow.estimate import FlowField
+from ..flow.latent_crop import match_frames
 from . import host, passes, sockets, validation
 from .inversion import Inversion
 
@@ -49,14 +50,20 @@ class ConsistencyMetrics:
             ratio = edited.warp_error / source.warp_error if source.warp_error > 0 else float("inf")
             lines += [f"source warp error ×10³: {source.warp_error * 1e3:.3f} (edit/source {ratio:.2f}×)",
                       f"source flicker: {source.flicker:.5f}"]
-        lines.append(f"flow: {flow.method} at {flow.width}x{flow.height}, {flow.frames} frames")
+        size = flow.crop.describe() if flow.crop is not None else f"{flow.width}x{flow.height}"
+        lines.append(f"flow: {flow.method} at {size}, {flow.frames} frames")
         summary = "\n".join(lines)
         return {"ui": {"text": [summary]}, "result": (edited.warp_error * 1e3, edited.flicker, summary)}
 
 
 def _measure(images: torch.Tensor, flow: FlowField, name: str):
+    """Warp error and flicker of ``images`` under ``flow``: source-size frames are cropped as VAEEncode crops them,
+    frames decoded from the latent are taken as they are (``flow/latent_crop.py``)."""
     validation.frames(images, name, 2)
-    if tuple(images.shape[:3]) != (flow.frames, flow.height, flow.width):
+    if flow.crop is not None:
+        return measure_consistency(match_frames(images, flow.crop, flow.frames, name, "flow"), flow.forward,
+                                   flow.occlusion)
+    if images.ndim != 4 or tuple(images.shape[:3]) != (flow.frames, flow.height, flow.width):
         raise ValueError(f"{name}: {tuple(images.shape[:3])} (frames, height, width) differs from the flow's "
                          f"{(flow.frames, flow.height, flow.width)}; measure frames of the size the flow was "
                          "computed on")

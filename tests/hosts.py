@@ -52,6 +52,23 @@ def make_conditioning(family: str = "sd15", seed: int = 1, batch: int = 1) -> li
     return [[torch.randn(batch, 77, dim, generator=g), extra]]
 
 
+def make_vae():
+    """An SD-family VAE socket value (downscale factor 8): real host, comfy's VAE class built without weights on
+    the meta device (its crop rule and factor are real, it encodes nothing); else the stand-in's."""
+    import comfy.sd
+    if not REAL_HOST:
+        return comfy.sd.VAE()
+    import logging
+    from .e2e.tiny_sd15 import _SD_VAE_MARKERS
+    markers = {key: torch.empty(shape, device="meta") for key, shape in _SD_VAE_MARKERS.items()}
+    logging.disable(logging.WARNING)                    # "Missing VAE keys": the markers are all it is given
+    try:
+        with torch.device("meta"):
+            return comfy.sd.VAE(sd=markers)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def make_latent(frames: int = 4, height: int = 16, width: int = 16, seed: int = 2) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"samples": torch.randn(frames, 4, height, width, generator=g)}

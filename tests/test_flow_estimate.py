@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.optical_flow import raft_large, raft_small
 
-from tve.flow.estimate import FlowField, build_raft, estimate_flow, occlusion_from_consistency
+from tve.flow.estimate import (FlowField, build_raft, estimate_flow, flow_resolution, occlusion_from_consistency,
+                               raft_working_bytes, resize_flow)
 from tve.flow.warp import backward_warp
 from tve.tools.video_world import render_clip, rotation_clip, translation_clip
 
@@ -79,10 +80,45 @@ def test_dis_occlusion_catches_sprite_occlusions(sprite_clip):
     assert (occlusion & near(truth, 3)).sum() >= 0.8 * occlusion.sum()
 
 
-def test_dis_reports_progress_per_flow():
+def test_dis_reports_progress_per_pair():
     calls = []
     estimate_flow(torch.rand(3, 32, 40, 3), "dis", on_batch=lambda done, total: calls.append((done, total)))
-    assert calls == [(2, 4), (4, 4)]
+    assert calls == [(1, 2), (2, 2)]
+
+
+# ------------------------------------------------------------------------------------------------ capped resolution
+def test_flow_resolution_keeps_small_frames_and_the_aspect_of_large_ones():
+    assert flow_resolution((240, 426), 0) == (240, 426)
+    assert flow_resolution((240, 426), 512) == (240, 426)
+    assert flow_resolution((1080, 1920), 512) == (288, 512)
+    assert flow_resolution((1920, 1080), 512) == (512, 288)
+
+
+def test_resized_flow_scales_its_vectors_with_the_frame():
+    flow = torch.zeros(1, 2, 6, 10)
+    flow[:, 0], flow[:, 1] = 1.5, -0.5
+    big = resize_flow(flow, (12, 40))
+    assert big.shape == (1, 2, 12, 40)
+    torch.testing.assert_close(big[:, 0], torch.full((1, 12, 40), 6.0))       # ×4 across
+    torch.testing.assert_close(big[:, 1], torch.full((1, 12, 40), -1.0))      # ×2 down
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flow_estimated_at_half_resolution_is_the_full_resolution_motion(dtype):
+    clip = translation_clip(3, 96, 128, 3.0, -2.0, seed=2)
+    flow = estimate_flow(clip.frames.to(dtype), "dis", max_size=64)
+    assert (flow.frames, flow.height, flow.width) == (3, 96, 128) and flow.forward.dtype == torch.float32
+    visible = interior(~clip.occlusion_forward, border=8)
+    error = (flow.forward - clip.flow_forward).norm(dim=1)[visible].mean()
+    assert error < 0.25, f"mean end-point error {error:.3f} px at half resolution"
+    assert (flow.occlusion & clip.occlusion_forward).sum() >= 0.8 * clip.occlusion_forward.sum()
+
+
+def test_frames_within_the_cap_give_the_full_resolution_flow_exactly():
+    frames = render_clip(3, 48, 64, seed=1, sprites=2).frames
+    full = estimate_flow(frames, "dis")
+    capped = estimate_flow(frames, "dis", max_size=64)
+    assert torch.equal(full.forward, capped.forward) and torch.equal(full.occlusion, capped.occlusion)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -138,14 +174,59 @@ def test_raft_pairs_are_normalised_padded_cropped_and_ordered(dtype):
             assert torch.equal(edge, inner)                                    # replicate padding on every side
 
 
-def test_raft_batches_mix_forward_and_backward_pairs_and_report_progress():
+def test_raft_batches_hold_both_flows_of_their_pairs_and_report_progress_per_pair():
     frames = torch.rand(5, 16, 16, 3)
     raft, calls = DifferenceFlow(torch.float32), []
     batched = estimate_flow(frames, "raft_large", raft=raft, batch_size=3, on_batch=lambda d, t: calls.append((d, t)))
-    assert [len(image1) for image1, _ in raft.calls] == [3, 3, 2]
-    assert calls == [(3, 8), (6, 8), (8, 8)]
+    assert [len(image1) for image1, _ in raft.calls] == [6, 2]                  # 3 pairs forward + backward, then 1
+    assert calls == [(3, 4), (4, 4)]
     single = estimate_flow(frames, "raft_large", raft=DifferenceFlow(torch.float32), batch_size=1)
     assert torch.equal(batched.forward, single.forward) and torch.equal(batched.backward, single.backward)
+
+
+class OutOfMemoryAbove(DifferenceFlow):
+    """DifferenceFlow that runs out of memory on calls of more than ``limit`` flows."""
+
+    def __init__(self, limit: int):
+        super().__init__(torch.float32)
+        self.limit, self.refused = limit, []
+
+    def forward(self, image1, image2):
+        if len(image1) > self.limit:
+            self.refused.append(len(image1))
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return super().forward(image1, image2)
+
+
+def test_a_batch_that_runs_out_of_memory_is_retried_in_halves_with_the_same_result():
+    frames = torch.rand(6, 16, 16, 3)                                          # 5 pairs
+    raft, emptied, calls = OutOfMemoryAbove(limit=4), [], []
+    flow = estimate_flow(frames, "raft_small", raft=raft, batch_size=8, on_batch=lambda d, t: calls.append((d, t)),
+                         on_out_of_memory=lambda: emptied.append(True))
+    assert raft.refused == [10, 8] and len(emptied) == 2                        # 5 pairs, then 4, then 2 fit
+    assert [len(image1) for image1, _ in raft.calls] == [4, 4, 2]
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    single = estimate_flow(frames, "raft_small", raft=DifferenceFlow(torch.float32), batch_size=1)
+    assert torch.equal(flow.forward, single.forward) and torch.equal(flow.backward, single.backward)
+
+
+def test_out_of_memory_on_one_pair_is_a_clear_error():
+    with pytest.raises(torch.OutOfMemoryError, match="single frame pair at 16x12"):
+        estimate_flow(torch.rand(3, 12, 16, 3), "raft_small", raft=OutOfMemoryAbove(limit=1), batch_size=4)
+
+
+def test_raft_runs_at_the_capped_resolution():
+    frames = torch.rand(3, 300, 604, 3)
+    raft = DifferenceFlow(torch.float32)
+    flow = estimate_flow(frames, "raft_small", raft=raft, batch_size=4, max_size=302)
+    assert {tuple(image1.shape[-2:]) for image1, _ in raft.calls} == {(152, 304)}    # 150x302, padded to /8
+    assert flow.forward.shape == (2, 2, 300, 604)
+
+
+def test_raft_memory_estimate_grows_faster_than_the_pixels_and_linearly_in_flows():
+    small, large = raft_working_bytes((256, 256), 2), raft_working_bytes((512, 512), 2)
+    assert 8 < large / small <= 16                                          # 4x the pixels, the volume 16x
+    assert raft_working_bytes((512, 512), 4) == 2 * large
 
 
 @pytest.mark.parametrize("variant, constructor, prefix, frames", [("raft_small", raft_small, "", 3),

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from tve.nodes.flow_nodes import NO_WEIGHTS, FlowTrajectories, OpticalFlow, PreviewFlow, PreviewTrajectories
-from tve.tests.hosts import REAL_HOST
+from tve.tests.hosts import REAL_HOST, make_vae
 from tve.tools.video_world import frames_to_latent, render_clip
 
 
@@ -23,6 +23,9 @@ def flow_folder(tmp_path, monkeypatch):
     return folder
 
 
+VAE = make_vae()
+
+
 def clip(frames=3, height=48, width=64):
     return render_clip(frames, height, width, seed=5, sprites=1)
 
@@ -30,7 +33,7 @@ def clip(frames=3, height=48, width=64):
 def test_raft_weights_saved_into_models_optical_flow_load_and_run(flow_folder):
     torch.save(torchvision.models.optical_flow.raft_small(weights=None).state_dict(), flow_folder / "mine.pth")
     assert "mine.pth" in OpticalFlow.INPUT_TYPES()["required"]["raft_weights"][0]
-    (flow,) = OpticalFlow().estimate(clip().frames, "raft_small", "mine.pth", 2)
+    (flow,) = OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2)
     assert flow.forward.shape == flow.backward.shape == (2, 2, 48, 64)
     assert flow.occlusion.shape == (2, 48, 64) and flow.occlusion.dtype == torch.bool
     assert flow.method == "raft_small"
@@ -39,11 +42,11 @@ def test_raft_weights_saved_into_models_optical_flow_load_and_run(flow_folder):
 def test_missing_or_wrong_raft_weights_are_clear_errors(flow_folder):
     torch.save(torchvision.models.optical_flow.raft_small(weights=None).state_dict(), flow_folder / "small.pth")
     with pytest.raises(ValueError, match="raft_large_C_T_SKHT_V2-ff5fadd5.pth"):
-        OpticalFlow().estimate(clip().frames, "raft_large", NO_WEIGHTS, 2)
+        OpticalFlow().estimate(clip().frames, VAE, "raft_large", NO_WEIGHTS, 2)
     with pytest.raises(ValueError, match="not found"):
-        OpticalFlow().estimate(clip().frames, "raft_large", "gone.pth", 2)
+        OpticalFlow().estimate(clip().frames, VAE, "raft_large", "gone.pth", 2)
     with pytest.raises(ValueError, match="raft_large"):
-        OpticalFlow().estimate(clip().frames, "raft_large", "small.pth", 2)
+        OpticalFlow().estimate(clip().frames, VAE, "raft_large", "small.pth", 2)
 
 
 class NotWeights:
@@ -59,19 +62,19 @@ def test_empty_pickled_or_damaged_raft_files_are_one_error_saying_what_the_file_
                 "damaged.pth": "could not be read as a checkpoint .* damaged or not a RAFT checkpoint"}
     for name, message in expected.items():
         with pytest.raises(ValueError, match=f"^raft_weights: '{name}' {message}"):
-            OpticalFlow().estimate(clip().frames, "raft_large", name, 2)
+            OpticalFlow().estimate(clip().frames, VAE, "raft_large", name, 2)
 
 
-def test_dis_needs_no_weights_and_reports_progress_per_flow():
+def test_dis_needs_no_weights_and_reports_progress_per_pair():
     updates = []
     if not REAL_HOST:
         import comfy.utils
         comfy.utils.updates.clear()
         updates = comfy.utils.updates
-    (flow,) = OpticalFlow().estimate(clip(4).frames, "dis", NO_WEIGHTS, 8)
+    (flow,) = OpticalFlow().estimate(clip(4).frames, VAE, "dis", NO_WEIGHTS, 8)
     assert flow.frames == 4 and flow.method == "dis"
     if not REAL_HOST:
-        assert updates[-1] == (6, 6)
+        assert updates[-3:] == [(1, 3), (2, 3), (3, 3)]
 
 
 @pytest.mark.skipif(REAL_HOST, reason="sets the stand-in's interrupt flag")
@@ -79,24 +82,24 @@ def test_cancel_stops_the_flow_node():
     import comfy.model_management as mm
     mm.interrupt_processing = True
     with pytest.raises(mm.InterruptProcessingException):
-        OpticalFlow().estimate(clip(4).frames, "dis", NO_WEIGHTS, 1)
+        OpticalFlow().estimate(clip(4).frames, VAE, "dis", NO_WEIGHTS, 1)
     assert not mm.interrupt_processing
 
 
 def test_fewer_than_two_frames_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 2 frames"):
-        OpticalFlow().estimate(clip(1).frames, "dis", NO_WEIGHTS, 8)
+        OpticalFlow().estimate(clip(1).frames, VAE, "dis", NO_WEIGHTS, 8)
 
 
 def test_trajectories_refuse_a_latent_of_another_frame_count_or_aspect():
     video = clip(4, 64, 64)
-    (flow,) = OpticalFlow().estimate(video.frames, "dis", NO_WEIGHTS, 8)
+    (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
     latent = {"samples": frames_to_latent(video.frames)}
     (trajectories,) = FlowTrajectories().build(flow, latent, 0, True)
     assert trajectories.frames == 4 and sorted(trajectories.grids)[-1] == (8, 8)
     with pytest.raises(ValueError, match="frames"):
         FlowTrajectories().build(flow, {"samples": latent["samples"][:3]}, 0, True)
-    with pytest.raises(ValueError, match="aspect ratio"):
+    with pytest.raises(ValueError, match=r"latent: 12x8 .* flow's frames \(64x64\) encode to a 8x8 latent"):
         FlowTrajectories().build(flow, {"samples": torch.zeros(4, 4, 8, 12)}, 0, True)
 
 
@@ -113,7 +116,7 @@ def shown_files(ui: dict) -> list:
 
 def test_previews_show_on_the_node_and_return_one_picture_per_pair_and_per_frame():
     video = clip(4, 64, 64)
-    (flow,) = OpticalFlow().estimate(video.frames, "dis", NO_WEIGHTS, 8)
+    (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
     shown = PreviewFlow().preview(flow)
     colours, occlusion = shown["result"]
     assert colours.shape == occlusion.shape == (3, 64, 64, 3)
@@ -127,3 +130,105 @@ def test_previews_show_on_the_node_and_return_one_picture_per_pair_and_per_frame
     assert coarse.shape == video.frames.shape
     with pytest.raises(ValueError, match="images"):
         PreviewTrajectories().preview(trajectories, video.frames[:3], "latent", 16, 0)
+
+
+# ------------------------------------------------------------------------------------------------ frames of any size
+ODD = (3, 54, 90)            # frames, height, width: neither side a multiple of 8 (VAEEncode keeps 48x88)
+
+
+def vae_encoded_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The pixels the host's VAEEncode encodes (its own crop; the stand-in mirrors it)."""
+    return VAE.vae_encode_crop_pixels(images)
+
+
+def test_flow_covers_exactly_the_pixels_vae_encode_encodes():
+    video = clip(*ODD)
+    (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
+    assert (flow.height, flow.width) == (48, 88) and flow.crop.latent_hw == (6, 11)
+    (of_cropped,) = OpticalFlow().estimate(vae_encoded_pixels(video.frames), VAE, "dis", NO_WEIGHTS, 8)
+    assert torch.equal(flow.forward, of_cropped.forward) and torch.equal(flow.occlusion, of_cropped.occlusion)
+
+
+def test_trajectories_previews_and_metrics_line_up_with_the_latent_of_odd_sized_frames():
+    from tve.nodes.metrics import ConsistencyMetrics
+    video = clip(*ODD)
+    encoded = vae_encoded_pixels(video.frames)                        # what VAEEncode encodes / VAEDecode returns
+    (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
+    latent = {"samples": frames_to_latent(encoded)}
+    assert latent["samples"].shape[-2:] == (6, 11)
+    (trajectories,) = FlowTrajectories().build(flow, latent, 0, True)
+    assert max(trajectories.grids, key=lambda hw: hw[0] * hw[1]) == (6, 11)
+    (from_source,) = PreviewTrajectories().preview(trajectories, video.frames, "latent", 16, 0)["result"]
+    (from_decoded,) = PreviewTrajectories().preview(trajectories, encoded, "latent", 16, 0)["result"]
+    assert from_source.shape == (3, 48, 88, 3) and torch.equal(from_source, from_decoded)
+    edited = ConsistencyMetrics().measure(encoded.flip(-1), flow, video.frames)["result"]
+    source_only = ConsistencyMetrics().measure(encoded, flow)["result"]
+    assert edited[0] > 0 and f"{source_only[0]:.3f}" in edited[2]        # the source floor, from raw frames
+    assert "90x54, cropped by the VAE to 88x48" in edited[2]
+
+
+def test_frames_of_another_video_or_length_are_errors_naming_both_sockets():
+    from tve.nodes.metrics import ConsistencyMetrics
+    video = clip(*ODD)
+    (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
+    with pytest.raises(ValueError, match=r"latent: 12x6 .*90x54, cropped by the VAE to 88x48.* 11x6 latent"):
+        FlowTrajectories().build(flow, {"samples": torch.zeros(3, 4, 6, 12)}, 0, True)
+    with pytest.raises(ValueError, match=r"images: 90x50 \(w x h\) frames, but the flow .*90x54 or 88x48"):
+        ConsistencyMetrics().measure(video.frames[:, :50], flow)
+    with pytest.raises(ValueError, match="source_images: has 2 frames but the flow spans 3"):
+        ConsistencyMetrics().measure(video.frames, flow, video.frames[:2])
+    (trajectories,) = FlowTrajectories().build(flow, {"samples": torch.zeros(3, 4, 6, 11)}, 0, True)
+    with pytest.raises(ValueError, match="images: 96x54 .* trajectories"):
+        PreviewTrajectories().preview(trajectories, torch.rand(3, 54, 96, 3), "latent", 16, 0)
+
+
+@pytest.mark.parametrize("height, width", [(240, 426), (480, 854), (288, 512), (61, 77), (1080, 1920)])
+def test_latent_crop_is_the_hosts_vae_encode_crop(height, width):
+    from tve.flow.latent_crop import LatentCrop
+    from tve.nodes import host
+    images = torch.rand(1, height, width, 3)
+    crop = LatentCrop((height, width), host.vae_downscale_ratio(VAE))
+    assert torch.equal(crop.crop_frames(images), VAE.vae_encode_crop_pixels(images))
+    assert crop.latent_hw == (height // 8, width // 8)
+
+
+def test_a_value_that_is_not_an_image_vae_is_refused():
+    with pytest.raises(ValueError, match="vae: expected an image VAE"):
+        OpticalFlow().estimate(clip().frames, object(), "dis", NO_WEIGHTS, 8)
+
+
+# ------------------------------------------------------------------------------------------------ lean RAFT
+def test_raft_is_built_once_loaded_after_freeing_memory_and_offloaded(flow_folder):
+    import comfy.model_management as mm
+    from tve.nodes import flow_nodes
+    torch.save(torchvision.models.optical_flow.raft_small(weights=None).state_dict(), flow_folder / "mine.pth")
+    flow_nodes._RAFT_CACHE.clear()
+    freed = []
+    real_free = mm.free_memory
+    mm.free_memory = lambda required, device, keep_loaded=[]: freed.append((required, device))
+    try:
+        OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
+        (raft,) = flow_nodes._RAFT_CACHE.values()
+        OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
+    finally:
+        mm.free_memory = real_free
+    assert list(flow_nodes._RAFT_CACHE.values()) == [raft]                   # not rebuilt for the second run
+    assert len(freed) == 2 and freed[0][0] > mm.module_size(raft)           # weights + working memory
+    assert next(raft.parameters()).device == mm.unet_offload_device()
+
+
+@pytest.mark.real_host
+def test_host_chooses_half_precision_where_comfy_does_and_frees_memory_through_it(monkeypatch):
+    import comfy.model_management as mm
+    from tve.nodes import host
+    cpu = torch.device("cpu")
+    assert host.helper_dtype(cpu) == torch.float32                         # comfy: no fp16 on the CPU
+    monkeypatch.setattr(mm, "should_use_fp16", lambda device=None, **kwargs: True)
+    assert host.helper_dtype(cpu) == torch.float16
+    calls = []
+    monkeypatch.setattr(mm, "free_memory", lambda required, device, keep_loaded=[]: calls.append((required, device)))
+    module = torch.nn.Linear(10, 10)
+    assert host.free_memory_for(module, 1000) == mm.get_torch_device()
+    assert calls == [(mm.module_size(module) + 1000, mm.get_torch_device())]
+    host.empty_cache()
+    assert mm.OOM_EXCEPTION is torch.OutOfMemoryError                        # what flow/estimate.py catches

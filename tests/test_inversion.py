@@ -102,7 +102,7 @@ def test_node_inversion_and_reconstruction_match_float64_euler_and_improve_with_
 
 @real_host
 @pytest.mark.parametrize("family", FAMILIES)
-def test_inversion_keys_are_the_sampling_grid_sigmas_and_latents_are_kept_in_model_dtype(family):
+def test_inversion_keys_are_the_sampling_grid_sigmas_and_float32_latents_are_kept_in_float32(family):
     from tve.nodes import host
     from tve.nodes.inversion import DDIMInversion
     model = make_tiny_model(family)
@@ -110,7 +110,8 @@ def test_inversion_keys_are_the_sampling_grid_sigmas_and_latents_are_kept_in_mod
     x_T, inversion, sigmas = DDIMInversion().invert(model, latent, make_conditioning(family), 4, "ddim_uniform")
     grid = host.sigma_grid(model, "ddim_uniform", 4)
     assert torch.equal(inversion.sigmas, grid) and torch.equal(sigmas, grid)
-    assert inversion.latents.shape == (5, 4, 4, 16, 16) and inversion.latents.dtype == host.model_dtype(model)
+    assert host.model_dtype(model) == torch.float32
+    assert inversion.latents.shape == (5, 4, 4, 16, 16) and inversion.latents.dtype == torch.float32
     assert inversion.latents.device == host.intermediate_device()
     ms = model.get_model_object("model_sampling")
     assert torch.allclose(inversion.latents[-1], model.model.process_latent_in(latent["samples"]))
@@ -199,3 +200,24 @@ def test_finer_inversion_reconstructs_the_trained_models_clip_more_faithfully():
                                            inversion.sigmas, cond, cond, x_T, disable_pbar=True)
         errors.append(float((recon - raw).norm() / raw.norm()))
     assert errors[1] < 0.8 * errors[0], errors
+@pytest.mark.parametrize("weights, kept", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                           (torch.bfloat16, torch.float16), (torch.float8_e4m3fn, torch.float16),
+                                           (torch.float8_e5m2, torch.float16)])
+def test_source_latents_are_never_stored_below_fp16_precision(weights, kept):
+    from tve.nodes.inversion import storage_dtype
+    assert storage_dtype(weights) == kept
+    assert torch.finfo(storage_dtype(weights)).eps <= torch.finfo(torch.float16).eps
+
+
+@real_host
+def test_inversion_of_a_low_precision_model_keeps_the_source_to_fp16_precision(monkeypatch):
+    from tve.nodes import host
+    from tve.nodes.inversion import invert
+    model = make_tiny_model("sd15")
+    latent = make_latent(2, 8, 8)["samples"]
+    _, exact = invert(model, latent, make_conditioning(), 3, "ddim_uniform")
+    monkeypatch.setattr(host, "model_dtype", lambda m: torch.float8_e4m3fn)     # what UNETLoader's fp8 option reports
+    _, stored = invert(model, latent, make_conditioning(), 3, "ddim_uniform")
+    assert stored.latents.dtype == torch.float16
+    error = (stored.latents.float() - exact.latents).abs() / exact.latents.abs().clamp(min=1e-2)
+    assert float(error.max()) <= 2 ** -11                                       # fp16 rounding, not fp8's 2^-4

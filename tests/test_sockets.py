@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tve.nodes import NODE_CLASS_MAPPINGS, sockets
-from tve.tests.hosts import make_latent, make_tiny_model
+from tve.tests.hosts import make_latent, make_tiny_model, make_vae
 
 CUSTOM = {sockets.FLOW, sockets.TRAJECTORIES, sockets.INVERSION}
 FOREIGN = {"frames": 4, "forward": None}                    # what another pack's FLOW might carry
@@ -16,7 +16,7 @@ def socket_types(cls) -> set[str]:
 
 
 def test_every_custom_socket_type_has_the_pack_prefix():
-    builtin = {"MODEL", "LATENT", "IMAGE", "CONDITIONING", "SIGMAS", "INT", "FLOAT", "STRING", "BOOLEAN"}
+    builtin = {"MODEL", "LATENT", "IMAGE", "CONDITIONING", "SIGMAS", "VAE", "INT", "FLOAT", "STRING", "BOOLEAN"}
     used = set().union(*(socket_types(cls) for cls in NODE_CLASS_MAPPINGS.values())) - builtin
     assert used == CUSTOM
 
@@ -45,6 +45,8 @@ def arguments(cls, foreign_input: str) -> dict:
             values[name] = make_latent(4, 8, 8)
         elif socket == "IMAGE":
             values[name] = torch.rand(4, 64, 64, 3)
+        elif socket == "VAE":
+            values[name] = make_vae()
         else:
             values[name] = FOREIGN
     values[foreign_input] = FOREIGN

@@ -11,7 +11,9 @@ from tve.nodes.flatten import ApplyFLATTEN
 from tve.nodes.flow_nodes import FlowTrajectories, OpticalFlow, PreviewFlow, PreviewTrajectories
 from tve.nodes.metrics import ConsistencyMetrics, pca_image
 from tve.flow.estimate import estimate_flow
-from tve.tests.hosts import make_latent, make_tiny_model
+from tve.tests.hosts import make_latent, make_tiny_model, make_vae
+
+VAE = make_vae()
 
 
 def clip(frames=3, height=24, width=32, seed=0):
@@ -90,16 +92,18 @@ def test_cross_frame_attention_refuses_nan_and_bool_widgets():
 
 def test_flow_nodes_refuse_tiny_nan_or_single_frames_before_opencv_sees_them():
     node = OpticalFlow()
-    with pytest.raises(ValueError, match=r"^images: frames are 11x11 px; at least 12x12 px needed \(OpenCV DIS"):
-        node.estimate(clip(2, 11, 11), "dis", "none (method dis)", 8)
+    with pytest.raises(ValueError, match=r"^images: frames are 15x15 px; at least 16x16 px needed \(OpenCV DIS's "
+                                         r"12 px patch after VAEEncode's crop to a multiple of 8"):
+        node.estimate(clip(2, 15, 15), VAE, "dis", "none (method dis)", 8)
+    node.estimate(clip(2, 16, 16), VAE, "dis", "none (method dis)", 8)
     with pytest.raises(ValueError, match=r"^images: frames are 32x6 px; at least 8x8 px needed"):
-        node.estimate(clip(2, 6, 32), "raft_small", "none (method dis)", 8)
+        node.estimate(clip(2, 6, 32), VAE, "raft_small", "none (method dis)", 8)
     with pytest.raises(ValueError, match=r"^images: has 1 frame\(s\)"):
-        node.estimate(clip(1), "dis", "none (method dis)", 8)
+        node.estimate(clip(1), VAE, "dis", "none (method dis)", 8)
     nan = clip(2)
     nan[0, 4:12, 4:12] = math.nan
     with pytest.raises(ValueError, match="^images: .* NaN"):
-        node.estimate(nan, "dis", "none (method dis)", 8)
+        node.estimate(nan, VAE, "dis", "none (method dis)", 8)
 
 
 def test_flow_consumers_refuse_non_finite_flow_and_frames():

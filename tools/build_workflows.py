@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,6 +33,8 @@ UPLOAD_VALUE = "image"                               # the value the frontend st
 COLUMN_WIDTH, NODE_WIDTH, ROW_GAP = 380, 320, 40
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT = 30, 22, 26
 MULTILINE_HEIGHT, PREVIEW_HEIGHT, NOTE_LINE_HEIGHT = 90, 220, 18
+GROUP_PADDING, GROUP_TITLE_HEIGHT, GROUP_FONT_SIZE, GROUP_COLOR = 15, 50, 24, "#3f789e"
+TOP = GROUP_PADDING + GROUP_TITLE_HEIGHT + TITLE_HEIGHT    # first node's body: its group's frame starts at y = 0
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Node:
     links: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     title: str | None = None
     properties: Mapping[str, Any] = field(default_factory=dict)
+    group: str | None = None         # the titled frame (UI group) the node sits in
 
 
 @dataclass(frozen=True)
@@ -53,69 +56,131 @@ class Note:
     name: str
     column: int
     text: str
+    group: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- specs
 SD15_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 SD15_URL = ("https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
             "v1-5-pruned-emaonly-fp16.safetensors?download=true")
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+SDXL_URL = "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"
 RAFT_LARGE = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
 SOURCE_VIDEO = "source_video.mp4"
 TARGET_PROMPT = "a watercolor painting, soft washes of colour, paper texture"
 NEGATIVE_PROMPT = "blurry, low quality, distorted, flickering"
 
-
-def checkpoint(column: int = 0) -> Node:
-    return Node("checkpoint", "CheckpointLoaderSimple", column, {"ckpt_name": SD15_CHECKPOINT},
-                properties={"models": [{"name": SD15_CHECKPOINT, "url": SD15_URL, "directory": "checkpoints"}]})
+# Groups: what the graph does, left to right.
+LOAD, INVERT, EDIT, SAVE = "Load", "Invert", "Edit", "Save"
 
 
-def source_frames() -> list[Node]:
-    """LoadVideo → frames → VAE latents (columns 0-2)."""
+@dataclass(frozen=True)
+class Model:
+    """A checkpoint family a workflow is written for: its file, the frame size it was trained on, what it costs."""
+    checkpoint: str
+    url: str
+    long_side: int               # px: frames are resized to this on their longer side (aspect kept)
+    frames: int                  # the shipped frame count
+    base_gb: float               # VRAM estimate: fp16 weights (UNet, text encoders, VAE) + CUDA context + VAE work
+    per_frame_gb: float          # VRAM estimate per frame at ``long_side`` 16:9, all frames in one batch
+
+
+# Estimates, not measurements. SD1.5: UNet 1.7 GB + CLIP-L 0.25 + VAE 0.16 fp16, ~0.6 GB of context and VAE
+# decode work; per frame (64x36 latent): ComfyUI's own activation estimate for SD1.5 with flash attention
+# (area x 2 B x 0.01 MiB = 46 MiB per latent) for cond + uncond, 1.5x headroom, plus the source pass and TVE's
+# stored features: ~0.3 GB. SDXL: UNet 5.1 + CLIP-L/G 1.6 + VAE 0.16, ~0.8 GB work; a 128x72 latent is 4x the
+# tokens, factor 0.8: ~1.1 GB per frame.
+SD15 = Model(SD15_CHECKPOINT, SD15_URL, long_side=512, frames=16, base_gb=2.7, per_frame_gb=0.3)
+SDXL = Model(SDXL_CHECKPOINT, SDXL_URL, long_side=1024, frames=8, base_gb=7.7, per_frame_gb=1.1)
+
+
+def vram_line(model: Model) -> str:
+    counts = sorted({8, model.frames, 2 * model.frames, 4 * model.frames})
+    figures = ", ".join(f"{n} frames ≈ {model.base_gb + n * model.per_frame_gb:.0f} GB" for n in counts)
+    height = round(model.long_side * 9 / 16)
+    return (f"• VRAM (an estimate from the model and latent sizes, fp16, all frames in one batch, "
+            f"{model.long_side}×{height}): {figures}. Lower the number of frames or the long side if it does not fit.")
+
+
+def start_here(model: Model = SD15, prompt_title: str = "Target prompt") -> str:
+    """The first lines of every editing workflow's Note: what to set before queueing, and what it costs."""
+    return f"""Set first: ① Load Checkpoint: your {'SDXL' if model is SDXL else 'SD1.5'} checkpoint. ② Source video: \
+your clip. ③ Frames: start frame (batch_index) and number of frames (length, {model.frames} shipped; a \
+longer cap takes what the clip has). ④ {prompt_title}.
+• Frames are resized to {model.long_side} px on the long side (aspect kept), the size the model was trained for; \
+any size works, VAEEncode and every TVE node crop to a multiple of 8 the same way.
+{vram_line(model)}
+• fps and audio go through to the saved video; the audio is in sync from start frame 0 (with a later start it \
+still begins at the clip's start: trim it with TrimAudioDuration if your clip has sound)."""
+
+
+def checkpoint(column: int = 0, model: Model = SD15) -> Node:
+    return Node("checkpoint", "CheckpointLoaderSimple", column, {"ckpt_name": model.checkpoint}, group=LOAD,
+                properties={"models": [{"name": model.checkpoint, "url": model.url, "directory": "checkpoints"}]})
+
+
+def source_frames(model: Model = SD15) -> list[Node]:
+    """LoadVideo → a range of frames → resized to the model's size → VAE latents (columns 0-2)."""
     return [
-        Node("video", "LoadVideo", 0, {"file": SOURCE_VIDEO}, title="Source video"),
-        Node("components", "GetVideoComponents", 1, links={"video": ("video", "VIDEO")}),
-        Node("encode", "VAEEncode", 2, links={"pixels": ("components", "images"), "vae": ("checkpoint", "VAE")}),
+        Node("video", "LoadVideo", 0, {"file": SOURCE_VIDEO}, title="Source video", group=LOAD),
+        Node("components", "GetVideoComponents", 1, links={"video": ("video", "VIDEO")}, group=LOAD),
+        Node("frames", "ImageFromBatch", 1, {"batch_index": 0, "length": model.frames},
+             {"image": ("components", "images")}, title="Frames (start, number)", group=LOAD),
+        Node("resize", "ImageScaleToMaxDimension", 2, {"upscale_method": "lanczos", "largest_size": model.long_side},
+             {"image": ("frames", "IMAGE")}, title="Resize (long side)", group=LOAD),
+        Node("encode", "VAEEncode", 2, links={"pixels": ("resize", "IMAGE"), "vae": ("checkpoint", "VAE")},
+             group=LOAD),
     ]
 
 
-def prompt(name: str, column: int, text: str, title: str) -> Node:
-    return Node(name, "CLIPTextEncode", column, {"text": text}, {"clip": ("checkpoint", "CLIP")}, title=title)
+FRAMES = ("resize", "IMAGE")                         # the source frames every node of a workflow works on
 
 
-def inversion(steps: int = 50, model: tuple[str, str] = ("checkpoint", "MODEL"), column: int = 3) -> list[Node]:
+def prompt(name: str, column: int, text: str, title: str, group: str = EDIT) -> Node:
+    return Node(name, "CLIPTextEncode", column, {"text": text}, {"clip": ("checkpoint", "CLIP")}, title=title,
+                group=group)
+
+
+def inversion(steps: int = 50, model: tuple[str, str] = ("checkpoint", "MODEL"), column: int = 4) -> list[Node]:
     """The source prompt and TVE_DDIMInversion of the encoded frames with ``model``."""
     return [
-        prompt("source_prompt", column - 1, "", "Source prompt (empty is usual)"),
+        prompt("source_prompt", column - 1, "", "Source prompt (empty is usual)", group=INVERT),
         Node("inversion", "TVE_DDIMInversion", column, {"steps": steps, "scheduler": "ddim_uniform"},
-             {"model": model, "latent": ("encode", "LATENT"), "conditioning": ("source_prompt", "CONDITIONING")}),
+             {"model": model, "latent": ("encode", "LATENT"), "conditioning": ("source_prompt", "CONDITIONING")},
+             group=INVERT),
     ]
 
 
 def sample_and_save(column: int, guider: tuple[str, str], prefix: str,
                     sigmas: tuple[str, str] = ("inversion", "sigmas"),
                     latent: tuple[str, str] = ("inversion", "inverted_latent"),
-                    fps: tuple[str, str] | None = ("components", "fps")) -> list[Node]:
-    """SamplerCustomAdvanced from ``latent`` on the σ grid ``sigmas`` with no new noise, decode, save."""
+                    video: bool = True) -> list[Node]:
+    """SamplerCustomAdvanced from ``latent`` on the σ grid ``sigmas`` with no new noise, decode, save (with the
+    source video's fps and audio when ``video``)."""
+    carried = {"fps": ("components", "fps"), "audio": ("components", "audio")} if video else {}
     return [
-        Node("no_noise", "DisableNoise", column - 1),
-        Node("sampler", "KSamplerSelect", column - 1, {"sampler_name": "euler"}),
+        Node("no_noise", "DisableNoise", column - 1, group=EDIT),
+        Node("sampler", "KSamplerSelect", column - 1, {"sampler_name": "euler"}, group=EDIT),
         Node("sample", "SamplerCustomAdvanced", column,
              links={"noise": ("no_noise", "NOISE"), "guider": guider, "sampler": ("sampler", "SAMPLER"),
-                    "sigmas": sigmas, "latent_image": latent}),
-        Node("decode", "VAEDecode", column + 1, links={"samples": ("sample", "output"), "vae": ("checkpoint", "VAE")}),
-        Node("to_video", "CreateVideo", column + 2, {"fps": 8.0 if fps is None else 24.0},
-             {"images": ("decode", "IMAGE"), **({"fps": fps} if fps else {})}),
-        Node("save", "SaveVideo", column + 3, {"filename_prefix": f"video/{prefix}"}, {"video": ("to_video", "VIDEO")}),
+                    "sigmas": sigmas, "latent_image": latent}, group=EDIT),
+        Node("decode", "VAEDecode", column + 1, links={"samples": ("sample", "output"), "vae": ("checkpoint", "VAE")},
+             group=SAVE),
+        Node("to_video", "CreateVideo", column + 2, {"fps": 24.0 if video else 8.0},
+             {"images": ("decode", "IMAGE"), **carried}, group=SAVE),
+        Node("save", "SaveVideo", column + 3, {"filename_prefix": f"video/{prefix}"}, {"video": ("to_video", "VIDEO")},
+             group=SAVE),
     ]
 
 
-def optical_flow(column: int) -> Node:
-    return Node("flow", "TVE_OpticalFlow", column,
-                {"method": "raft_large", "raft_weights": RAFT_LARGE, "batch_size": 8},
-                {"images": ("components", "images")},
-                properties={"models": [{"name": RAFT_LARGE, "directory": "optical_flow",
-                                        "url": f"https://download.pytorch.org/models/{RAFT_LARGE}"}]})
+def optical_flow(column: int, method: str = "raft_large", group: str = INVERT) -> Node:
+    weights = {"raft_weights": RAFT_LARGE} if method == "raft_large" else {"raft_weights": "none (method dis)"}
+    models = [{"name": RAFT_LARGE, "directory": "optical_flow",
+               "url": f"https://download.pytorch.org/models/{RAFT_LARGE}"}] if method == "raft_large" else []
+    return Node("flow", "TVE_OpticalFlow", column, {"method": method, **weights, "batch_size": 8,
+                                                    "max_resolution": 512},
+                {"images": FRAMES, "vae": ("checkpoint", "VAE")}, group=group,
+                properties={"models": models} if models else {})
 
 
 def flatten(column: int) -> list[Node]:
@@ -123,10 +188,10 @@ def flatten(column: int) -> list[Node]:
     return [
         optical_flow(column),
         Node("trajectories", "TVE_FlowTrajectories", column + 1, {"seed": 0, "cut_at_occlusions": True},
-             {"flow": ("flow", "flow"), "latent": ("encode", "LATENT")}),
+             {"flow": ("flow", "flow"), "latent": ("encode", "LATENT")}, group=INVERT),
         Node("flatten", "TVE_ApplyFLATTEN", column + 2, {"token_grids": "highest resolution",
                                                           "qk_source": "dense_output"},
-             {"model": ("checkpoint", "MODEL"), "trajectories": ("trajectories", "trajectories")}),
+             {"model": ("checkpoint", "MODEL"), "trajectories": ("trajectories", "trajectories")}, group=INVERT),
     ]
 
 
@@ -134,98 +199,138 @@ def tokenflow(column: int, model: tuple[str, str]) -> Node:
     return Node("tokenflow", "TVE_ApplyTokenFlow", column,
                 {"keyframe_interval": 8, "seed": 0, "propagation": "paper", "attention_injection_end": 0.5,
                  "conv_injection_end": 0.8},
-                {"model": model, "inversion": ("inversion", "inversion")})
+                {"model": model, "inversion": ("inversion", "inversion")}, group=EDIT)
 
 
 def consistency(column: int, flow_column: int | None = None) -> list[Node]:
-    """Warp error and flicker of the edit under the source flow (adds the flow node when ``flow_column``)."""
-    nodes = [optical_flow(flow_column)] if flow_column is not None else []
+    """Warp error and flicker of the edit under the source flow. With ``flow_column`` the branch gets its own
+    flow, by DIS: no weights to miss and no GPU memory, so the measurement cannot fail a run that saved its video."""
+    nodes = [optical_flow(flow_column, method="dis", group=SAVE)] if flow_column is not None else []
     return nodes + [Node("metrics", "TVE_ConsistencyMetrics", column,
-                         links={"images": ("decode", "IMAGE"), "flow": ("flow", "flow"),
-                                "source_images": ("components", "images")}, title="Consistency")]
+                         links={"images": ("decode", "IMAGE"), "flow": ("flow", "flow"), "source_images": FRAMES},
+                         title="Consistency", group=SAVE)]
 
 
-def edit_prompts() -> list[Node]:
-    return [prompt("target_prompt", 1, TARGET_PROMPT, "Target prompt (the edit)"),
-            prompt("negative_prompt", 1, NEGATIVE_PROMPT, "Negative prompt")]
+def edit_prompts(column: int = 5) -> list[Node]:
+    return [prompt("target_prompt", column, TARGET_PROMPT, "Target prompt (the edit)"),
+            prompt("negative_prompt", column, NEGATIVE_PROMPT, "Negative prompt")]
 
 
-def injection() -> Node:
-    return Node("injection", "TVE_ApplyFeatureInjection", 4,
-                {"attention_injection_end": 0.5, "conv_injection_end": 0.8, "block_preset": "tokenflow",
+def injection(column: int = 6, model: tuple[str, str] = ("checkpoint", "MODEL"), block_preset: str = "tokenflow",
+              attention_end: float = 0.5) -> Node:
+    return Node("injection", "TVE_ApplyFeatureInjection", column,
+                {"attention_injection_end": attention_end, "conv_injection_end": 0.8, "block_preset": block_preset,
                  "order": "sigma-matched"},
-                {"model": ("checkpoint", "MODEL"), "inversion": ("inversion", "inversion")})
+                {"model": model, "inversion": ("inversion", "inversion")}, group=EDIT)
 
 
 def cfg_guider(column: int, model: tuple[str, str]) -> Node:
     return Node("guider", "CFGGuider", column, {"cfg": 7.5},
                 {"model": model, "positive": ("target_prompt", "CONDITIONING"),
-                 "negative": ("negative_prompt", "CONDITIONING")})
+                 "negative": ("negative_prompt", "CONDITIONING")}, group=EDIT)
 
 
-FLOW_NOTE = """Optical flow and FLATTEN trajectories of a video.
+def note(text: str) -> Note:
+    return Note("note", 0, text, group=LOAD)
 
-• Optical Flow: 'raft_large' (best) needs raft_large_C_T_SKHT_V2-ff5fadd5.pth in models/optical_flow \
-(https://download.pytorch.org/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth); 'raft_small' needs \
-raft_small_C_T_V2-01064c6d.pth; 'dis' (OpenCV) needs no weights and runs on the CPU.
+
+FLOW_NOTE = f"""Optical flow and FLATTEN trajectories of a video.
+
+Set first: ① Load Checkpoint (only its VAE is used), ② Source video, ③ Frames: start frame and number of frames.
+• Frames are resized to 512 px on the long side like the editing workflows, and the flow covers exactly the \
+pixels VAEEncode encodes (a centre crop to a multiple of 8), so the trajectories are those an edit would use.
+• Optical Flow: 'raft_large' (best) needs {RAFT_LARGE} in models/optical_flow \
+(https://download.pytorch.org/models/{RAFT_LARGE}); 'raft_small' needs \
+raft_small_C_T_V2-01064c6d.pth; 'dis' (OpenCV) needs no weights and runs on the CPU. max_resolution caps the \
+size the flow is estimated at (RAFT's memory grows with its 4th power); the flow is scaled back up.
+• VRAM (an estimate from RAFT's correlation volumes): ≈ 0.3 GB for a batch of 8 frame pairs at 512×288 in fp16, besides the VAE; a batch that does not fit is halved. 'dis' uses none.
 • Preview Flow: colour = direction, saturation = speed; white in the occlusion mask = no match in the next frame.
-• The checkpoint is only used for its VAE: trajectories are built on the latent grid the edit will use.
 • Preview Trajectories: 'grid' picks the token grid (latent, /2, /4, /8); 'tracks' how many to draw."""
 
-RECONSTRUCTION_NOTE = """DDIM inversion round trip: invert the video, then sample it back with the same σ grid.
+RECONSTRUCTION_NOTE = f"""DDIM inversion round trip: invert the video, then sample it back with the same σ grid.
 
+{start_here(prompt_title="No prompt needed")}
 • The output should match the input; if it does not, the edit workflows cannot preserve the video either.
 • steps: 50 is the papers' choice; fewer is faster and less exact.
 • The source prompt is usually empty; guidance is 1 (BasicGuider), as in the inversion.
 • SamplerCustomAdvanced takes the inversion's SIGMAS, DisableNoise and the inverted latent: no new noise."""
 
-PNP_NOTE = """Plug-and-Play editing: each frame is edited from its own inverted latent, while the decoder's \
+PNP_NOTE = f"""Plug-and-Play editing: each frame is edited from its own inverted latent, while the decoder's \
 self-attention q/k and one ResBlock's features come from the source video at the same noise level.
 
+{start_here()}
 • Target prompt: describe the whole edited video; cfg 7.5 as in the papers.
 • attention_injection_end / conv_injection_end: fraction of the steps with injection. Higher keeps more of \
 the source layout and motion; lower lets the prompt change more.
 • block_preset: 'tokenflow' (TokenFlow's blocks) or 'flatten' (FLATTEN's).
 • Frames are edited independently here: expect flicker. See anchor_attention_edit for cross-frame attention."""
 
-ANCHOR_NOTE = """PnP editing with anchor-frame attention (Text2Video-Zero §3.3): every frame's self-attention \
+ANCHOR_NOTE = f"""PnP editing with anchor-frame attention (Text2Video-Zero §3.3): every frame's self-attention \
 attends to the anchor frame, which ties appearance across frames and reduces flicker.
 
+{start_here()}
 • anchor_frame: the frame all others look at (0 = first); anchor_include_self also keeps each frame's own tokens.
 • mode: 'keyframes' (TokenFlow), 'dense' (FLATTEN, all frames; memory grows with frames²), \
 'fine_coarse' (EI²) are the other cross-frame modes.
 • token_grids / start_percent / end_percent limit where and when it applies."""
 
-TOKENFLOW_NOTE = """TokenFlow (Geyer et al., ICLR 2024): each step edits random keyframes together (extended \
-attention + PnP injection) and carries their self-attention outputs to every frame along nearest-neighbour \
-matches of the SOURCE video's features, so all frames share the keyframes' look.
 
+def tokenflow_note(model: Model) -> str:
+    return f"""TokenFlow (Geyer et al., ICLR 2024){' with SDXL' if model is SDXL else ''}: each step edits random \
+keyframes together (extended attention + PnP injection) and carries their self-attention outputs to every frame \
+along nearest-neighbour matches of the SOURCE video's features, so all frames share the keyframes' look.
+
+{start_here(model)}
 • keyframe_interval: one keyframe per this many frames, re-drawn every step (8 in the paper). Smaller = more \
 keyframes = closer to per-frame editing (and more memory for the keyframe pass).
 • propagation: 'paper' blends the two keyframes nearest in time; 'official' reproduces the reference code.
 • attention/conv_injection_end: how long the source structure is enforced (0.5 / 0.8 in the paper).
-• Consistency Metrics: warp error of the edit under the source flow; compare with pnp_per_frame_edit."""
+• Consistency: warp error of the edit under the source flow (DIS here: no weights, CPU; RAFT is more exact); \
+compare with pnp_per_frame_edit. It never stops the video from being saved."""
 
-FLATTEN_NOTE = """FLATTEN (Cong et al., ICLR 2024): dense spatio-temporal attention in every block plus \
+
+FLATTEN_NOTE = f"""FLATTEN (Cong et al., ICLR 2024): dense spatio-temporal attention in every block plus \
 attention along the source's optical-flow trajectories, used for the inversion AND the edit (same MODEL).
 
-• Optical Flow: RAFT weights in models/optical_flow, or 'dis' on the CPU.
+{start_here()}
+• Optical Flow: RAFT weights in models/optical_flow ({RAFT_LARGE}), or 'dis' on the CPU.
 • token_grids: 'highest resolution' (the paper) or 'all'. qk_source: 'dense_output' (the paper) or 'projections'.
 • Injection uses FLATTEN's block preset. Dense attention costs frames² compute: long videos are slow."""
 
-TOKENFLOW_FLATTEN_NOTE = """FLATTEN and TokenFlow stacked: FLATTEN shapes the inversion and the keyframe pass, \
-TokenFlow propagates the keyframes. Apply FLATTEN first; TokenFlow must be the last attention patch."""
+TOKENFLOW_FLATTEN_NOTE = f"""FLATTEN and TokenFlow stacked: FLATTEN shapes the inversion and the keyframe pass, \
+TokenFlow propagates the keyframes. Apply FLATTEN first; TokenFlow must be the last attention patch.
+
+{start_here()}
+• Optical Flow: RAFT weights in models/optical_flow ({RAFT_LARGE}), or 'dis' on the CPU."""
 
 T2V_ZERO_NOTE = """Text2Video-Zero (Khachatryan et al., ICCV 2023): zero-shot text-to-video with an image model.
 
+Set first: ① Load Checkpoint (SD1.5), ② Prompt, ③ frames and size (Motion Dynamics Latents, Empty Latent Image).
 • Motion Dynamics Latents: one noise, denoised to t1 and t0 (44/47 of 50 steps), translated by motion_x/y latent \
 cells per frame, re-noised: the start latents of all frames. Its sigmas output is the rest of the schedule.
-• Cross-frame attention 'anchor': every frame attends to frame 0, which keeps the subject's appearance."""
+• Cross-frame attention 'anchor': every frame attends to frame 0, which keeps the subject's appearance.
+• VRAM (an estimate, fp16, 512×512): ≈ 3 GB + 0.5 GB per frame (all frames in one batch)."""
 
-TOKENFLOW_CONTROLNET_NOTE = """TokenFlow with a ControlNet: Canny edges of the SOURCE frames (core Canny) guide the \
+
+def tokenflow_workflow(model: Model, prefix: str) -> list[Node | Note]:
+    return [
+        note(tokenflow_note(model)),
+        checkpoint(model=model),
+        *source_frames(model),
+        *inversion(),
+        *edit_prompts(),
+        tokenflow(6, ("checkpoint", "MODEL")),
+        cfg_guider(6, ("tokenflow", "MODEL")),
+        *sample_and_save(8, ("guider", "GUIDER"), prefix),
+        *consistency(10, flow_column=9),
+    ]
+
+
+TOKENFLOW_CONTROLNET_NOTE = f"""TokenFlow with a ControlNet: Canny edges of the SOURCE frames (core Canny) guide the \
 edit through core Apply ControlNet; TVE gives each keyframe pass the keyframes' own edge maps (stacks of several \
 ControlNets / T2I-Adapters work the same way).
 
+{start_here()}
 • ControlNet: an SD1.5 canny ControlNet in models/controlnet, e.g. control_v11p_sd15_canny_fp16.safetensors \
 (https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors). One hint image per frame (or one for all).
 • strength 0.8 / end_percent 1.0: how strongly and how long the edges hold the edit to the source's outlines.
@@ -239,136 +344,127 @@ CONTROLNET_CANNY_URL = ("https://huggingface.co/comfyanonymous/ControlNet-v1-1_f
 def canny_controlnet(column: int) -> list[Node]:
     """Core Canny on the source frames → ControlNetLoader → ControlNetApplyAdvanced on the edit prompts."""
     return [
-        Node("canny", "Canny", column - 1, {"low_threshold": 0.4, "high_threshold": 0.8},
-             {"image": ("components", "images")}),
-        Node("controlnet", "ControlNetLoader", column - 1, {"control_net_name": CONTROLNET_CANNY},
+        Node("canny", "Canny", column - 1, {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": FRAMES},
+             group=EDIT),
+        Node("controlnet", "ControlNetLoader", column - 1, {"control_net_name": CONTROLNET_CANNY}, group=EDIT,
              properties={"models": [{"name": CONTROLNET_CANNY, "url": CONTROLNET_CANNY_URL,
                                      "directory": "controlnet"}]}),
         Node("apply_controlnet", "ControlNetApplyAdvanced", column,
              {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0},
              {"positive": ("target_prompt", "CONDITIONING"), "negative": ("negative_prompt", "CONDITIONING"),
-              "control_net": ("controlnet", "CONTROL_NET"), "image": ("canny", "IMAGE")}),
+              "control_net": ("controlnet", "CONTROL_NET"), "image": ("canny", "IMAGE")}, group=EDIT),
     ]
 
 
 WORKFLOWS: dict[str, list[Node | Note]] = {
     "optical_flow_preview.json": [
-        Note("note", 0, FLOW_NOTE),
+        note(FLOW_NOTE),
+        checkpoint(),
         *source_frames(),
-        checkpoint(1),
-        optical_flow(2),
-        Node("preview_flow", "TVE_PreviewFlow", 3, links={"flow": ("flow", "flow")}, title="Flow and occlusion"),
-        Node("trajectories", "TVE_FlowTrajectories", 3, {"seed": 0, "cut_at_occlusions": True},
-             {"flow": ("flow", "flow"), "latent": ("encode", "LATENT")}),
-        Node("preview_tracks", "TVE_PreviewTrajectories", 4, {"grid": "latent", "tracks": 64, "seed": 0},
-             {"trajectories": ("trajectories", "trajectories"), "images": ("components", "images")},
-             title="Trajectories"),
+        optical_flow(3, group="Flow"),
+        Node("trajectories", "TVE_FlowTrajectories", 4, {"seed": 0, "cut_at_occlusions": True},
+             {"flow": ("flow", "flow"), "latent": ("encode", "LATENT")}, group="Flow"),
+        Node("preview_flow", "TVE_PreviewFlow", 5, links={"flow": ("flow", "flow")}, title="Flow and occlusion",
+             group="Preview"),
+        Node("preview_tracks", "TVE_PreviewTrajectories", 5, {"grid": "latent", "tracks": 64, "seed": 0},
+             {"trajectories": ("trajectories", "trajectories"), "images": FRAMES}, title="Trajectories",
+             group="Preview"),
     ],
     "inversion_reconstruction.json": [
-        Note("note", 0, RECONSTRUCTION_NOTE),
+        note(RECONSTRUCTION_NOTE),
         checkpoint(),
         *source_frames(),
         *inversion(),
-        Node("guider", "BasicGuider", 4, links={"model": ("checkpoint", "MODEL"),
-                                                "conditioning": ("source_prompt", "CONDITIONING")}),
-        *sample_and_save(5, ("guider", "GUIDER"), "TVE_reconstruction"),
+        Node("guider", "BasicGuider", 5, links={"model": ("checkpoint", "MODEL"),
+                                                "conditioning": ("source_prompt", "CONDITIONING")}, group=EDIT),
+        *sample_and_save(6, ("guider", "GUIDER"), "TVE_reconstruction"),
     ],
     "pnp_per_frame_edit.json": [
-        Note("note", 0, PNP_NOTE),
+        note(PNP_NOTE),
         checkpoint(),
         *source_frames(),
-        *edit_prompts(),
         *inversion(),
+        *edit_prompts(),
         injection(),
-        cfg_guider(5, ("injection", "MODEL")),
-        *sample_and_save(6, ("guider", "GUIDER"), "TVE_pnp_edit"),
+        cfg_guider(6, ("injection", "MODEL")),
+        *sample_and_save(8, ("guider", "GUIDER"), "TVE_pnp_edit"),
     ],
     "anchor_attention_edit.json": [
-        Note("note", 0, ANCHOR_NOTE),
+        note(ANCHOR_NOTE),
         checkpoint(),
         *source_frames(),
-        *edit_prompts(),
         *inversion(),
+        *edit_prompts(),
         injection(),
-        Node("cross_frame", "TVE_ApplyCrossFrameAttention", 5,
+        Node("cross_frame", "TVE_ApplyCrossFrameAttention", 6,
              {"mode": "anchor", "keyframe_interval": 8, "anchor_frame": 0, "anchor_include_self": False,
               "coarse_factor": 2, "seed": 0, "token_grids": "all", "start_percent": 0.0, "end_percent": 1.0},
-             {"model": ("injection", "MODEL")}),
-        cfg_guider(6, ("cross_frame", "MODEL")),
-        *sample_and_save(7, ("guider", "GUIDER"), "TVE_anchor_edit"),
-    ],
-    "tokenflow_edit.json": [
-        Note("note", 0, TOKENFLOW_NOTE),
-        checkpoint(),
-        *source_frames(),
-        *edit_prompts(),
-        *inversion(),
-        tokenflow(4, ("checkpoint", "MODEL")),
-        cfg_guider(5, ("tokenflow", "MODEL")),
-        *sample_and_save(6, ("guider", "GUIDER"), "TVE_tokenflow_edit"),
-        *consistency(9, flow_column=8),
+             {"model": ("injection", "MODEL")}, group=EDIT),
+        cfg_guider(7, ("cross_frame", "MODEL")),
+        *sample_and_save(8, ("guider", "GUIDER"), "TVE_anchor_edit"),
     ],
     "tokenflow_controlnet_edit.json": [
-        Note("note", 0, TOKENFLOW_CONTROLNET_NOTE),
+        note(TOKENFLOW_CONTROLNET_NOTE),
         checkpoint(),
         *source_frames(),
-        *edit_prompts(),
         *inversion(),
-        *canny_controlnet(5),
-        tokenflow(5, ("checkpoint", "MODEL")),
-        Node("guider", "CFGGuider", 6, {"cfg": 7.5},
+        *edit_prompts(),
+        *canny_controlnet(7),
+        tokenflow(7, ("checkpoint", "MODEL")),
+        Node("guider", "CFGGuider", 8, {"cfg": 7.5},
              {"model": ("tokenflow", "MODEL"), "positive": ("apply_controlnet", "positive"),
-              "negative": ("apply_controlnet", "negative")}),
-        *sample_and_save(7, ("guider", "GUIDER"), "TVE_tokenflow_controlnet_edit"),
+              "negative": ("apply_controlnet", "negative")}, group=EDIT),
+        *sample_and_save(10, ("guider", "GUIDER"), "TVE_tokenflow_controlnet_edit"),
     ],
+    "tokenflow_edit.json": tokenflow_workflow(SD15, "TVE_tokenflow_edit"),
+    "tokenflow_sdxl_edit.json": tokenflow_workflow(SDXL, "TVE_tokenflow_sdxl_edit"),
     "flatten_edit.json": [
-        Note("note", 0, FLATTEN_NOTE),
+        note(FLATTEN_NOTE),
         checkpoint(),
         *source_frames(),
-        *edit_prompts(),
         *flatten(3),
         *inversion(model=("flatten", "MODEL"), column=6),
-        Node("injection", "TVE_ApplyFeatureInjection", 7,
-             {"attention_injection_end": 0.8, "conv_injection_end": 0.8, "block_preset": "flatten",
-              "order": "sigma-matched"},
-             {"model": ("flatten", "MODEL"), "inversion": ("inversion", "inversion")}),
+        *edit_prompts(7),
+        injection(8, ("flatten", "MODEL"), block_preset="flatten", attention_end=0.8),
         cfg_guider(8, ("injection", "MODEL")),
-        *sample_and_save(9, ("guider", "GUIDER"), "TVE_flatten_edit"),
-        *consistency(12),
+        *sample_and_save(10, ("guider", "GUIDER"), "TVE_flatten_edit"),
+        *consistency(13),
     ],
     "tokenflow_flatten_edit.json": [
-        Note("note", 0, TOKENFLOW_FLATTEN_NOTE),
+        note(TOKENFLOW_FLATTEN_NOTE),
         checkpoint(),
         *source_frames(),
-        *edit_prompts(),
         *flatten(3),
         *inversion(model=("flatten", "MODEL"), column=6),
-        tokenflow(7, ("flatten", "MODEL")),
+        *edit_prompts(7),
+        tokenflow(8, ("flatten", "MODEL")),
         cfg_guider(8, ("tokenflow", "MODEL")),
-        *sample_and_save(9, ("guider", "GUIDER"), "TVE_tokenflow_flatten_edit"),
-        *consistency(12),
+        *sample_and_save(10, ("guider", "GUIDER"), "TVE_tokenflow_flatten_edit"),
+        *consistency(13),
     ],
     "text2video_zero.json": [
-        Note("note", 0, T2V_ZERO_NOTE),
+        Note("note", 0, T2V_ZERO_NOTE, group=LOAD),
         checkpoint(),
-        prompt("target_prompt", 1, "a horse galloping on a street, photorealistic", "Prompt"),
-        prompt("negative_prompt", 1, NEGATIVE_PROMPT, "Negative prompt"),
-        Node("size", "EmptyLatentImage", 1, {"width": 512, "height": 512, "batch_size": 1}),
+        prompt("target_prompt", 1, "a horse galloping on a street, photorealistic", "Prompt", group="Generate"),
+        prompt("negative_prompt", 1, NEGATIVE_PROMPT, "Negative prompt", group="Generate"),
+        Node("size", "EmptyLatentImage", 1, {"width": 512, "height": 512, "batch_size": 1}, group="Generate"),
         Node("motion", "TVE_MotionDynamicsLatents", 2,
              {"seed": 0, "frames": 8, "motion_x": -1.5, "motion_y": -1.5, "steps": 50, "cfg": 7.5,
               "scheduler": "ddim_uniform", "t0": 44, "t1": 47},
              {"model": ("checkpoint", "MODEL"), "positive": ("target_prompt", "CONDITIONING"),
-              "negative": ("negative_prompt", "CONDITIONING"), "latent": ("size", "LATENT")}),
+              "negative": ("negative_prompt", "CONDITIONING"), "latent": ("size", "LATENT")}, group="Generate"),
         Node("cross_frame", "TVE_ApplyCrossFrameAttention", 3,
              {"mode": "anchor", "keyframe_interval": 8, "anchor_frame": 0, "anchor_include_self": False,
               "coarse_factor": 2, "seed": 0, "token_grids": "all", "start_percent": 0.0, "end_percent": 1.0},
-             {"model": ("checkpoint", "MODEL")}),
-        cfg_guider(4, ("cross_frame", "MODEL")),
-        *sample_and_save(5, ("guider", "GUIDER"), "TVE_text2video_zero", sigmas=("motion", "sigmas"),
-                         latent=("motion", "latent"), fps=None),
+             {"model": ("checkpoint", "MODEL")}, group="Generate"),
+        Node("guider", "CFGGuider", 4, {"cfg": 7.5},
+             {"model": ("cross_frame", "MODEL"), "positive": ("target_prompt", "CONDITIONING"),
+              "negative": ("negative_prompt", "CONDITIONING")}, group="Generate"),
+        *[replace(n, group="Generate") if n.group == EDIT else n
+          for n in sample_and_save(6, ("guider", "GUIDER"), "TVE_text2video_zero", sigmas=("motion", "sigmas"),
+                                   latent=("motion", "latent"), video=False)],
     ],
 }
-
 
 # ---------------------------------------------------------------------------------------------- object_info
 def input_specs(info: Mapping) -> list[tuple[str, list, bool]]:
@@ -451,7 +547,7 @@ def build_workflow(spec: list[Node | Note], object_info: Mapping) -> dict:
     _number_execution_order(list(nodes.values()), links)
     ordered = [nodes[item.name] for item in spec]
     return {"last_node_id": len(ordered), "last_link_id": len(links), "nodes": ordered, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+            "groups": _groups(spec, nodes), "config": {}, "extra": {}, "version": 0.4}
 
 
 def _link(link_id: int, item: Node, entry: dict, slot: int, nodes: dict, ids: dict) -> list:
@@ -526,9 +622,45 @@ def _lay_out(spec: list[Node | Note], nodes: dict[str, dict]) -> None:
     next_y: dict[int, int] = {}
     for item in spec:
         node = nodes[item.name]
-        y = next_y.get(item.column, 0)
+        y = next_y.get(item.column, TOP)
         node["pos"] = [item.column * COLUMN_WIDTH, y]
         next_y[item.column] = y + TITLE_HEIGHT + node["size"][1] + ROW_GAP
+
+
+def _frame(node: dict) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of a laid-out node, its title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def _groups(spec: list[Node | Note], nodes: dict[str, dict]) -> list[dict]:
+    """One UI group (the frontend's titled frame) per ``group`` name, in order of first use, around its nodes.
+    Frames must not overlap each other or a node of another group: the frontend moves what a frame holds. The e2e
+    suite checks that every shipped node sits in a group."""
+    members: dict[str, list[dict]] = {}
+    for item in spec:
+        if item.group is not None:
+            members.setdefault(item.group, []).append(nodes[item.name])
+    groups, frames = [], {}
+    for i, (title, grouped) in enumerate(members.items(), start=1):
+        x0, y0, x1, y1 = (f([_frame(n)[k] for n in grouped]) for k, f in enumerate((min, min, max, max)))
+        frames[title] = (x0 - GROUP_PADDING, y0 - GROUP_PADDING - GROUP_TITLE_HEIGHT, x1 + GROUP_PADDING,
+                         y1 + GROUP_PADDING)
+        bx0, by0, bx1, by1 = frames[title]
+        groups.append({"id": i, "title": title, "bounding": [bx0, by0, bx1 - bx0, by1 - by0], "color": GROUP_COLOR,
+                       "font_size": GROUP_FONT_SIZE, "flags": {}})
+    for item in spec:
+        for title, (gx0, gy0, gx1, gy1) in frames.items():
+            x0, y0, x1, y1 = _frame(nodes[item.name])
+            if item.group not in (None, title) and x0 < gx1 and gx0 < x1 and y0 < gy1 and gy0 < y1:
+                raise ValueError(f"{item.name} (group '{item.group}') overlaps group '{title}'; give each group "
+                                 "columns of its own")
+    placed = list(frames.items())
+    for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(placed):
+        for b, (bx0, by0, bx1, by1) in placed[i + 1:]:
+            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                raise ValueError(f"groups '{a}' and '{b}' overlap; give each group columns of its own")
+    return groups
 
 
 def _number_execution_order(nodes: list[dict], links: list[list]) -> None:
@@ -574,7 +706,8 @@ def object_info_in_process(comfyui: Path, node_types: set[str]) -> dict:
     args.cpu = True
     import asyncio
 
-    import nodes
+    import utils.install_util  # noqa: F401  ComfyUI's utils package, as main.py imports it before nodes.py
+    import nodes                         # puts comfy/ (with a utils.py) first on sys.path
     from comfy_api.internal import _ComfyNodeInternal
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     if not asyncio.run(nodes.load_custom_node(str(ROOT))):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tve.tests.e2e.headless_comfyui import HeadlessComfyUI, start
-from tve.tests.e2e.session_files import CHECKPOINT, CONTROLNET, FPS, FRAMES, HEIGHT, PACK_FOLDER, RAFT_PLACEHOLDER, VIDEO, WIDTH
+from tve.tests.e2e.session_files import CHECKPOINT, CONTROLNET, PACK_FOLDER, RAFT_PLACEHOLDER, SOURCES, SourceVideo
 from tve.tests.e2e.tiny_sd15 import write_tiny_controlnet, write_tiny_sd15
 from tve.tools.video_world import render_clip
 
@@ -38,25 +38,44 @@ def controlnet_file(e2e_root) -> Path:
     return write_tiny_controlnet(folder / CONTROLNET, seed=1)
 
 
-@pytest.fixture(scope="session")
-def source_video(e2e_root) -> Path:
-    """``FRAMES`` frames of a seeded procedural clip, H.264 in the server's input folder."""
+AUDIO_RATE = 16000
+
+
+def write_source_video(path: Path, source: SourceVideo) -> Path:
+    """``source.frames`` frames of a seeded procedural clip as H.264 (and a 440 Hz tone as AAC if ``audio``)."""
     import av
-    folder = e2e_root / "base" / "input"
-    folder.mkdir(parents=True)
-    frames = (render_clip(FRAMES, HEIGHT, WIDTH, seed=3).frames.numpy() * 255).round().astype(np.uint8)
-    path = folder / VIDEO
+    frames = render_clip(source.frames, source.height, source.width, seed=3).frames
+    pixels = (frames.numpy() * 255).round().astype(np.uint8)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(FPS))
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        for frame in frames:
+        stream = container.add_stream("libx264", rate=Fraction(source.fps))
+        stream.width, stream.height, stream.pix_fmt = source.width, source.height, "yuv420p"
+        sound = None
+        if source.audio:
+            sound = container.add_stream("aac", rate=AUDIO_RATE)
+            seconds = source.frames / source.fps
+            t = np.arange(int(seconds * AUDIO_RATE)) / AUDIO_RATE
+            tone = av.AudioFrame.from_ndarray((0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
+                                              format="fltp", layout="mono")
+            tone.sample_rate = AUDIO_RATE
+            for packet in sound.encode(tone):
+                container.mux(packet)
+        for frame in pixels:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+        if sound is not None:
+            container.mux(sound.encode(None))
     return path
 
 
 @pytest.fixture(scope="session")
-def comfyui(e2e_root, checkpoint_file, controlnet_file, source_video) -> HeadlessComfyUI:
+def source_videos(e2e_root) -> list[Path]:
+    folder = e2e_root / "base" / "input"
+    folder.mkdir(parents=True)
+    return [write_source_video(folder / source.file, source) for source in SOURCES]
+
+
+@pytest.fixture(scope="session")
+def comfyui(e2e_root, checkpoint_file, controlnet_file, source_videos) -> HeadlessComfyUI:
     """The server: ``--base-directory`` for input/output/temp/user, extra_model_paths.yaml for the pack's
     custom_nodes folder, the checkpoint, the ControlNet and optical_flow; only this pack is allowed to load."""
     comfyui_path = Path(os.environ["COMFYUI_PATH"]).resolve()

@@ -20,7 +20,7 @@ from typing import Callable
 import pytest
 import requests
 
-from tve.tests.e2e.session_files import FRAMES, HEIGHT, PACK_FOLDER, RAFT_PLACEHOLDER, WIDTH
+from tve.tests.e2e.session_files import FRAMES, HEIGHT, PACK_FOLDER, RAFT_PLACEHOLDER, SMALL, WIDTH
 from tve.tests.e2e.test_workflows import WORKFLOW_DIR, load, with_overrides
 from tve.tests.e2e.ui_workflow import to_api
 
@@ -96,7 +96,8 @@ def sd3_latent(g: Graph, frames: int = FRAMES) -> list:
 
 
 def frames(g: Graph) -> list:
-    return g.out("GetVideoComponents")
+    """The source frames every node of a shipped workflow works on (the range, resized)."""
+    return g.out("ImageScaleToMaxDimension")
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ HANDLED = [
 
 
 def broken(probe: Probe, object_info: dict) -> dict:
-    g = Graph(with_overrides(to_api(load(WORKFLOW_DIR / probe.workflow), object_info)))
+    g = Graph(with_overrides(to_api(load(WORKFLOW_DIR / probe.workflow), object_info), SMALL))
     probe.mutate(g)
     return g.nodes
 

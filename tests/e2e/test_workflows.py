@@ -1,16 +1,19 @@
 """The shipped workflows on a real headless ComfyUI: they name only nodes, inputs and link types the server has,
-they are what tools/build_workflows.py writes, and each one runs to the end with the right number of frames."""
+they are what tools/build_workflows.py writes, and each one runs to the end on each source clip, with the frames
+its frame cap picks at the size its resize step and VAEEncode give, and the clip's fps and audio."""
 from __future__ import annotations
 
 import copy
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tve.tests.e2e.session_files import CHECKPOINT, CONTROLNET, FRAMES, HEIGHT, PACK_FOLDER, RAFT_PLACEHOLDER, VIDEO, WIDTH
+from tve.tests.e2e.session_files import (CHECKPOINT, CONTROLNET, FRAMES, HEIGHT, PACK_FOLDER, PHONE, RAFT_PLACEHOLDER,
+                                         SMALL, SOURCES, WEB, WIDTH, SourceVideo)
 from tve.tests.e2e.ui_workflow import combo_choices, problems, to_api
 
 pytestmark = pytest.mark.real_host
@@ -19,49 +22,79 @@ WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOW_DIR.glob("*.json"))
 RUN_TIMEOUT_S = 600
 
-# Set on every node of these types before queueing: the session's own files, the CPU flow method, tiny step
-# counts. An override naming an input the node lacks fails the test (keeps this table honest).
+# Set on every node of these types before queueing: the session's checkpoint, the CPU flow method, tiny step
+# counts, a small resize target (not a multiple of 8 for 16:9, so VAEEncode and the TVE nodes crop). The clip
+# (LoadVideo.file) is set per run. Frame caps stay as shipped. An override naming an input the node lacks fails
+# the test (keeps this table honest).
+RESIZE_TO = 96
 TYPE_OVERRIDES = {
     "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
     "ControlNetLoader": {"control_net_name": CONTROLNET},
-    "LoadVideo": {"file": VIDEO},
     "TVE_OpticalFlow": {"method": "dis", "raft_weights": "none (method dis)"},
     "TVE_DDIMInversion": {"steps": 2},
     "TVE_MotionDynamicsLatents": {"steps": 6, "t0": 2, "t1": 4, "frames": FRAMES},
     "EmptyLatentImage": {"width": WIDTH, "height": HEIGHT, "batch_size": 1},
+    "ImageScaleToMaxDimension": {"largest_size": RESIZE_TO},
 }
 
-# Output nodes (by workflow file and node title) that do not show one image per source frame.
-FRAME_COUNTS = {
-    ("optical_flow_preview.json", "Flow and occlusion"): 2 * (FRAMES - 1),       # flow pictures, then masks
-}
+# Output nodes (by workflow file and node title) that do not show one picture per frame: pictures for n frames.
+PICTURES = {("optical_flow_preview.json", "Flow and occlusion"): lambda n: 2 * (n - 1)}   # flows, then masks
 
 
 def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def with_overrides(graph: dict) -> dict:
+def with_overrides(graph: dict, source: SourceVideo) -> dict:
+    overrides = {**TYPE_OVERRIDES, "LoadVideo": {"file": source.file}}
     for node_id, node in graph.items():
-        for name, value in TYPE_OVERRIDES.get(node["class_type"], {}).items():
+        for name, value in overrides.get(node["class_type"], {}).items():
             assert name in node["inputs"], f"override {node['class_type']}.{name}: node {node_id} has no such input"
             node["inputs"][name] = value
     return graph
 
 
-def frames_in(comfyui, result: dict) -> int:
-    """Frames an output node produced: frames of its saved video, or its number of images."""
+def expected_video(graph: dict, source: SourceVideo) -> tuple[int, tuple[int, int]]:
+    """(frames, (height, width)) a workflow makes of ``source``: ImageFromBatch's range of the clip (as core
+    clamps it), ImageScaleToMaxDimension's size, VAEEncode's crop to a multiple of 8. Text2Video-Zero: its own."""
+    by_type = {node["class_type"]: node["inputs"] for node in graph.values()}
+    if "LoadVideo" not in by_type:
+        motion, size = by_type["TVE_MotionDynamicsLatents"], by_type["EmptyLatentImage"]
+        return motion["frames"], (size["height"] // 8 * 8, size["width"] // 8 * 8)
+    cap = by_type["ImageFromBatch"]
+    start = min(source.frames - 1, cap["batch_index"])
+    frames = min(source.frames - start, cap["length"])
+    largest = by_type["ImageScaleToMaxDimension"]["largest_size"]
+    long_side, short_side = max(source.height, source.width), min(source.height, source.width)
+    short = round(short_side / long_side * largest)
+    height, width = (short, largest) if source.width >= source.height else (largest, short)
+    return frames, (height // 8 * 8, width // 8 * 8)
+
+
+@dataclass(frozen=True)
+class Output:
+    frames: int
+    size: tuple[int, int] | None          # (height, width) of a saved video
+    fps: float | None
+    audio: bool
+
+
+def output_of(comfyui, result: dict) -> Output:
+    """What an output node produced: its saved video's frames, size, frame rate and audio, or its images."""
     import av                                          # PyAV comes with ComfyUI, not with the pack's test extras
     files = result.get("images", [])
     if not any(result.get("animated", [])):
-        return len(files)
+        return Output(len(files), None, None, False)
     assert len(files) == 1, f"expected one video file, got {files}"
     data = comfyui.get("/view", filename=files[0]["filename"], subfolder=files[0]["subfolder"],
                        type=files[0]["type"]).content
     with av.open(io.BytesIO(data)) as container:
+        audio = any(stream.type == "audio" for stream in container.streams)
+        fps = float(container.streams.video[0].average_rate)
         frames = [frame for frame in container.decode(video=0)]
-    assert {(f.height, f.width) for f in frames} == {(HEIGHT, WIDTH)}
-    return len(frames)
+    sizes = {(f.height, f.width) for f in frames}
+    assert len(sizes) == 1, sizes
+    return Output(len(frames), sizes.pop(), fps, audio)
 
 
 def test_server_lists_every_pack_node_from_the_awkward_folder(object_info):
@@ -117,10 +150,26 @@ def test_workflow_names_only_nodes_inputs_and_link_types_the_server_has(path, ob
     assert problems(load(path), object_info) == []
 
 
-@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
-def test_workflow_runs_to_the_end_with_the_right_number_of_frames(path, comfyui, object_info):
+# Every workflow runs on the web clip; these also on the small 4:3 clip (shorter than the frame caps, upscaled: one
+# graph of each kind of frame use) and on the phone-size one (the graph that failed on it before frames of any size).
+OTHER_CLIP_RUNS = {SMALL: {"optical_flow_preview.json", "inversion_reconstruction.json", "flatten_edit.json"},
+                   PHONE: {"flatten_edit.json"}}
+
+
+def runs() -> list:
+    """Every workflow on the web clip; a few on the others too (keeps the suite within minutes on 2 cores)."""
+    def name(path: Path, source: SourceVideo) -> str:
+        reads_video = "LoadVideo" in path.read_text(encoding="utf-8")
+        return f"{path.name}-{source.width}x{source.height}" if reads_video else path.name
+
+    return [pytest.param(path, source, id=name(path, source)) for path in WORKFLOW_FILES for source in SOURCES
+            if source is WEB or path.name in OTHER_CLIP_RUNS[source]]
+
+
+@pytest.mark.parametrize("path, source", runs())
+def test_workflow_runs_to_the_end_with_its_frame_count_at_its_size(path, source, comfyui, object_info):
     workflow = load(path)
-    graph = with_overrides(to_api(workflow, object_info))
+    graph = with_overrides(to_api(workflow, object_info), source)
     entry = comfyui.run(graph, RUN_TIMEOUT_S)
     status = entry["status"]
     errors = [message for message in status["messages"] if message[0] == "execution_error"]
@@ -129,7 +178,57 @@ def test_workflow_runs_to_the_end_with_the_right_number_of_frames(path, comfyui,
                     if object_info[node["class_type"]]["output_node"]}
     assert output_nodes, "a workflow must show or save something"
     assert set(entry["outputs"]) == set(output_nodes), f"outputs {sorted(entry['outputs'])} of {output_nodes}"
-    counts = {title: frames_in(comfyui, entry["outputs"][node_id]) for node_id, title in output_nodes.items()
-              if "images" in entry["outputs"][node_id]}
-    expected = {title: FRAME_COUNTS.get((path.name, title), FRAMES) for title in counts}
-    assert counts == expected
+    frames, size = expected_video(graph, source)
+    reads_video = any(node["class_type"] == "LoadVideo" for node in graph.values())
+    for node_id, title in output_nodes.items():
+        if "images" not in entry["outputs"][node_id]:       # Consistency: its summary, on the frames of the video
+            (summary,) = entry["outputs"][node_id]["text"]
+            assert "warp error" in summary and "source warp error" in summary, summary
+            assert f", {frames} frames" in summary and f"x{size[0]}" in summary, summary
+            continue
+        made = output_of(comfyui, entry["outputs"][node_id])
+        assert made.frames == PICTURES.get((path.name, title), lambda n: n)(frames), (title, made)
+        if made.size is not None:
+            assert made.size == size, (title, made)
+            assert made.fps == (source.fps if reads_video else 8.0), (title, made)
+            assert made.audio == (source.audio and reads_video), (title, made)
+
+
+def inside(node: dict, bounding: list) -> bool:
+    """The frontend's rule: a node (its title bar included) whose rectangle lies within a group's belongs to it."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    gx, gy, gw, gh = bounding
+    return gx <= x and gy <= y - 30 and x + w <= gx + gw and y + h <= gy + gh
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+def test_every_node_sits_in_one_group_and_the_note_says_what_to_set_first(path):
+    workflow = load(path)
+    titles = [group["title"] for group in workflow["groups"]]
+    for node in workflow["nodes"]:
+        holders = [g["title"] for g in workflow["groups"] if inside(node, g["bounding"])]
+        assert len(holders) == 1, (node["type"], node.get("title"), holders)
+    (note,) = [node["widgets_values"][0] for node in workflow["nodes"] if node["type"] == "Note"]
+    assert note.count("Set first") == 1 and "VRAM" in note and "estimate" in note
+    if any(node["type"] == "LoadVideo" for node in workflow["nodes"]):
+        assert titles[0] == "Load" and all(word in note for word in ("Checkpoint", "video", "number of frames"))
+    if any(node["type"] == "TVE_DDIMInversion" for node in workflow["nodes"]):
+        assert titles == ["Load", "Invert", "Edit", "Save"] and "prompt" in note.lower()
+
+
+@pytest.mark.parametrize("path", [p for p in WORKFLOW_FILES if "LoadVideo" in p.read_text(encoding="utf-8")],
+                         ids=lambda p: p.name)
+def test_video_workflows_cap_and_resize_the_frames_and_carry_fps_and_audio(path, object_info):
+    graph = to_api(load(path), object_info)
+    by_type = {node["class_type"]: (node_id, node["inputs"]) for node_id, node in graph.items()}
+    components, _ = by_type["GetVideoComponents"]
+    frames_id, frames = by_type["ImageFromBatch"]
+    resize_id, resize = by_type["ImageScaleToMaxDimension"]
+    assert frames["image"] == [components, 0] and resize["image"] == [frames_id, 0]
+    assert by_type["VAEEncode"][1]["pixels"] == [resize_id, 0]
+    assert resize["largest_size"] == (1024 if "sdxl" in path.name else 512)
+    flows = [node["inputs"] for node in graph.values() if node["class_type"] == "TVE_OpticalFlow"]
+    assert all(flow["images"] == [resize_id, 0] for flow in flows)
+    if "CreateVideo" in by_type:
+        video = by_type["CreateVideo"][1]
+        assert video["fps"] == [components, 2] and video["audio"] == [components, 1]

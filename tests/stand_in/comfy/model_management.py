@@ -29,3 +29,20 @@ def throw_exception_if_processing_interrupted() -> None:
     if interrupt_processing:
         interrupt_processing = False
         raise InterruptProcessingException()
+
+
+
+def module_size(module) -> int:
+    return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
+
+
+def free_memory(memory_required, device, keep_loaded=()) -> None:
+    pass
+
+
+def should_use_fp16(device=None, model_params=0, prioritize_performance=True, manual_cast=False) -> bool:
+    return False
+
+
+def soft_empty_cache(force=False) -> None:
+    pass
