@@ -28,6 +28,8 @@ from .frames import frames_view, sdpa_attention
 KINDS = ("stam", "layernorm")
 LAYERNORM_EPS = 1e-5
 SPECTRAL_EPS = 1e-12
+CONVERGED_ITERATIONS = 500          # power iterations that settle σ of a fresh or finished module
+MAPPINGS = ("q", "k", "v", "out")
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -41,10 +43,24 @@ def instance_centering(seq: torch.Tensor) -> torch.Tensor:
     return seq - seq.mean(dim=1, keepdim=True)
 
 
-def spectral_normalized(weight: torch.Tensor) -> torch.Tensor:
-    """``W / σ_max(W)`` (Miyato et al., ICLR 2018, exact largest singular value, in float32): a mapping of
-    spectral norm 1, so ``‖Wx‖ ≤ ‖x‖`` (EI² §3.1: normalised mappings bound the variance shift)."""
-    sigma = torch.linalg.matrix_norm(weight.float(), ord=2)
+def power_iteration(weight: torch.Tensor, u: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left and right singular vectors ``(u, v)`` of ``weight``'s largest singular value, refined from ``u`` (C,)
+    by ``iterations`` power iterations (Miyato et al., ICLR 2018, Alg. 1); no gradient."""
+    with torch.no_grad():
+        w = weight.detach().float()
+        u = u.float()
+        v = F.normalize(w.T @ u, dim=0, eps=SPECTRAL_EPS)
+        for _ in range(iterations):
+            v = F.normalize(w.T @ u, dim=0, eps=SPECTRAL_EPS)
+            u = F.normalize(w @ v, dim=0, eps=SPECTRAL_EPS)
+    return u, v
+
+
+def spectral_normalized(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``W / σ(W)`` with ``σ = uᵀ W v`` from the power iteration (Miyato et al., ICLR 2018; gradient through W
+    only): a mapping of spectral norm 1, so ``‖Wx‖ ≤ ‖x‖`` (EI² §3.1: normalised mappings bound the variance
+    shift)."""
+    sigma = torch.dot(u.to(weight.device, torch.float32), weight.float() @ v.to(weight.device, torch.float32))
     return (weight.float() / sigma.clamp_min(SPECTRAL_EPS)).to(weight.dtype)
 
 
@@ -109,17 +125,33 @@ class TemporalAttention(nn.Module):
         if kind == "stam":
             self.out = matrix()
             self.gain = nn.Parameter(torch.zeros(()))
+            for name in MAPPINGS:                      # singular vectors of each mapping (saved with the module)
+                start = F.normalize(torch.randn(channels, generator=generator), dim=0)
+                self.register_buffer(f"u_{name}", start)
+                self.register_buffer(f"v_{name}", torch.zeros(channels))
+            self.refresh_spectral_norms(CONVERGED_ITERATIONS)
         else:
             self.out = nn.Parameter(torch.zeros(channels, channels))
             self.out_bias = nn.Parameter(torch.zeros(channels))
             self.norm_weight = nn.Parameter(torch.ones(channels))
             self.norm_bias = nn.Parameter(torch.zeros(channels))
 
+    def refresh_spectral_norms(self, iterations: int = 1) -> None:
+        """stam: advance the power iteration of every mapping (once per tuning step, outside the forward pass, so
+        a checkpointed recomputation sees the same σ; to convergence when a module is made or finished)."""
+        if self.kind != "stam":
+            return
+        for name in MAPPINGS:
+            u, v = power_iteration(getattr(self, name), getattr(self, f"u_{name}"), iterations)
+            getattr(self, f"u_{name}").copy_(u)
+            getattr(self, f"v_{name}").copy_(v)
+
     def weights(self) -> TemporalWeights:
         """The effective weights (differentiable in the parameters)."""
         if self.kind == "stam":
-            return TemporalWeights("stam", self.heads, spectral_normalized(self.q), spectral_normalized(self.k),
-                                   spectral_normalized(self.v), self.gain * spectral_normalized(self.out))
+            q, k, v, out = (spectral_normalized(getattr(self, n), getattr(self, f"u_{n}"), getattr(self, f"v_{n}"))
+                            for n in MAPPINGS)
+            return TemporalWeights("stam", self.heads, q, k, v, self.gain * out)
         return TemporalWeights("layernorm", self.heads, self.q, self.k, self.v, self.out, self.out_bias,
                                self.norm_weight, self.norm_bias)
 

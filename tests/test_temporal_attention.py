@@ -3,8 +3,8 @@ Centering, the identity at initialisation and the variance bound of the normalis
 import pytest
 import torch
 
-from tve.attention.temporal import (KINDS, TemporalAttention, instance_centering, spectral_normalized,
-                                    temporal_attention)
+from tve.attention.temporal import (CONVERGED_ITERATIONS, KINDS, TemporalAttention, instance_centering,
+                                    power_iteration, spectral_normalized, temporal_attention)
 
 DTYPES = [torch.float32, torch.bfloat16]
 CHANNELS, HEADS, TOKENS = 8, 2, 6
@@ -21,6 +21,7 @@ def trained(kind, seed=0):
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p.ndim == 0 else 0.0))
+    module.refresh_spectral_norms(CONVERGED_ITERATIONS)
     return module
 
 
@@ -122,13 +123,13 @@ def test_stam_mappings_have_spectral_norm_one_and_bound_the_residual():
     module = trained("stam")
     w = module.weights()
     for m in (w.q, w.k, w.v):
-        assert torch.linalg.matrix_norm(m, ord=2).item() == pytest.approx(1.0, abs=1e-5)
+        assert torch.linalg.matrix_norm(m, ord=2).item() == pytest.approx(1.0, abs=1e-3)
     x = torch.randn(6, TOKENS, CHANNELS, generator=generator(8)) * 10.0
     with torch.no_grad():
         residual = module(x, 1) - x                                                # (F, T, C)
     centred = x - x.mean(0, keepdim=True)
     bound = module.gain.abs() * centred.pow(2).sum((0, 2)).sqrt()                 # |g|·sqrt(Σ_f ‖IC(x)_f‖²)
-    assert (residual.norm(dim=2) <= bound[None] * (1 + 1e-5)).all()
+    assert (residual.norm(dim=2) <= bound[None] * (1 + 1e-3)).all()
 
 
 def test_layernorm_kind_rescales_small_features_which_stam_does_not():
@@ -145,10 +146,21 @@ def test_layernorm_kind_rescales_small_features_which_stam_does_not():
     assert ratios["layernorm"] > 0.3
 
 
-def test_spectral_normalisation_is_differentiable():
+def test_power_iteration_finds_the_largest_singular_value_and_normalisation_is_differentiable():
     w = torch.randn(CHANNELS, CHANNELS, generator=generator(10), requires_grad=True)
-    spectral_normalized(w).sum().backward()
+    u, v = power_iteration(w, torch.nn.functional.normalize(torch.ones(CHANNELS), dim=0), CONVERGED_ITERATIONS)
+    assert torch.dot(u, w.detach() @ v).item() == pytest.approx(torch.linalg.svdvals(w.detach())[0].item(), rel=1e-4)
+    spectral_normalized(w, u, v).sum().backward()
     assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def test_one_power_iteration_per_step_tracks_a_slowly_changing_weight():
+    module = trained("stam")
+    with torch.no_grad():
+        for _ in range(20):
+            module.q.add_(0.01 * torch.randn(module.q.shape, generator=generator(12)))
+            module.refresh_spectral_norms(1)
+    assert torch.linalg.matrix_norm(module.weights().q, ord=2).item() == pytest.approx(1.0, abs=2e-2)
 
 
 def test_bad_kind_heads_and_channels_are_clear_errors():
