@@ -394,7 +394,8 @@ def train_on_clip(model: Any, conditioning: list, samples: torch.Tensor,
                                        conditioning, samples.clone(), disable_pbar=True)
         finally:
             for p in frozen:
-                p.requires_grad_(True)
+                with torch.inference_mode(p.is_inference()):     # loaded by a node: only settable in there
+                    p.requires_grad_(True)
 
 
 def _copy_inference_weights(model: Any) -> None:

@@ -199,3 +199,16 @@ def test_progress_shows_every_step_and_cancel_stops_tuning():
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
     assert not any("forward" in m.__dict__ for m in model.get_model_object("diffusion_model").modules())
+
+
+def test_tuning_a_model_loaded_in_inference_mode_inside_inference_mode_as_comfyui_runs_nodes():
+    with torch.inference_mode():                        # ComfyUI loads checkpoints and runs nodes like this
+        model = make_tiny_model("sd15")
+        samples, cond = make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
+        assert all(p.is_inference() for p in model.model.parameters())
+        tuned, adapter, _ = OneShotTune().tune(model, {"samples": samples}, cond, 2, 1e-2, 0, "stam",
+                                               "temporal+queries", True)
+        requires_grad = [p.requires_grad for p in model.model.parameters()]
+    assert len(adapter.losses) == 2 and any(float(s["gain"]) != 0 for s in adapter.temporal.values())
+    assert all(requires_grad)                           # restored as they were
+    assert not torch.equal(denoised(tuned, samples, cond), denoised(model, samples, cond))

@@ -222,6 +222,18 @@ T2V_ZERO_NOTE = """Text2Video-Zero (Khachatryan et al., ICCV 2023): zero-shot te
 cells per frame, re-noised: the start latents of all frames. Its sigmas output is the rest of the schedule.
 • Cross-frame attention 'anchor': every frame attends to frame 0, which keeps the subject's appearance."""
 
+EI2_NOTE = """EI² one-shot editing (Zhang et al., NeurIPS 2023; Tune-A-Video's recipe): tune the model on the \
+clip, invert the clip with the tuned model, edit from the inversion with the target prompt.
+
+• Apply Cross-Frame Attention 'fine_coarse' (FFAM): each frame sees its own tokens and the other frames' pooled \
+ones, during tuning and editing (the tuned MODEL keeps it).
+• One-Shot Tune: 'stam' is EI²'s shift-restricted temporal attention, 'layernorm' Tune-A-Video's. steps 300 at \
+3e-5 is a start (Tune-A-Video: 500); the loss graph should fall and flatten. Tuning is cached while its inputs \
+stay the same; change the seed to tune again.
+• Source prompt: describe the clip as it is; it conditions the tuning and the inversion.
+• Save Temporal Adapter writes models/tve_adapters/*.safetensors; Load Temporal Adapter puts it back on the \
+same checkpoint later (no re-tuning)."""
+
 WORKFLOWS: dict[str, list[Node | Note]] = {
     "optical_flow_preview.json": [
         Note("note", 0, FLOW_NOTE),
@@ -305,6 +317,30 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
         cfg_guider(8, ("tokenflow", "MODEL")),
         *sample_and_save(9, ("guider", "GUIDER"), "TVE_tokenflow_flatten_edit"),
         *consistency(12),
+    ],
+    "ei2_one_shot_edit.json": [
+        Note("note", 0, EI2_NOTE),
+        checkpoint(),
+        *source_frames(),
+        *edit_prompts(),
+        prompt("source_prompt", 2, "a video of shapes moving over a background", "Source prompt (describe the clip)"),
+        Node("cross_frame", "TVE_ApplyCrossFrameAttention", 2,
+             {"mode": "fine_coarse", "keyframe_interval": 8, "anchor_frame": 0, "anchor_include_self": False,
+              "coarse_factor": 2, "seed": 0, "token_grids": "all", "start_percent": 0.0, "end_percent": 1.0},
+             {"model": ("checkpoint", "MODEL")}),
+        Node("tune", "TVE_OneShotTune", 3,
+             {"steps": 300, "learning_rate": 3e-5, "seed": 0, "kind": "stam", "trainable": "temporal+queries",
+              "gradient_checkpointing": True},
+             {"model": ("cross_frame", "MODEL"), "latent": ("encode", "LATENT"),
+              "conditioning": ("source_prompt", "CONDITIONING")}),
+        Node("save_adapter", "TVE_SaveTemporalAdapter", 4, {"filename_prefix": "tve_one_shot"},
+             {"adapter": ("tune", "adapter")}),
+        Node("show_loss", "PreviewImage", 4, links={"images": ("tune", "loss_graph")}, title="Loss"),
+        Node("inversion", "TVE_DDIMInversion", 4, {"steps": 50, "scheduler": "ddim_uniform"},
+             {"model": ("tune", "model"), "latent": ("encode", "LATENT"),
+              "conditioning": ("source_prompt", "CONDITIONING")}),
+        cfg_guider(5, ("tune", "model")),
+        *sample_and_save(6, ("guider", "GUIDER"), "TVE_ei2_edit"),
     ],
     "text2video_zero.json": [
         Note("note", 0, T2V_ZERO_NOTE),

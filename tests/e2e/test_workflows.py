@@ -26,6 +26,7 @@ TYPE_OVERRIDES = {
     "LoadVideo": {"file": VIDEO},
     "TVE_OpticalFlow": {"method": "dis", "raft_weights": "none (method dis)"},
     "TVE_DDIMInversion": {"steps": 2},
+    "TVE_OneShotTune": {"steps": 2},
     "TVE_MotionDynamicsLatents": {"steps": 6, "t0": 2, "t1": 4, "frames": FRAMES},
     "EmptyLatentImage": {"width": WIDTH, "height": HEIGHT, "batch_size": 1},
 }
@@ -33,6 +34,7 @@ TYPE_OVERRIDES = {
 # Output nodes (by workflow file and node title) that do not show one image per source frame.
 FRAME_COUNTS = {
     ("optical_flow_preview.json", "Flow and occlusion"): 2 * (FRAMES - 1),       # flow pictures, then masks
+    ("ei2_one_shot_edit.json", "Loss"): 1,
 }
 
 
