@@ -212,3 +212,39 @@ def test_tuning_a_model_loaded_in_inference_mode_inside_inference_mode_as_comfyu
     assert len(adapter.losses) == 2 and any(float(s["gain"]) != 0 for s in adapter.temporal.values())
     assert all(requires_grad)                           # restored as they were
     assert not torch.equal(denoised(tuned, samples, cond), denoised(model, samples, cond))
+
+
+def random_adapter(model, kind, seed=3):
+    """An adapter whose every parameter is random (as after long tuning): the temporal attention is not a no-op."""
+    adapter = untrained_adapter(model, kind)
+    g = torch.Generator().manual_seed(seed)
+    for name, module in adapter.modules().items():
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.ndim == 0 else 0.0))
+        module.refresh_spectral_norms(500)
+        adapter.temporal[name] = module.state_dict()
+    return adapter
+
+
+def test_inside_core_context_windows_the_temporal_attention_sees_the_windows_frames_only():
+    import comfy.sample
+    import comfy.samplers
+    from tve.tests.hosts import with_context_windows
+
+    model = make_tiny_model("sd15")
+    adapted = apply_adapter(model, random_adapter(model, "stam"))
+    latent = make_latent(8, 8, 8)["samples"]
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(4))
+    sigmas = host.sigma_grid(model, "normal", 2)
+
+    def sample(m, frames):
+        return comfy.sample.sample_custom(m, noise[frames], 5.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                          make_conditioning("sd15", 1), make_conditioning("sd15", 2),
+                                          latent[frames], disable_pbar=True)
+
+    windowed = sample(with_context_windows(adapted, 4), slice(0, 8))
+    apart = torch.cat([sample(adapted, slice(0, 4)), sample(adapted, slice(4, 8))])
+    whole = sample(adapted, slice(0, 8))
+    assert torch.allclose(windowed, apart, atol=1e-4 * apart.abs().max())
+    assert not torch.allclose(whole, apart, atol=1e-2 * apart.abs().max())     # it does mix frames otherwise
