@@ -77,20 +77,21 @@ class TemporalPatch:
     otherwise (effective weights computed once, cast per device and dtype on first use)."""
 
     def __init__(self, modules: Mapping[str, TemporalAttention], trainable: bool):
-        self.modules = dict(modules)
         self.trainable = trainable
+        self.names = frozenset(modules)
+        self.modules = dict(modules) if trainable else {}
         self._frozen: dict[str, TemporalWeights] = {}
         self._cast: dict[tuple[torch.device, torch.dtype], dict[str, TemporalWeights]] = {}
         if not trainable:
             with torch.no_grad():
-                self._frozen = {name: _detached(m.weights()) for name, m in self.modules.items()}
+                self._frozen = {name: _detached(m.weights()) for name, m in modules.items()}
 
     def __deepcopy__(self, memo: dict) -> "TemporalPatch":
         return self                                   # shared by clones of the patched MODEL
 
     def __call__(self, x: torch.Tensor, extra_options: Mapping[str, Any]) -> torch.Tensor:
         name = block_name(host.block_key(extra_options))
-        if name not in self.modules:
+        if name not in self.names:
             raise ValueError(f"adapter: the UNet ran transformer block {name}, which the adapter has no temporal "
                              "attention for")
         chunks = len(extra_options["cond_or_uncond"])
