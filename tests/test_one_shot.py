@@ -158,12 +158,16 @@ def test_an_adapter_of_another_family_is_refused_with_nothing_patched():
     ("sdxl_conditioning", r"conditioning: its text embedding is 2048 wide but this SD15/EPS model's cross-attention "
                           r"takes 768"),
     ("already_adapted", r"model: it already carries a temporal adapter"),
+    ("sdxl_without_pooled", r"conditioning: this SDXL/EPS model needs a pooled text embedding"),
 ])
 def test_bad_input_is_one_clear_error_with_nothing_patched(case, error):
-    model = make_tiny_model("sd15")
-    samples, cond = make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
+    family = "sdxl" if case.startswith("sdxl_without") else "sd15"
+    model = make_tiny_model(family)
+    samples, cond = make_latent(3, 8, 8)["samples"], make_conditioning(family)
     steps = 2
-    if case == "one_frame":
+    if case == "sdxl_without_pooled":
+        cond = [[cond[0][0], {}]]
+    elif case == "one_frame":
         samples = samples[:1]
     elif case == "zero_steps":
         steps = 0
