@@ -1,8 +1,8 @@
 """Temporal attention over the frame axis, added after a transformer block's self-attention, in two kinds.
 
-* ``layernorm``: Tune-A-Video's temporal attention (Wu et al., ICCV 2023, §4.1, Fig. 4): LayerNorm, then multi-head
+* ``layernorm``: Tune-A-Video's temporal attention (Wu et al., ICCV 2023, "attn_temp"): LayerNorm, then multi-head
   attention along the frames at each spatial location, output projection zero-initialised, residual.
-* ``stam``: EI²'s Shift-restricted Temporal Attention Module (Zhang et al., NeurIPS 2023, §3.1): the LayerNorm,
+* ``stam``: EI²'s Shift-restricted Temporal Attention Module (Zhang et al., NeurIPS 2023): the LayerNorm,
   which the paper shows is what shifts the feature distribution after tuning, is replaced by **Instance
   Centering** (remove the mean, do not rescale), and every mapping is **normalised** (spectral normalisation,
   ``W / σ_max(W)``: a mapping cannot grow the variance it passes on), with one zero-initialised output gain.
@@ -35,9 +35,11 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tens
 
 
 def instance_centering(seq: torch.Tensor) -> torch.Tensor:
-    """EI² §3.1, Instance Centering: ``x − E_f[x]``. ``seq`` (N, F, C): N instances (one spatial location of one
+    """EI²'s Instance Centering (STAM): ``x − E_f[x]``. ``seq`` (N, F, C): N instances (one spatial location of one
     chunk), each a sequence of F frames; the mean over its frames is removed per channel, the scale is kept
-    (unlike LayerNorm, no division by a standard deviation and no affine map)."""
+    (unlike LayerNorm, no division by a standard deviation and no affine map). The instance is read as the
+    temporal attention's own input unit, the frame sequence of one token (as Instance Normalisation takes its
+    statistics per instance and channel)."""
     if seq.ndim != 3:
         raise ValueError(f"seq: expected temporal sequences (instances, frames, channels), got {tuple(seq.shape)}")
     return seq - seq.mean(dim=1, keepdim=True)
@@ -58,7 +60,7 @@ def power_iteration(weight: torch.Tensor, u: torch.Tensor, iterations: int) -> t
 
 def spectral_normalized(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``W / σ(W)`` with ``σ = uᵀ W v`` from the power iteration (Miyato et al., ICLR 2018; gradient through W
-    only): a mapping of spectral norm 1, so ``‖Wx‖ ≤ ‖x‖`` (EI² §3.1: normalised mappings bound the variance
+    only): a mapping of spectral norm 1, so ``‖Wx‖ ≤ ‖x‖`` (EI²'s STAM: normalised mappings bound the variance
     shift)."""
     sigma = torch.dot(u.to(weight.device, torch.float32), weight.float() @ v.to(weight.device, torch.float32))
     return (weight.float() / sigma.clamp_min(SPECTRAL_EPS)).to(weight.dtype)

@@ -5,7 +5,7 @@
 Per held-out clip, the model with fine-coarse frame attention (FFAM) is tuned twice on the clip (source embedding,
 same steps, learning rate and seed): with Tune-A-Video's ``layernorm`` temporal attention and with EI²'s ``stam``.
 
-- Covariate shift (EI² §3.1): every transformer block's hidden state after its temporal attention, tuned vs the
+- Covariate shift (EI²'s motivation for STAM): every transformer block's hidden state after its temporal attention, tuned vs the
   untuned model, on the same noisy copies of the clip under the target embedding: mean shift
   ``‖μ_tuned − μ_base‖ / ‖σ_base‖`` and variance shift ``mean_c |var_tuned / var_base − 1|`` of the per-channel
   statistics, averaged over blocks and draws. The paper's claim: ``stam`` shifts less.

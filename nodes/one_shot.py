@@ -1,12 +1,12 @@
-"""TVE_OneShotTune: one-shot tuning on the source clip (Tune-A-Video, Wu et al., ICCV 2023, §4.1) with EI²'s
-shift-restricted temporal attention (Zhang et al., NeurIPS 2023, §3.1).
+"""TVE_OneShotTune: one-shot tuning on the source clip (Tune-A-Video, Wu et al., ICCV 2023) with EI²'s
+shift-restricted temporal attention (STAM; Zhang et al., NeurIPS 2023).
 
 Every transformer block of a clone of the artist's MODEL gets a temporal attention (``stam`` or Tune-A-Video's
 ``layernorm``, zero-initialised: the untuned clone is the original model); it is tuned, with the attention query
 projections (Tune-A-Video's trainable set), on the clip's diffusion loss: per step one timestep t ~ U{0..T-1} for
 the whole clip, ε ~ N(0, I) per frame, ``x_t = x_0 + σ_t ε``, loss ``‖ε̂(x_t, σ_t) − ε‖²`` with
 ``ε̂ = (x_t − D(x_t; σ_t)) / σ_t`` (DDPM's simple loss in σ-space). Whatever attention patches are on the MODEL are
-tuned through (connect Apply Cross-Frame Attention 'fine_coarse' first for EI²'s FFAM, §3.2). The output is a
+tuned through (connect Apply Cross-Frame Attention 'fine_coarse' first for EI²'s FFAM). The output is a
 fresh clone with the tuned adapter as patches; the base weights are never changed.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The temporal adapter: what one-shot tuning adds to a MODEL, as patches on a clone, and its file.
 
-Tune-A-Video (Wu et al., ICCV 2023, §4.1) inflates the image UNet with a temporal attention in every transformer
-block and tunes it together with the attention query projections; EI² (Zhang et al., NeurIPS 2023, §3.1) makes the
+Tune-A-Video (Wu et al., ICCV 2023) inflates the image UNet with a temporal attention in every transformer
+block and tunes it together with the attention query projections; EI² (Zhang et al., NeurIPS 2023) makes the
 temporal attention shift-restricted (STAM). Here the temporal attention of each block is a ``middle_patch`` (run
 right after the block's self-attention residual, on ``(chunks·F, T, C)``) and the tuned queries are ``W + ΔW``
 weight patches: the artist's UNet, its classes and its weights stay as they are. Spatial layers are per frame
