@@ -329,10 +329,6 @@ def get_attachment(model: Any, key: str) -> Any:
     return model.get_attachment(key)
 
 
-def latent_channels(model: Any) -> int:
-    return int(model.model.latent_format.latent_channels)
-
-
 def context_dim(model: Any) -> int:
     """Width of the text embedding the UNet's cross-attention takes (SD1.x 768, SD2.x 1024, SDXL 2048)."""
     path = attention_blocks(model)[0].path

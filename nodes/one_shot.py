@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..attention.temporal import CONVERGED_ITERATIONS, KINDS, TemporalAttention
-from . import host, sockets
+from . import host, sockets, validation
 from .loss_graph import loss_graph
 from .temporal_adapter import TemporalAdapter, TemporalPatch, apply_adapter, block_name, check_unadapted
 
@@ -25,25 +25,19 @@ TRAINABLE = ["temporal+queries", "temporal"]    # Tune-A-Video: attn_temp, attn1
 WEIGHT_DECAY = 1e-2                              # Tune-A-Video's AdamW
 
 
-def check_inputs(model: Any, samples: torch.Tensor, conditioning: list, steps: int, kind: str,
-                 trainable: str) -> None:
+def check_inputs(model: Any, samples: torch.Tensor, conditioning: list, steps: int, learning_rate: float,
+                 kind: str, trainable: str) -> None:
     """One clear error per bad input, before anything is patched."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected at least 1 tuning step, got {steps!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind: expected one of {list(KINDS)}, got '{kind}'")
-    if trainable not in TRAINABLE:
-        raise ValueError(f"trainable: expected one of {TRAINABLE}, got '{trainable}'")
-    if samples.ndim != 4:
-        raise ValueError(f"latent: expected the clip's image latents (frames, C, h, w), got {tuple(samples.shape)}")
+    validation.integer(steps, "steps", 1)
+    validation.number(learning_rate, "learning_rate", 0.0)
+    validation.choice(kind, "kind", KINDS)
+    validation.choice(trainable, "trainable", TRAINABLE)
+    validation.model(model)
+    validation.latent({"samples": samples}, "latent")
     if samples.shape[0] < 2:
         raise ValueError(f"latent: one-shot tuning learns the motion between frames, but the clip has "
                          f"{samples.shape[0]} frame; encode at least 2 frames")
-    family, channels = host.model_family(model), host.latent_channels(model)
-    if samples.shape[1] != channels:
-        raise ValueError(f"latent: it has {samples.shape[1]} channels but this {family} model's latents have "
-                         f"{channels}; encode the frames with this model's VAE")
-    width = host.context_dim(model)
+    family, width = host.model_family(model), host.context_dim(model)
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError("conditioning: expected a CONDITIONING (the source prompt encoded with this model's CLIP)")
     for embedding, extra in conditioning:
@@ -88,7 +82,7 @@ def tune(model: Any, samples: torch.Tensor, conditioning: list, steps: int, lear
          on_step: Callable[[int, float], None] | None = None) -> TemporalAdapter:
     """Tune a temporal adapter on the clip ``samples`` (raw-space latents (F, C, h, w)); ``on_step(step, loss)``
     after each step. Deterministic for a seed on a given device."""
-    check_inputs(model, samples, conditioning, steps, kind, trainable)
+    check_inputs(model, samples, conditioning, steps, learning_rate, kind, trainable)
     blocks = host.attention_blocks(model)
     device = host.torch_device()
     generator = torch.Generator().manual_seed(seed)

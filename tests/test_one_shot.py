@@ -153,8 +153,9 @@ def test_an_adapter_of_another_family_is_refused_with_nothing_patched():
 
 @pytest.mark.parametrize("case, error", [
     ("one_frame", r"latent: one-shot tuning learns the motion between frames, but the clip has 1 frame"),
-    ("zero_steps", r"steps: expected at least 1 tuning step, got 0"),
-    ("latent_channels", r"latent: it has 16 channels but this SD15/EPS model's latents have 4"),
+    ("zero_steps", r"steps: expected an integer at least 1, got 0"),
+    ("nan_learning_rate", r"learning_rate: expected a finite number, got nan"),
+    ("latent_channels", r"latent: has 16-channel latents \(SD3 / Flux\); TVE edits with SD1.x, SD2.x and SDXL"),
     ("sdxl_conditioning", r"conditioning: its text embedding is 2048 wide but this SD15/EPS model's cross-attention "
                           r"takes 768"),
     ("already_adapted", r"model: it already carries a temporal adapter"),
@@ -164,13 +165,15 @@ def test_bad_input_is_one_clear_error_with_nothing_patched(case, error):
     family = "sdxl" if case.startswith("sdxl_without") else "sd15"
     model = make_tiny_model(family)
     samples, cond = make_latent(3, 8, 8)["samples"], make_conditioning(family)
-    steps = 2
+    steps, lr = 2, 1e-3
     if case == "sdxl_without_pooled":
         cond = [[cond[0][0], {}]]
     elif case == "one_frame":
         samples = samples[:1]
     elif case == "zero_steps":
         steps = 0
+    elif case == "nan_learning_rate":
+        lr = float("nan")
     elif case == "latent_channels":
         samples = torch.zeros(3, 16, 8, 8)
     elif case == "sdxl_conditioning":
@@ -179,7 +182,7 @@ def test_bad_input_is_one_clear_error_with_nothing_patched(case, error):
         model = apply_adapter(model, untrained_adapter(model, "stam"))
     state = patch_state(model)
     with pytest.raises(ValueError, match=error):
-        OneShotTune().tune(model, {"samples": samples}, cond, steps, 1e-3, 0, "stam", "temporal+queries", True)
+        OneShotTune().tune(model, {"samples": samples}, cond, steps, lr, 0, "stam", "temporal+queries", True)
     assert patch_state(model) == state
 
 
