@@ -21,6 +21,7 @@ from comfy.ldm.modules import attention as comfy_attention
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
 OPTICAL_FLOW_FOLDER = "optical_flow"
+ADAPTER_FOLDER = "tve_adapters"
 WRAPPER_KEY = "text_video_edit"      # keyed wrappers and the model attachment of TVE's per-model state
 RUN_KEY = "text_video_edit_run"      # transformer_options entry: the sampling run's pass state (passes.Run)
 APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
@@ -35,6 +36,40 @@ def register_optical_flow_folder() -> None:
     paths, _ = folder_paths.folder_names_and_paths.get(OPTICAL_FLOW_FOLDER, ([], None))
     folder_paths.folder_names_and_paths[OPTICAL_FLOW_FOLDER] = (
         [default] + [p for p in paths if p != default], set(folder_paths.supported_pt_extensions))
+
+
+def register_adapter_folder() -> None:
+    """Add ``models/tve_adapters`` (temporal adapters, .safetensors), keeping paths from extra_model_paths.yaml."""
+    default = os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)
+    paths, _ = folder_paths.folder_names_and_paths.get(ADAPTER_FOLDER, ([], None))
+    folder_paths.folder_names_and_paths[ADAPTER_FOLDER] = ([default] + [p for p in paths if p != default],
+                                                           {".safetensors"})
+
+
+def adapter_files() -> list[str]:
+    return folder_paths.get_filename_list(ADAPTER_FOLDER)
+
+
+def adapter_path(name: str) -> str:
+    """Full path of ``models/tve_adapters/<name>``; ValueError naming the folders when it is not there."""
+    path = folder_paths.get_full_path(ADAPTER_FOLDER, name)
+    if path is None:
+        raise ValueError(f"adapter_name: '{name}' was not found in {folder_paths.get_folder_paths(ADAPTER_FOLDER)}; "
+                         "save one with Save Temporal Adapter (TVE)")
+    return path
+
+
+def new_adapter_path(prefix: str) -> str:
+    """A free ``<prefix>_00001.safetensors`` path in the first tve_adapters folder (the one the loader lists)."""
+    folder = folder_paths.get_folder_paths(ADAPTER_FOLDER)[0]
+    base = os.path.normpath(os.path.join(folder, prefix))
+    if os.path.commonpath([os.path.abspath(folder), os.path.abspath(base)]) != os.path.abspath(folder):
+        raise ValueError(f"filename_prefix: '{prefix}' leaves the tve_adapters folder {folder}")
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    counter = 1
+    while os.path.exists(f"{base}_{counter:05}.safetensors"):
+        counter += 1
+    return f"{base}_{counter:05}.safetensors"
 
 
 def optical_flow_files() -> list[str]:
@@ -143,6 +178,32 @@ def preview_images(images: torch.Tensor, prefix: str) -> list[dict]:
     entries (filename, subfolder, type) for a node's ``{"ui": {"images": ...}}``."""
     import nodes
     return nodes.PreviewImage().save_images(images, filename_prefix=prefix)["ui"]["images"]
+
+
+def progress_with_text(total: int) -> Callable[[int, int, str], None]:
+    """Like ``progress``, and shows ``text`` (e.g. the loss) on the running node when a server is attached."""
+    update = progress(total)
+    node_id = _executing_node_id()
+
+    def update_with_text(done: int, total_: int, text: str) -> None:
+        update(done, total_)
+        if node_id is not None:
+            from server import PromptServer
+            PromptServer.instance.send_progress_text(text, node_id)
+
+    return update_with_text
+
+
+def _executing_node_id() -> str | None:
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:                                   # the host's in-process tests and the stand-in have none
+        return None
+    context = get_executing_context()
+    if context is None or getattr(PromptServer, "instance", None) is None:
+        return None
+    return context.node_id
 
 
 # ---------------------------------------------------------------------------------------------- attention blocks
@@ -270,15 +331,174 @@ def set_attn1_replace(model: Any, fn: Callable, blocks: Sequence[AttentionBlock]
         model.set_model_attn1_replace(fn, *block.key)
 
 
+def set_middle_patch(model: Any, fn: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]) -> None:
+    """Install ``fn(x, extra_options) -> x`` on ``model`` (a clone): every BasicTransformerBlock calls it on its
+    hidden state ``(batch, T, C)`` right after the self-attention residual, before cross-attention."""
+    model.set_model_patch(fn, "middle_patch")
+
+
+def block_key(extra_options: Mapping[str, Any]) -> tuple[str, int, int]:
+    """The (block_name, block_id, block_index) of the transformer block a patch is called from."""
+    name, block_id = extra_options["block"]
+    return name, int(block_id), int(extra_options.get("block_index", 0))
+
+
+def attention_heads(model: Any, block: AttentionBlock) -> int:
+    return int(model.get_model_object(f"{block.path}.attn1").heads)
+
+
+def query_weight_keys(block: AttentionBlock) -> tuple[str, str]:
+    """State-dict keys of a block's self- and cross-attention query projections (Tune-A-Video's trainable set)."""
+    return f"{block.path}.attn1.to_q.weight", f"{block.path}.attn2.to_q.weight"
+
+
+def add_weight_diffs(model: Any, diffs: Mapping[str, torch.Tensor]) -> None:
+    """Add ``W + diff`` weight patches to ``model`` (a clone; the base weights stay as they are)."""
+    missing = [key for key in diffs if key not in model.model_state_dict()]
+    if missing:
+        raise ValueError(f"adapter: the model has no weights {missing[:3]}; the adapter was made for another model")
+    model.add_patches({key: (diff,) for key, diff in diffs.items()}, 1.0, 1.0)
+
+
 def ensure_attn1_patch(model: Any, fn: Callable) -> None:
     """Add ``fn(n, context, value, extra_options)`` as an attn1 patch of ``model`` (a clone) unless it is there."""
     if fn not in model.model_options["transformer_options"].get("patches", {}).get("attn1_patch", []):
         model.set_model_attn1_patch(fn)
 
 
-def block_key(extra_options: Mapping[str, Any]) -> tuple[str, int, int]:
-    """The replace key ``(block_name, block_id, block_index)`` of the block an attention patch runs in."""
-    return (*extra_options["block"], extra_options["block_index"])
+def context_dim(model: Any) -> int:
+    """Width of the text embedding the UNet's cross-attention takes (SD1.x 768, SD2.x 1024, SDXL 2048)."""
+    path = attention_blocks(model)[0].path
+    return int(model.get_model_object(f"{path}.attn2.to_k").in_features)
+
+
+def needs_pooled_output(model: Any) -> bool:
+    """SDXL-style models also need the conditioning's pooled text embedding."""
+    return getattr(model.model, "adm_channels", 0) > 0
+
+
+# ---------------------------------------------------------------------------------------------- training
+def training_sigmas(model: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """σ of integer training timesteps t ∈ [0, num_timesteps) (DDPM's uniform t; Tune-A-Video's draw)."""
+    return model.get_model_object("model_sampling").sigma(timesteps.float())
+
+
+def noise_scaling(model: Any, sigma: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """x_σ of the model-space latent ``x0`` (x0 + σ·noise for EPS and V-prediction models)."""
+    return model.get_model_object("model_sampling").noise_scaling(sigma.reshape(1).to(x0), noise, x0, False)
+
+
+def num_timesteps(model: Any) -> int:
+    return int(model.get_model_object("model_sampling").sigmas.shape[0])
+
+
+def train_on_clip(model: Any, conditioning: list, samples: torch.Tensor,
+                  loop: Callable[[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor], None]) -> None:
+    """Run ``loop(denoise, x0)`` inside comfy's sampling stack, the way core's TrainSampler runs its loop
+    (comfy_extras/nodes_train.py): the model is loaded, conds are encoded for the clip, every patch and wrapper
+    on ``model`` is active. ``x0`` is the clip in model space (F, C, h, w); ``denoise(x, σ)`` is D(x; σ) with
+    guidance 1 and the conditioning, one σ for all frames. Gradients flow; the base weights get none."""
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras.nodes_train import process_cond_list
+
+    class ClipSampler(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+            model_wrap.conds = process_cond_list(model_wrap.conds)          # clones: no inference tensors
+            x0 = latent_image.detach().clone()
+
+            def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                return model_wrap(x, sigma.reshape(1).to(x).expand(x.shape[0]), **extra_args)
+
+            loop(denoise, x0)
+            return torch.zeros_like(latent_image)
+
+    base = model.model
+    frozen = [p for p in base.parameters() if p.requires_grad]
+    with torch.inference_mode(False), torch.enable_grad():
+        m = model.clone()
+        _copy_inference_weights(m)
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            sigmas = torch.tensor([1.0, 0.0])                                 # unused by ClipSampler
+            comfy.sample.sample_custom(m, torch.zeros_like(samples), 1.0, ClipSampler(), sigmas, conditioning,
+                                       conditioning, samples.clone(), disable_pbar=True)
+        finally:
+            for p in frozen:
+                with torch.inference_mode(p.is_inference()):     # loaded by a node: only settable in there
+                    p.requires_grad_(True)
+
+
+def _copy_inference_weights(model: Any) -> None:
+    """Weights loaded while ComfyUI ran a node (inference mode) cannot be saved for backward: give each such
+    weight an identity weight wrapper, so comfy's cast makes a normal copy per call (as core's training does by
+    wrapping every weight with an adapter)."""
+    for name, module in model.model.named_modules():
+        if not hasattr(module, "weight_function"):
+            continue
+        for attr in ("weight", "bias"):
+            param = getattr(module, attr, None)
+            key = f"{name}.{attr}"
+            if param is not None and param.is_inference() and key not in model.weight_wrapper_patches:
+                model.add_weight_wrapper(key, _same)
+
+
+def _same(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def add_trainable_weight_diff(model: Any, key: str, diff: torch.nn.Parameter) -> None:
+    """``W + diff`` on ``model`` (a clone) with ``diff`` trainable: core's weight-wrapper mechanism (as its
+    TrainLoraNode's BiasDiff), applied when comfy casts the weight for a call."""
+    from comfy_extras.nodes_train import BiasDiff
+    model.add_weight_wrapper(key, BiasDiff(diff))
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Checkpoint the UNet's top-level layers (ResBlocks, SpatialTransformers, ...: the modules core's training
+    picks, ``find_all_highest_child_module_with_forward``) while the block is active; restored afterwards.
+
+    Unlike core's ``patch``, each call keeps a copy of the ``transformer_options`` it was given: the UNet rewrites
+    ``transformer_options["block"]`` as it moves on, and the recomputation during backward must see the block
+    the layer ran in (block-keyed patches look their weights up by it)."""
+    if not enabled:
+        yield
+        return
+    from comfy_extras.nodes_train import find_all_highest_child_module_with_forward
+    import torch.utils.checkpoint
+
+    modules = find_all_highest_child_module_with_forward(model.get_model_object("diffusion_model"))
+    originals = {}
+    for module in modules:
+        forward = module.forward
+        originals[module] = module.__dict__.get("forward")             # an instance forward someone set, or None
+
+        def checkpointed(*args: Any, _forward: Callable = forward, **kwargs: Any) -> Any:
+            args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+            kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+            return torch.utils.checkpoint.checkpoint(lambda *a, **k: _forward(*a, **k), *args, use_reentrant=False,
+                                                     **kwargs)
+
+        module.forward = checkpointed
+    try:
+        yield
+    finally:
+        for module, forward in originals.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 (or fp16 where bf16 is missing) autocast on an accelerator; fp32 (no autocast) on the CPU."""
+    if device.type == "cpu":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

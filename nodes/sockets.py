@@ -11,8 +11,10 @@ from typing import Any
 FLOW = "TVE_FLOW"                    # flow.estimate.FlowField
 TRAJECTORIES = "TVE_TRAJECTORIES"    # flow.trajectories.Trajectories
 INVERSION = "TVE_INVERSION"          # nodes.inversion.Inversion
+TEMPORAL_ADAPTER = "TVE_TEMPORAL_ADAPTER"  # nodes.temporal_adapter.TemporalAdapter
 
-PRODUCERS = {FLOW: "Optical Flow (TVE)", TRAJECTORIES: "Flow Trajectories (TVE)", INVERSION: "DDIM Inversion (TVE)"}
+PRODUCERS = {FLOW: "Optical Flow (TVE)", TRAJECTORIES: "Flow Trajectories (TVE)", INVERSION: "DDIM Inversion (TVE)",
+             TEMPORAL_ADAPTER: "One-Shot Tune (TVE)"}
 
 
 def expect(value: Any, cls: type, input_name: str, socket: str) -> Any:

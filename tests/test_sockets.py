@@ -5,7 +5,7 @@ import torch
 from tve.nodes import NODE_CLASS_MAPPINGS, sockets
 from tve.tests.hosts import make_latent, make_tiny_model, make_vae
 
-CUSTOM = {sockets.FLOW, sockets.TRAJECTORIES, sockets.INVERSION}
+CUSTOM = {sockets.FLOW, sockets.TRAJECTORIES, sockets.INVERSION, sockets.TEMPORAL_ADAPTER}
 FOREIGN = {"frames": 4, "forward": None}                    # what another pack's FLOW might carry
 
 

@@ -72,6 +72,7 @@ NEGATIVE_PROMPT = "blurry, low quality, distorted, flickering"
 
 # Groups: what the graph does, left to right.
 LOAD, INVERT, EDIT, SAVE = "Load", "Invert", "Edit", "Save"
+TUNE = "Tune"                                        # EI²'s one-shot tuning
 
 
 @dataclass(frozen=True)
@@ -356,6 +357,21 @@ def canny_controlnet(column: int) -> list[Node]:
     ]
 
 
+EI2_NOTE = f"""EI² one-shot editing (Zhang et al., NeurIPS 2023; Tune-A-Video's recipe): tune the model on the \
+clip, invert the clip with the tuned model, edit from the inversion with the target prompt.
+
+{start_here()}
+• Tuning (an estimate): backpropagation keeps activations of every frame, about twice the edit's VRAM with \
+gradient checkpointing on; the temporal modules add ≈0.3 GB of fp32 weights for SD1.5.
+• Apply Cross-Frame Attention 'fine_coarse' (FFAM): each frame sees its own tokens and the other frames' pooled \
+ones, during tuning and editing (the tuned MODEL keeps it).
+• One-Shot Tune: 'stam' is EI²'s shift-restricted temporal attention, 'layernorm' Tune-A-Video's. steps 300 at \
+3e-5 is a start (Tune-A-Video: 500); the loss graph should fall and flatten. Tuning is cached while its inputs \
+stay the same; change the seed to tune again.
+• Source prompt: describe the clip as it is; it conditions the tuning and the inversion.
+• Save Temporal Adapter writes models/tve_adapters/*.safetensors; Load Temporal Adapter puts it back on the \
+same checkpoint later (no re-tuning)."""
+
 WORKFLOWS: dict[str, list[Node | Note]] = {
     "optical_flow_preview.json": [
         note(FLOW_NOTE),
@@ -441,6 +457,31 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
         cfg_guider(8, ("tokenflow", "MODEL")),
         *sample_and_save(10, ("guider", "GUIDER"), "TVE_tokenflow_flatten_edit"),
         *consistency(13),
+    ],
+    "ei2_one_shot_edit.json": [
+        note(EI2_NOTE),
+        checkpoint(),
+        *source_frames(),
+        prompt("source_prompt", 3, "a video of shapes moving over a background", "Source prompt (describe the clip)",
+               group=TUNE),
+        Node("cross_frame", "TVE_ApplyCrossFrameAttention", 3,
+             {"mode": "fine_coarse", "keyframe_interval": 8, "anchor_frame": 0, "anchor_include_self": False,
+              "coarse_factor": 2, "seed": 0, "token_grids": "all", "start_percent": 0.0, "end_percent": 1.0},
+             {"model": ("checkpoint", "MODEL")}, group=TUNE),
+        Node("tune", "TVE_OneShotTune", 4,
+             {"steps": 300, "learning_rate": 3e-5, "seed": 0, "kind": "stam", "trainable": "temporal+queries",
+              "gradient_checkpointing": True},
+             {"model": ("cross_frame", "MODEL"), "latent": ("encode", "LATENT"),
+              "conditioning": ("source_prompt", "CONDITIONING")}, group=TUNE),
+        Node("save_adapter", "TVE_SaveTemporalAdapter", 4, {"filename_prefix": "tve_one_shot"},
+             {"adapter": ("tune", "adapter")}, group=TUNE),
+        Node("show_loss", "PreviewImage", 4, links={"images": ("tune", "loss_graph")}, title="Loss", group=TUNE),
+        Node("inversion", "TVE_DDIMInversion", 5, {"steps": 50, "scheduler": "ddim_uniform"},
+             {"model": ("tune", "model"), "latent": ("encode", "LATENT"),
+              "conditioning": ("source_prompt", "CONDITIONING")}, group=INVERT),
+        *edit_prompts(6),
+        cfg_guider(7, ("tune", "model")),
+        *sample_and_save(9, ("guider", "GUIDER"), "TVE_ei2_edit"),
     ],
     "text2video_zero.json": [
         Note("note", 0, T2V_ZERO_NOTE, group=LOAD),

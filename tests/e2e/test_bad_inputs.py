@@ -44,6 +44,9 @@ APPLICABLE = {
     "TVE_MotionDynamicsLatents": {NON_FINITE, TINY, FAMILY},
     "TVE_ConsistencyMetrics": {NON_FINITE, MISMATCH, TINY},
     "TVE_PreviewFeatures": {NON_FINITE, MISMATCH, TINY},
+    "TVE_OneShotTune": {NON_FINITE, TINY, FAMILY},
+    "TVE_SaveTemporalAdapter": {FILE},
+    "TVE_LoadTemporalAdapter": {FILE},
 }
 
 
@@ -138,6 +141,7 @@ def _other_video_inversion(g: Graph) -> list:
 T, F, PNP, CF, TF, TFF, FL, T2V = ("optical_flow_preview.json", "flatten_edit.json", "pnp_per_frame_edit.json",
                                    "anchor_attention_edit.json", "tokenflow_edit.json", "tokenflow_flatten_edit.json",
                                    "flatten_edit.json", "text2video_zero.json")
+EI2 = "ei2_one_shot_edit.json"
 
 PROBES = [
     # ------------------------------------------------------------------ Optical Flow
@@ -256,6 +260,24 @@ PROBES = [
           lambda g: _with_preview_features(g, step_percent=math.nan), "step_percent"),
     Probe("features_v_prediction_patched_model", "TVE_PreviewFeatures", MISMATCH, TF,
           lambda g: _with_preview_features(g, model=_v_prediction(g, g.out("CheckpointLoaderSimple"))), "model"),
+]
+
+PROBES += [
+    # ------------------------------------------------------------------ One-Shot Tune, temporal adapter files
+    Probe("tune_nan_latent", "TVE_OneShotTune", NON_FINITE, EI2,
+          _wire("TVE_OneShotTune", "latent", lambda g: nan_latent(g, g.out("VAEEncode"))), "latent"),
+    Probe("tune_nan_learning_rate", "TVE_OneShotTune", NON_FINITE, EI2,
+          lambda g: g.set("TVE_OneShotTune", learning_rate=math.nan), "learning_rate"),
+    Probe("tune_one_frame", "TVE_OneShotTune", TINY, EI2,
+          _wire("TVE_OneShotTune", "latent", lambda g: g.add("LatentFromBatch", samples=g.out("VAEEncode"),
+                                                             batch_index=0, length=1)), "latent"),
+    Probe("tune_sd3_latent", "TVE_OneShotTune", FAMILY, EI2, _wire("TVE_OneShotTune", "latent", sd3_latent), "latent"),
+    Probe("save_adapter_outside_its_folder", "TVE_SaveTemporalAdapter", FILE, EI2,
+          lambda g: g.set("TVE_SaveTemporalAdapter", filename_prefix="../outside"), "filename_prefix"),
+    Probe("load_adapter_that_is_not_there", "TVE_LoadTemporalAdapter", FILE, EI2,
+          _wire("CFGGuider", "model", lambda g: g.add("TVE_LoadTemporalAdapter", model=g.out("CheckpointLoaderSimple"),
+                                                      adapter_name="missing.safetensors")),
+          "adapter_name", validation=True),
 ]
 
 # Bad input that is now handled rather than refused: it must run to the end with a finite, correctly sized result.

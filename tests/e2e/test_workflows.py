@@ -32,13 +32,15 @@ TYPE_OVERRIDES = {
     "ControlNetLoader": {"control_net_name": CONTROLNET},
     "TVE_OpticalFlow": {"method": "dis", "raft_weights": "none (method dis)"},
     "TVE_DDIMInversion": {"steps": 2},
+    "TVE_OneShotTune": {"steps": 2},
     "TVE_MotionDynamicsLatents": {"steps": 6, "t0": 2, "t1": 4, "frames": FRAMES},
     "EmptyLatentImage": {"width": WIDTH, "height": HEIGHT, "batch_size": 1},
     "ImageScaleToMaxDimension": {"largest_size": RESIZE_TO},
 }
 
 # Output nodes (by workflow file and node title) that do not show one picture per frame: pictures for n frames.
-PICTURES = {("optical_flow_preview.json", "Flow and occlusion"): lambda n: 2 * (n - 1)}   # flows, then masks
+PICTURES = {("optical_flow_preview.json", "Flow and occlusion"): lambda n: 2 * (n - 1),   # flows, then masks
+            ("ei2_one_shot_edit.json", "Loss"): lambda n: 1}
 
 
 def load(path: Path) -> dict:
@@ -181,6 +183,10 @@ def test_workflow_runs_to_the_end_with_its_frame_count_at_its_size(path, source,
     frames, size = expected_video(graph, source)
     reads_video = any(node["class_type"] == "LoadVideo" for node in graph.values())
     for node_id, title in output_nodes.items():
+        if graph[node_id]["class_type"] == "TVE_SaveTemporalAdapter":     # EI²: the adapter file it wrote
+            (written,) = entry["outputs"][node_id]["text"]
+            assert written.endswith(".safetensors") and Path(written).is_file(), written
+            continue
         if "images" not in entry["outputs"][node_id]:       # Consistency: its summary, on the frames of the video
             (summary,) = entry["outputs"][node_id]["text"]
             assert "warp error" in summary and "source warp error" in summary, summary
@@ -213,7 +219,10 @@ def test_every_node_sits_in_one_group_and_the_note_says_what_to_set_first(path):
     if any(node["type"] == "LoadVideo" for node in workflow["nodes"]):
         assert titles[0] == "Load" and all(word in note for word in ("Checkpoint", "video", "number of frames"))
     if any(node["type"] == "TVE_DDIMInversion" for node in workflow["nodes"]):
-        assert titles == ["Load", "Invert", "Edit", "Save"] and "prompt" in note.lower()
+        # EI² tunes the model on the clip between loading and inverting it.
+        expected = ["Load", "Tune", "Invert", "Edit", "Save"] if "TVE_OneShotTune" in {
+            node["type"] for node in workflow["nodes"]} else ["Load", "Invert", "Edit", "Save"]
+        assert titles == expected and "prompt" in note.lower()
 
 
 @pytest.mark.parametrize("path", [p for p in WORKFLOW_FILES if "LoadVideo" in p.read_text(encoding="utf-8")],

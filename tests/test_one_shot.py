@@ -1,0 +1,257 @@
+"""One-shot tuning (Tune-A-Video + EI²'s STAM) on the real host: identity before tuning, the loss it lowers, base
+weights untouched, save/load round trip, clear errors with nothing half-patched, progress and cancel."""
+import pytest
+import torch
+
+from tve.attention.temporal import KINDS, TemporalAttention, instance_centering
+from tve.nodes import host
+from tve.nodes.one_shot import OneShotTune, evaluate_loss, tune
+from tve.nodes.temporal_adapter import (LoadTemporalAdapter, SaveTemporalAdapter, TemporalAdapter, apply_adapter,
+                                        model_blocks)
+from tve.tests.hosts import FAMILIES, make_conditioning, make_latent, make_tiny_model
+
+pytestmark = pytest.mark.real_host
+
+
+def denoised(model, samples, conditioning, sigma=1.5, seed=0):
+    """D(x; σ) of one noisy copy of the clip through comfy's whole sampling stack (fp32 CPU)."""
+    out = []
+    noise = torch.randn(samples.shape, generator=torch.Generator().manual_seed(seed))
+
+    def loop(denoise, x0):
+        with torch.no_grad():
+            out.append(denoise(x0 + sigma * noise, torch.tensor(sigma)))
+
+    host.train_on_clip(model, conditioning, samples, loop)
+    return out[0]
+
+
+def untrained_adapter(model, kind):
+    blocks = model_blocks(model)
+    temporal = {name: TemporalAttention(c, h, kind, torch.Generator().manual_seed(0)).state_dict()
+                for name, (c, h) in blocks.items()}
+    diffs = {key: torch.zeros_like(model.get_model_object(key.rsplit(".", 1)[0]).weight)
+             for b in host.attention_blocks(model) for key in host.query_weight_keys(b)}
+    return TemporalAdapter(kind, host.model_family(model), blocks, temporal, diffs, "temporal+queries", 0, ())
+
+
+def patch_state(model):
+    to = model.model_options["transformer_options"]
+    return (repr(sorted(to.get("patches", {}))), len(to.get("patches", {}).get("middle_patch", [])),
+            sorted(model.patches), sorted(model.weight_wrapper_patches), sorted(model.attachments))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_untuned_adapter_is_exactly_the_identity(family, kind):
+    model = make_tiny_model(family)
+    samples, cond = make_latent(3, 8, 12)["samples"], make_conditioning(family)
+    adapted = apply_adapter(model, untrained_adapter(model, kind))
+    assert len(adapted.model_options["transformer_options"]["patches"]["middle_patch"]) == 1
+    assert torch.equal(denoised(adapted, samples, cond), denoised(model, samples, cond))
+
+
+def test_instance_centering_of_real_block_features_removes_the_frame_mean_and_keeps_their_scale():
+    model, seen = make_tiny_model("sd15"), []
+
+    def record(x, extra_options):
+        seen.append(x.detach().clone())
+        return x
+
+    m = model.clone()
+    host.set_middle_patch(m, record)
+    samples = make_latent(4, 8, 8)["samples"]
+    denoised(m, samples, make_conditioning("sd15"))
+    assert len(seen) == len(host.attention_blocks(model))
+    for x in seen:                                                  # (F, T, C): one chunk, 4 frames
+        seq = x.permute(1, 0, 2)                                    # (T, F, C): one instance per token
+        centred = instance_centering(seq)
+        assert centred.mean(1).abs().max() < 1e-4 * seq.abs().max()
+        assert torch.allclose(centred.std(1), seq.std(1), rtol=1e-4, atol=1e-6)
+        assert torch.allclose(seq - centred, seq.mean(1, keepdim=True).expand_as(seq), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tuning_lowers_the_clips_diffusion_loss_on_the_trained_model(kind):
+    from tve.tests.trained_model import load_trained_model, trained_conditioning
+    from tve.tools.train_test_model import HELD_OUT_SEED
+    from tve.tools.video_world import frames_to_latent, render_clip
+
+    clip = render_clip(6, 64, 64, seed=HELD_OUT_SEED + 7, sprites=2)
+    samples, cond = frames_to_latent(clip.frames), trained_conditioning("source")
+    model = load_trained_model()
+    before = evaluate_loss(model, samples, cond, draws=12, seed=5)
+    adapter = tune(model, samples, cond, steps=30, learning_rate=1e-2, seed=0, kind=kind)
+    after = evaluate_loss(apply_adapter(model, adapter), samples, cond, draws=12, seed=5)
+    assert after < 0.95 * before, (before, after)
+    assert evaluate_loss(model, samples, cond, draws=12, seed=5) == before          # the base model is as it was
+
+
+def test_tuning_leaves_the_base_weights_and_the_input_model_untouched():
+    model = make_tiny_model("sd15")
+    weights = {k: v.clone() for k, v in model.model.state_dict().items()}
+    state = patch_state(model)
+    samples, cond = make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
+    reference = denoised(model, samples, cond)
+    tuned, adapter, graph = OneShotTune().tune(model, {"samples": samples}, cond, 3, 1e-2, 0, "stam",
+                                               "temporal+queries", True)
+    assert not torch.equal(denoised(tuned, samples, cond), reference)
+    assert torch.equal(denoised(model, samples, cond), reference)
+    assert all(torch.equal(v, weights[k]) for k, v in model.model.state_dict().items())
+    assert patch_state(model) == state
+    assert all(p.grad is None for p in model.model.parameters())
+    assert len(adapter.losses) == 3 and adapter.query_diffs and any(d.abs().sum() > 0
+                                                                    for d in adapter.query_diffs.values())
+    assert graph.shape[0] == 1 and graph.shape[-1] == 3 and 0 <= graph.min() and graph.max() <= 1
+
+
+def test_temporal_only_tunes_no_queries():
+    model = make_tiny_model("sd15")
+    adapter = tune(model, make_latent(3, 8, 8)["samples"], make_conditioning("sd15"), 2, 1e-2, 0, "stam",
+                   "temporal")
+    assert adapter.query_diffs == {}
+    assert any(float(state["gain"]) != 0 for state in adapter.temporal.values())
+
+
+def test_gradient_checkpointing_gives_the_same_tuning_as_plain_backward():
+    """The checkpointed recomputation runs each block with the transformer_options it first saw (block keys)."""
+    model, samples, cond = make_tiny_model("sdxl"), make_latent(3, 8, 8)["samples"], make_conditioning("sdxl")
+    a = tune(model, samples, cond, 3, 1e-2, 0, "layernorm", gradient_checkpointing=True)
+    b = tune(model, samples, cond, 3, 1e-2, 0, "layernorm", gradient_checkpointing=False)
+    assert a.losses == pytest.approx(b.losses, rel=1e-5)
+    for name in a.temporal:
+        assert torch.allclose(a.temporal[name]["out"], b.temporal[name]["out"], atol=1e-6)
+    unet = model.get_model_object("diffusion_model")
+    assert not any("forward" in m.__dict__ for m in unet.modules())             # core's forwards are back
+
+
+def test_save_then_load_reproduces_the_tuned_outputs(tmp_path, monkeypatch):
+    import folder_paths
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, host.ADAPTER_FOLDER, ([str(tmp_path)], {".safetensors"}))
+    model, samples, cond = make_tiny_model("sd2"), make_latent(3, 8, 8)["samples"], make_conditioning("sd2")
+    tuned, adapter, _ = OneShotTune().tune(model, {"samples": samples}, cond, 2, 1e-2, 0, "stam",
+                                           "temporal+queries", True)
+    ui = SaveTemporalAdapter().save(adapter, "clips/dog")
+    (name,) = host.adapter_files()
+    assert name.replace("\\", "/") == "clips/dog_00001.safetensors" and ui["ui"]["text"][0].endswith(name)
+    loaded_model, loaded = LoadTemporalAdapter().load(model, name)
+    assert (loaded.kind, loaded.family, loaded.steps, loaded.losses) == (adapter.kind, adapter.family, 2,
+                                                                         adapter.losses)
+    assert torch.equal(denoised(loaded_model, samples, cond), denoised(tuned, samples, cond))
+
+
+def test_an_adapter_of_another_family_is_refused_with_nothing_patched():
+    sd15, sd2 = make_tiny_model("sd15"), make_tiny_model("sd2")
+    adapter = untrained_adapter(sd15, "stam")
+    state = patch_state(sd2)
+    with pytest.raises(ValueError, match=r"adapter: tuned on a SD15/EPS model but this model is SD20/V_PREDICTION"):
+        apply_adapter(sd2, adapter)
+    assert patch_state(sd2) == state
+    with pytest.raises(TypeError, match="adapter: expected a TVE_TEMPORAL_ADAPTER"):
+        apply_adapter(sd15, {"kind": "stam"})
+
+
+@pytest.mark.parametrize("case, error", [
+    ("one_frame", r"latent: one-shot tuning learns the motion between frames, but the clip has 1 frame"),
+    ("zero_steps", r"steps: expected an integer at least 1, got 0"),
+    ("nan_learning_rate", r"learning_rate: expected a finite number, got nan"),
+    ("latent_channels", r"latent: has 16-channel latents \(SD3 / Flux\); TVE edits with SD1.x, SD2.x and SDXL"),
+    ("sdxl_conditioning", r"conditioning: its text embedding is 2048 wide but this SD15/EPS model's cross-attention "
+                          r"takes 768"),
+    ("already_adapted", r"model: it already carries a temporal adapter"),
+    ("sdxl_without_pooled", r"conditioning: this SDXL/EPS model needs a pooled text embedding"),
+])
+def test_bad_input_is_one_clear_error_with_nothing_patched(case, error):
+    family = "sdxl" if case.startswith("sdxl_without") else "sd15"
+    model = make_tiny_model(family)
+    samples, cond = make_latent(3, 8, 8)["samples"], make_conditioning(family)
+    steps, lr = 2, 1e-3
+    if case == "sdxl_without_pooled":
+        cond = [[cond[0][0], {}]]
+    elif case == "one_frame":
+        samples = samples[:1]
+    elif case == "zero_steps":
+        steps = 0
+    elif case == "nan_learning_rate":
+        lr = float("nan")
+    elif case == "latent_channels":
+        samples = torch.zeros(3, 16, 8, 8)
+    elif case == "sdxl_conditioning":
+        cond = make_conditioning("sdxl")
+    elif case == "already_adapted":
+        model = apply_adapter(model, untrained_adapter(model, "stam"))
+    state = patch_state(model)
+    with pytest.raises(ValueError, match=error):
+        OneShotTune().tune(model, {"samples": samples}, cond, steps, lr, 0, "stam", "temporal+queries", True)
+    assert patch_state(model) == state
+
+
+def test_progress_shows_every_step_and_cancel_stops_tuning():
+    import comfy.model_management
+    import comfy.utils
+
+    model, samples, cond = make_tiny_model("sd15"), make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        tune(model, samples, cond, 3, 1e-3, 0, "stam")
+        assert updates == [(1, 3), (2, 3), (3, 3)]
+
+        def cancel(step, loss):
+            comfy.model_management.interrupt_current_processing(True)
+
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            tune(model, samples, cond, 5, 1e-3, 0, "stam", on_step=cancel)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert not any("forward" in m.__dict__ for m in model.get_model_object("diffusion_model").modules())
+
+
+def test_tuning_a_model_loaded_in_inference_mode_inside_inference_mode_as_comfyui_runs_nodes():
+    with torch.inference_mode():                        # ComfyUI loads checkpoints and runs nodes like this
+        model = make_tiny_model("sd15")
+        samples, cond = make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
+        assert all(p.is_inference() for p in model.model.parameters())
+        tuned, adapter, _ = OneShotTune().tune(model, {"samples": samples}, cond, 2, 1e-2, 0, "stam",
+                                               "temporal+queries", True)
+        requires_grad = [p.requires_grad for p in model.model.parameters()]
+    assert len(adapter.losses) == 2 and any(float(s["gain"]) != 0 for s in adapter.temporal.values())
+    assert all(requires_grad)                           # restored as they were
+    assert not torch.equal(denoised(tuned, samples, cond), denoised(model, samples, cond))
+
+
+def random_adapter(model, kind, seed=3):
+    """An adapter whose every parameter is random (as after long tuning): the temporal attention is not a no-op."""
+    adapter = untrained_adapter(model, kind)
+    g = torch.Generator().manual_seed(seed)
+    for name, module in adapter.modules().items():
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.ndim == 0 else 0.0))
+        module.refresh_spectral_norms(500)
+        adapter.temporal[name] = module.state_dict()
+    return adapter
+
+
+def test_inside_core_context_windows_the_temporal_attention_sees_the_windows_frames_only():
+    import comfy.sample
+    import comfy.samplers
+    from tve.tests.hosts import with_context_windows
+
+    model = make_tiny_model("sd15")
+    adapted = apply_adapter(model, random_adapter(model, "stam"))
+    latent = make_latent(8, 8, 8)["samples"]
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(4))
+    sigmas = host.sigma_grid(model, "normal", 2)
+
+    def sample(m, frames):
+        return comfy.sample.sample_custom(m, noise[frames], 5.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                          make_conditioning("sd15", 1), make_conditioning("sd15", 2),
+                                          latent[frames], disable_pbar=True)
+
+    windowed = sample(with_context_windows(adapted, 4), slice(0, 8))
+    apart = torch.cat([sample(adapted, slice(0, 4)), sample(adapted, slice(4, 8))])
+    whole = sample(adapted, slice(0, 8))
+    assert torch.allclose(windowed, apart, atol=1e-4 * apart.abs().max())
+    assert not torch.allclose(whole, apart, atol=1e-2 * apart.abs().max())     # it does mix frames otherwise
