@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from _edits import peak_rss_rise  # noqa: E402
 from consistency import fidelity_error, latent_flow, latent_warp_error, procedural_clip  # noqa: E402
 from tve.nodes import host  # noqa: E402
-from tve.nodes.cross_frame import cross_frame_replace  # noqa: E402
+from tve.nodes.cross_frame import apply_cross_frame  # noqa: E402
 from tve.nodes.inversion import invert  # noqa: E402
 from tve.nodes.one_shot import evaluate_loss, tune  # noqa: E402
 from tve.nodes.temporal_adapter import apply_adapter  # noqa: E402
@@ -42,10 +42,8 @@ VARIANTS = ["untuned per-frame", "untuned FFAM", "layernorm tuned", "stam tuned"
 
 
 def with_ffam(model):
-    m = model.clone()
-    host.set_attn1_replace(m, cross_frame_replace("fine_coarse", 8, 0, False, 2, 0, 0.0, 1.0),
-                           host.attention_blocks(m))
-    return m
+    """EI²'s fine-coarse frame attention, through the node function the workflow's Apply Cross-Frame node calls."""
+    return apply_cross_frame(model, "fine_coarse", 8, 0, False, 2, 0, "all", 0.0, 1.0)
 
 
 def block_features(model, samples, draws):

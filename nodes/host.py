@@ -9,7 +9,7 @@ import contextlib
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -325,10 +325,10 @@ def attn1_replaces(model: Any) -> dict[tuple, Callable]:
     return dict(model.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {}))
 
 
-def set_attn1_replace(model: Any, fn: Callable, blocks: Sequence[AttentionBlock]) -> None:
-    """Install ``fn(q, k, v, extra_options)`` as the attn1 replace of each block of ``model`` (a clone)."""
-    for block in blocks:
-        model.set_model_attn1_replace(fn, *block.key)
+def set_attn1_replace(model: Any, fn: Callable, keys: Iterable[tuple[str, int, int]]) -> None:
+    """Install ``fn(q, k, v, extra_options)`` as the attn1 replace of each block key of ``model`` (a clone)."""
+    for key in keys:
+        model.set_model_attn1_replace(fn, *key)
 
 
 def set_middle_patch(model: Any, fn: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]) -> None:

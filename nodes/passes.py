@@ -396,8 +396,7 @@ def install(model: Any, state: State) -> Any:
                             else inversion + state.trajectories)
     if state.inversion is not None:             # a masked run follows the source outside the mask
         host.set_inpaint_latent(model, MaskedSource(state.inversion).latent_at)
-    for key in sorted(blocks - routed):
-        model.set_model_attn1_replace(route_attention, *key)
+    host.set_attn1_replace(model, route_attention, sorted(blocks - routed))
     if state.injection is not None or state.tokenflow is not None:
         host.ensure_attn1_patch(model, route_attn1_patch)
     host.set_attachment(model, state)

@@ -17,7 +17,7 @@ traceback or a silently wrong result.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 

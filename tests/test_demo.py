@@ -1,6 +1,5 @@
 """The one-command demo (tools/demo.py) on the real host: it writes the labelled side-by-side video, the strip and
 the consistency figures of every method, with a progress bar, from the bundled test model alone."""
-import io
 import json
 import os
 import subprocess

@@ -94,7 +94,7 @@ def test_attn1_patches_and_replaces_are_read_and_set_on_a_clone_only():
     m = model.clone()
     blocks = host.attention_blocks(m)[:2]
     fn = lambda q, k, v, extra: host.optimized_attention(q, k, v, extra["n_heads"], extra)  # noqa: E731
-    host.set_attn1_replace(m, fn, blocks)
+    host.set_attn1_replace(m, fn, [b.key for b in blocks])
     patch = lambda n, c, v, extra: (n, c, v)  # noqa: E731
     host.ensure_attn1_patch(m, patch)
     host.ensure_attn1_patch(m, patch)
