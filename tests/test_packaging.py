@@ -64,6 +64,7 @@ sys.modules["cv2"] = None                                     # what a broken or
 sys.path[:0] = [{str(ROOT / "tests")!r}, {str(ROOT / "tests" / "stand_in")!r}]
 import conftest
 from tve.nodes import NODE_CLASS_MAPPINGS
+import torch
 from tve.flow.estimate import estimate_flow
 try:
     estimate_flow(torch.rand(2, 32, 32, 3), "dis")
