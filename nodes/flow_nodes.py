@@ -35,9 +35,8 @@ def check_frames(images: torch.Tensor, method: str, ratio: int, name: str = "ima
 
 
 def check_flow_matches_latent(flow: FlowField, samples: torch.Tensor) -> None:
-    """Frame count and size of the FLOW must be those of the LATENT it will steer."""
-    if samples.ndim != 4:
-        raise ValueError(f"latent: expected image latents (F, C, h, w), got shape {tuple(samples.shape)}")
+    """Frame count and size of the FLOW must be those of the LATENT it will steer (``samples`` already passed
+    ``validation.latent``: image latents (F, C, h, w))."""
     frames, (h, w) = samples.shape[0], tuple(samples.shape[-2:])
     if frames != flow.frames:
         raise ValueError(f"latent: has {frames} frames but the flow was computed on {flow.frames}; "
