@@ -37,6 +37,7 @@ import torch.nn.functional as F
 PROPAGATION_MODES = ("paper", "official")
 
 SIMILARITY_BUDGET = 1 << 26     # float32 elements of one chunk's similarities and copies (256 MiB)
+PROPAGATION_BUDGET = 1 << 24    # float32 elements of one slice of propagate's gathered tokens (64 MiB)
 
 
 def nearest_neighbour_field(source_frames: torch.Tensor, source_keyframes: torch.Tensor,
@@ -101,7 +102,8 @@ def propagate(keyframe_out: torch.Tensor, field: torch.Tensor, pair: torch.Tenso
     chunk; field (frames, 2, tokens) from ``pair_nearest_neighbour_field``; pair (frames, 2) and weights
     (frames, 2) from ``propagation_weights``, rows summing to 1. The same field serves every chunk.
     -> (chunks, frames, tokens, channels) in keyframe_out's dtype; blended as ``lerp`` in float32, so weight 0
-    or two equal tokens give the token exactly.
+    or two equal tokens give the token exactly, a slice of frames at a time (``PROPAGATION_BUDGET``): no float32
+    copy of all (chunks, F·T, C) is made besides the output itself.
     """
     if keyframe_out.ndim != 4:
         raise ValueError(f"keyframe_out: expected (chunks, keyframes, tokens, channels), "
@@ -118,11 +120,16 @@ def propagate(keyframe_out: torch.Tensor, field: torch.Tensor, pair: torch.Tenso
     device = keyframe_out.device
     flat = keyframe_out.reshape(chunks, keyframes * tokens, channels)                  # (chunks, K·T, C)
     index = pair.to(device, torch.long)[:, :, None] * tokens + field.to(device, torch.long)  # (F, 2, T)
-    first = flat[:, index[:, 0].reshape(-1)].float()                                   # (chunks, F·T, C)
-    second = flat[:, index[:, 1].reshape(-1)].float()                                  # (chunks, F·T, C)
-    w_second = weights[:, 1].to(device, torch.float32).repeat_interleave(tokens)[:, None]   # (F·T, 1)
-    out = torch.lerp(first, second, w_second)                                          # (chunks, F·T, C)
-    return out.to(keyframe_out.dtype).view(chunks, frames, tokens, channels)
+    w_second = weights[:, 1].to(device, torch.float32)                                 # (F,)
+    out = keyframe_out.new_empty(chunks, frames, tokens, channels)
+    per_chunk = max(1, PROPAGATION_BUDGET // max(1, 3 * chunks * tokens * channels))   # frames per float32 slice
+    for start in range(0, frames, per_chunk):
+        rows = slice(start, start + per_chunk)
+        first = flat[:, index[rows, 0].reshape(-1)].float()                            # (chunks, f·T, C)
+        second = flat[:, index[rows, 1].reshape(-1)].float()                           # (chunks, f·T, C)
+        w = w_second[rows].repeat_interleave(tokens)[:, None]                          # (f·T, 1)
+        out[:, rows] = torch.lerp(first, second, w).view(chunks, -1, tokens, channels).to(out.dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- internals

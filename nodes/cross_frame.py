@@ -5,7 +5,7 @@ Text2Video-Zero's anchor-frame attention (§3.3), EI²'s fine-coarse frame atten
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -66,8 +66,23 @@ class CrossFrame(passes.AttentionFeature):
     """One cross-frame mode on some blocks, as a feature of the model's TVE state."""
     node = passes.CROSS_FRAME_NODE
 
-    def __init__(self, mode: str, blocks: frozenset, replace: Callable):
+    def __init__(self, mode: str, blocks: frozenset, replace: Callable, keyframe_interval: int = 8,
+                 anchor_frame: int = 0, seed: int = 0):
         self.mode, self.blocks, self.replace = mode, blocks, replace
+        self.keyframe_interval, self.anchor_frame, self.seed = keyframe_interval, anchor_frame, seed
+
+    def shared_frames(self, own: Sequence[int], frame_ids: Sequence[int], step: int) -> list[int]:
+        """The frames a frame window holding the call's frames ``own`` needs besides them (positions in the call):
+        anchor, the anchor frame (Text2Video-Zero prepends it to every chunk); keyframes, the step's keyframes
+        of the keyframe windows ``own`` touches, drawn on all of the call's frames, so overlapping windows
+        attend to the same keyframes."""
+        if self.mode == "anchor":
+            return [frame_ids.index(self.anchor_frame)] if self.anchor_frame in frame_ids else []
+        if self.mode == "keyframes":
+            touched = {frame_ids[i] // self.keyframe_interval for i in own}
+            keyframes = pick_keyframes(frame_ids, self.keyframe_interval, self.seed, step).tolist()
+            return [k for k in keyframes if frame_ids[k] // self.keyframe_interval in touched]
+        return []
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         return self.replace(q, k, v, extra_options)
@@ -91,7 +106,8 @@ def apply_cross_frame(model: Any, mode: str, keyframe_interval: int, anchor_fram
     blocks = [b.key for b in selected_blocks(model, token_grids)]
     passes.check_no_foreign_attention(model, blocks, passes.CROSS_FRAME_NODE)
     feature = CrossFrame(mode, frozenset(blocks), cross_frame_replace(
-        mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor, seed, start_percent, end_percent))
+        mode, keyframe_interval, anchor_frame, anchor_include_self, coarse_factor, seed, start_percent, end_percent),
+        keyframe_interval, anchor_frame, seed)
     return passes.apply(model, lambda state: state.with_attention(feature, blocks))
 
 

@@ -7,13 +7,16 @@ order that works). The attention patches the state installs are routers: they re
 place that says which ``Pass`` runs, over which frames, at which step, with the ``StepFeatures`` of that step) from
 ``transformer_options`` and ask the features of the state that made the run.
 
-Per step (a CALC_COND_BATCH call; the host has already split frames into context windows), the state runs:
-  SOURCE     once, when a feature reads the source video: the inversion's source latents at this σ with the source
+Per step (a CALC_COND_BATCH call; the host may have split the frames into a core context window), the state runs
+its passes in frame windows of at most ``State.windows`` frames (TVE_FrameWindows, ``windows.py``): overlapping
+windows blended when the model attends across frames, batches otherwise. In each window:
+  SOURCE     when a feature reads the source video: the inversion's source latents at this σ with the source
              conditioning (PnP, Tumanyan et al. 2023 §4; TokenFlow §3.2);
-  KEYFRAMES  TokenFlow's keyframe pass over the step's keyframes, with their conds and ControlNet hints;
-  EDIT       the call itself; with TokenFlow its self-attention outputs are the propagated keyframe tokens.
+  KEYFRAMES  TokenFlow's keyframe pass over a group of the step's keyframes, with their conds and ControlNet hints;
+  EDIT       the sampler's call on the window's frames; with TokenFlow its self-attention outputs are the
+             propagated keyframe tokens.
 INVERSION labels every call while TVE_DDIMInversion inverts with the model. Frame ids are global ids throughout,
-so frame batches and windows only change which frames a pass holds.
+so windows only change which frames a pass holds.
 """
 from __future__ import annotations
 
@@ -24,8 +27,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..attention import windows as frame_windows
 from . import host, validation
 from .masked_edit import MaskedSource
+from .windows import FrameWindows
 
 if TYPE_CHECKING:
     from .inversion import Inversion
@@ -50,6 +55,7 @@ class StepFeatures:
     """What one step's passes leave for the later passes of the same step (cleared at every step)."""
     source_tokens: dict[BlockKey, torch.Tensor] = field(default_factory=dict)     # SOURCE: attn1 input n, (F, T, C)
     source_resblocks: dict[int, torch.Tensor] = field(default_factory=dict)       # SOURCE: ResBlock branch (F, C, h, w)
+    source_local: torch.Tensor | None = None      # SOURCE: the call's frames it held (local indices; None: all)
     keyframe_out: dict[tuple[BlockKey, Any], torch.Tensor] = field(default_factory=dict)  # KEYFRAMES: (K, T, C)
     fields: dict[BlockKey, tuple] = field(default_factory=dict)                   # TokenFlow NN fields per block
 
@@ -63,7 +69,7 @@ class Run:
     frame_ids: tuple[int, ...] = ()               # global ids of the step's call (a context window's frames)
     pass_frame_ids: tuple[int, ...] | None = None  # global ids of the pass now running
     pass_frames: torch.Tensor | None = None       # their local indices into frame_ids (None: all of them)
-    keyframes: torch.Tensor | None = None         # TokenFlow: local indices of this step's keyframes
+    tokenflow: Any = None                         # TokenFlow: this step's keyframes and their kept tokens
     sigma_floor: float = 0.0
     features: StepFeatures = field(default_factory=StepFeatures)
     controls: dict = field(default_factory=dict)  # ControlNet copies per (control, frames), host.control_for_frames
@@ -75,8 +81,28 @@ class Run:
         self.__init__(sigma_floor=sigma_floor, state=state)
 
     def source_frames(self, features: torch.Tensor) -> torch.Tensor:
-        """The source pass's ``features`` (F, ...) restricted to the frames of the pass now running."""
-        return features if self.pass_frames is None else features[self.pass_frames.to(features.device)]
+        """The source pass's ``features`` (a row per frame it held) at the frames of the pass now running."""
+        return features[self.source_rows(self.pass_frames).to(features.device)] if self._sliced() else features
+
+    def source_rows(self, local: torch.Tensor | None) -> torch.Tensor:
+        """Rows of the source pass's features holding the call's frames ``local`` (None: all of them)."""
+        frames = len(self.frame_ids)
+        held = self.features.source_local
+        held = torch.arange(frames) if held is None else held
+        local = torch.arange(frames) if local is None else local
+        row = torch.full((frames,), -1, dtype=torch.long)
+        row[held] = torch.arange(len(held))
+        rows = row[local]
+        if bool((rows < 0).any()):
+            raise RuntimeError(f"TVE: the source pass of this step did not hold frames "
+                               f"{[self.frame_ids[i] for i in local[rows < 0].tolist()]}")
+        return rows
+
+    def _sliced(self) -> bool:
+        held, local = self.features.source_local, self.pass_frames
+        if held is None and local is None:
+            return False
+        return not (held is not None and local is not None and torch.equal(held, local))
 
 
 def current_run(transformer_options: Mapping[str, Any]) -> Run | None:
@@ -123,6 +149,20 @@ CROSS_FRAME_NODE = "Apply Cross-Frame Attention (TVE)"
 INJECTION_NODE = "Apply Feature Injection (TVE)"
 TOKENFLOW_NODE = "Apply TokenFlow (TVE)"
 MOTION_NODE = "Motion Dynamics Latents (TVE)"
+WINDOWS_NODE = "Frame Windows (TVE)"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One CALC_COND_BATCH call: what its passes run the inner executor with."""
+    executor: Callable
+    model: Any
+    conds: list
+    x_in: torch.Tensor                            # (F, C, h, w) the call's frames
+    timestep: torch.Tensor                        # (F,)
+    model_options: dict
+    video_frames: int | None                      # frames of the whole video (None: unknown, core windows)
+    windowed: bool                                # the host split the frames into a core context window
 
 
 @dataclass(frozen=True)
@@ -133,6 +173,7 @@ class State:
     foreign: Mapping[BlockKey, Callable] = field(default_factory=dict)   # other packs' replaces TVE routes around
     injection: Injection | None = None
     tokenflow: Any = None                                     # tokenflow.TokenFlow
+    windows: FrameWindows = FrameWindows()                    # frames per pass (TVE_FrameWindows)
     inverting: bool = False
     run: Run = field(default_factory=Run, init=False, compare=False, repr=False)
 
@@ -184,6 +225,10 @@ class State:
                           "only the keyframes, so the anchor frame is not there to attend to. Use mode 'keyframes', "
                           "'dense' or 'fine_coarse' before TokenFlow, or anchor attention without TokenFlow.")
         return self._added(TOKENFLOW_NODE, tokenflow=tokenflow, injection=injection)
+
+    def with_windows(self, windows: FrameWindows) -> "State":
+        """The frames per pass of every TVE pass of this model (any order on the chain; the later node wins)."""
+        return self._added(WINDOWS_NODE, windows=windows)
 
     def check_motion_dynamics(self) -> None:
         """Motion Dynamics Latents samples one new frame from noise: only cross-frame attention (a no-op on one
@@ -238,68 +283,145 @@ class State:
 
     def calc_cond_batch(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
                         timestep: torch.Tensor, model_options: dict) -> Any:
+        """One step over the call's frames, window by window (``windows.py``): -> one (F, C, h, w) per cond."""
         run = self.run
         options = model_options["transformer_options"]
         run.pass_frame_ids = None
         frame_ids = host.call_frame_ids(x_in.shape[0], options)
-        if self.inverting:
-            return self._pass(Pass.INVERSION, executor, model, conds, x_in, timestep, model_options, frame_ids)
-        video_frames = self.inversion.frames if self.inversion is not None else None
         windowed = options.get("context_window") is not None
+        video_frames = self.inversion.frames if self.inversion is not None else (None if windowed else len(frame_ids))
         run.frame_ids = frame_ids
         run.features = StepFeatures()
-        run.pass_frames = run.keyframes = None
+        call = Call(executor, model, conds, x_in, timestep, model_options, video_frames, windowed)
+        if self.inverting:
+            return self._windowed(call, Pass.INVERSION)
+        sigma = float(timestep.reshape(-1)[0])
         if self.inversion is not None:
             validation.call_fits_inversion(x_in, frame_ids, windowed, self.inversion.frames,
                                            self.inversion.latent_shape)
             for cond in (c for chunk in conds if chunk for c in chunk if c.get("control") is not None):
                 host.check_control_hints(cond["control"], video_frames)
-            sigma = float(timestep.reshape(-1)[0])
             run.step, run.steps = self.inversion.step_of(sigma), self.inversion.steps
-            if self._wants_source(run.step, run.steps):
-                self._source_pass(executor, model, x_in, model_options, frame_ids, sigma)
-            if self.tokenflow is not None:
-                run.keyframes = self.tokenflow.keyframes(frame_ids, run.step)
-                local = run.keyframes
-                keyframe_conds = [self._conds_for(c, local, x_in.shape[0], [frame_ids[i] for i in local.tolist()],
-                                                  video_frames) for c in conds]
-                dev = local.to(x_in.device)
-                self._pass(Pass.KEYFRAMES, executor, model, keyframe_conds, x_in[dev], timestep[dev], model_options,
-                           tuple(frame_ids[i] for i in local.tolist()), local)
-        if windowed and video_frames is not None:
-            conds = [self._conds_for(c, torch.arange(x_in.shape[0]), x_in.shape[0], frame_ids, video_frames)
-                     for c in conds]
-        return self._pass(Pass.EDIT, executor, model, conds, x_in, timestep, model_options, frame_ids)
+        if self.tokenflow is not None:
+            return self._tokenflow_step(call, sigma)
+        return self._windowed(call, Pass.EDIT, sigma)
 
-    def _conds_for(self, conds: list[dict] | None, local: torch.Tensor, frames: int, frame_ids: Sequence[int],
-                   video_frames: int) -> list[dict] | None:
-        if conds is None:
-            return None
-        return [host.cond_for_frames(c, local, frames, frame_ids, video_frames, self.run.controls) for c in conds]
-
-    def _pass(self, name: Pass, executor: Callable, model: Any, conds: list, x: torch.Tensor, timestep: torch.Tensor,
-              model_options: dict, frame_ids: Sequence[int], local: torch.Tensor | None = None) -> Any:
+    def _windowed(self, call: "Call", name: Pass, sigma: float | None = None) -> list:
+        """``name`` (with its source pass first, when a feature reads the source) in each frame window: windows
+        overlapping and blended when the model attends across frames, else batches (the same result)."""
         run = self.run
-        options = model_options.copy()
-        options["transformer_options"] = {**model_options["transformer_options"], host.RUN_KEY: run}
-        run.pass_, run.pass_frame_ids, run.pass_frames = name, tuple(frame_ids), local
+        frames = len(run.frame_ids)
+        size = self.windows.size or frames
+        if self.attention:
+            schedule = frame_windows.overlapping_windows(frames, size, self.windows.overlap)
+        else:
+            schedule = frame_windows.batches(frames, size)
+        step = host.current_step({"sigmas": call.timestep,
+                                  "sample_sigmas": call.model_options["transformer_options"].get("sample_sigmas")})
+        shared = self._shared_frames(step) if len(schedule) > 1 else lambda own: ()
+        blend = frame_windows.Blend(frames)
+        for window in frame_windows.windows_with_shared(schedule, shared):
+            local = None if len(schedule) == 1 else window.frames
+            if name is Pass.EDIT and self._wants_source(run.step, run.steps):
+                self._source_pass(call, sigma, local)
+            out = self._pass(name, call, local)
+            if len(schedule) == 1:
+                return out
+            run.features = StepFeatures()                # a window's source features are not another's
+            blend.add(window, out)
+        return blend.result(call.x_in.dtype)
+
+    def _shared_frames(self, step: int) -> Callable[[Sequence[int]], list[int]]:
+        """The frames a window must hold besides its own (the anchor frame, the step's keyframes)."""
+        features = [f for f in {id(f): f for f in self.attention.values()}.values() if hasattr(f, "shared_frames")]
+        frame_ids = self.run.frame_ids
+        return lambda own: sorted({i for f in features for i in f.shared_frames(own, frame_ids, step)})
+
+    def _tokenflow_step(self, call: "Call", sigma: float) -> list:
+        """TokenFlow's passes in frame batches (the reference code's ``batch_size``): keyframes drawn once on all
+        frames; each batch runs one source pass over its frames and the keyframes it newly needs, the keyframe
+        pass of each new group of keyframes, then its edit pass, which propagates from the keyframes it needs.
+        A group's keyframes attend to each other and to the neighbouring group's nearest keyframe (kept only as
+        context), so memory holds one batch and a few keyframes whatever the video's length; one batch of every
+        frame is TokenFlow's single pass over the whole video."""
+        run, tokenflow = self.run, self.tokenflow
+        frames = len(run.frame_ids)
+        keyframes = tokenflow.keyframes(run.frame_ids, run.step)                        # (K,) local, by global id
+        step = run.tokenflow = tokenflow.step_keyframes(run.frame_ids, keyframes)
+        order = sorted(range(frames), key=run.frame_ids.__getitem__)                    # by global id
+        size = self.windows.size or frames
+        frame_batches = [sorted(order[s:s + size]) for s in range(0, frames, size)]
+        groups = step.groups(len(keyframes) if len(frame_batches) == 1 else -(-size // tokenflow.interval))
+        blend = frame_windows.Blend(frames)
         try:
-            return executor(model, conds, x, timestep, options)
+            for batch in frame_batches:
+                batch_local = torch.tensor(batch, dtype=torch.long)
+                needed = step.needed(batch_local)
+                calls = [(g, groups.context(g)) for g in groups.missing(needed)]
+                held = sorted(set(batch) | {int(keyframes[j]) for _, ctx in calls for j in ctx})
+                held_local = None if len(held) == frames else torch.tensor(held, dtype=torch.long)
+                self._source_pass(call, sigma, held_local)
+                for g, context in calls:
+                    self._pass(Pass.KEYFRAMES, call, keyframes[context])
+                    step.keep(groups.members(g), context, run)
+                out = self._pass(Pass.EDIT, call, None if len(frame_batches) == 1 else batch_local)
+                if len(frame_batches) == 1:
+                    return out
+                step.forget_before(int(needed.min()))
+                run.features = StepFeatures()
+                blend.add(frame_windows.Window(batch_local, torch.ones(len(batch))), out)
+            return blend.result(call.x_in.dtype)
+        finally:
+            run.tokenflow = None
+
+    def _pass(self, name: Pass, call: "Call", local: torch.Tensor | None) -> Any:
+        """Run pass ``name`` over the call's frames ``local`` (None: all), with their conds and ControlNet hints."""
+        run = self.run
+        options = call.model_options.copy()
+        options["transformer_options"] = {**call.model_options["transformer_options"], host.RUN_KEY: run}
+        x, timestep, conds = call.x_in, call.timestep, call.conds
+        if local is not None:
+            dev = local.to(x.device)
+            x, timestep = x[dev], timestep[dev]
+        if local is not None or (call.windowed and call.video_frames is not None):
+            conds = [self._conds_for(c, call, local) for c in conds]
+        ids = run.frame_ids if local is None else tuple(run.frame_ids[i] for i in local.tolist())
+        run.pass_, run.pass_frame_ids, run.pass_frames = name, ids, local
+        try:
+            return call.executor(call.model, conds, x, timestep, options)
         finally:
             run.pass_, run.pass_frame_ids, run.pass_frames = None, None, None
 
+    def _conds_for(self, conds: list[dict] | None, call: "Call", local: torch.Tensor | None) -> list[dict] | None:
+        if conds is None:
+            return None
+        frames = call.x_in.shape[0]
+        local = torch.arange(frames) if local is None else local
+        ids = [self.run.frame_ids[i] for i in local.tolist()]
+        return [host.cond_for_frames(c, local, frames, ids, call.video_frames, self.run.controls) for c in conds]
+
     def _wants_source(self, step: int, steps: int) -> bool:
         inj = self.injection
-        return (self.tokenflow is not None or inj.attn_active(step, steps) or inj.conv_active(step, steps))
+        return inj is not None and (self.tokenflow is not None or inj.attn_active(step, steps)
+                                    or inj.conv_active(step, steps))
 
-    def _source_pass(self, executor: Callable, model: Any, x_in: torch.Tensor, model_options: dict,
-                     frame_ids: Sequence[int], sigma: float) -> None:
-        x_src, source_sigma = self.inversion.source_at(sigma, frame_ids, self.injection.order)
-        x_src = x_src.to(x_in.device, x_in.dtype)                                       # (F, C, h, w)
-        t_src = torch.full((x_src.shape[0],), max(source_sigma, self.run.sigma_floor), device=x_in.device,
-                           dtype=x_in.dtype)
-        conds = host.encode_conditioning(model, self.inversion.conditioning, x_src)
-        self._pass(Pass.SOURCE, executor, model, [conds], x_src, t_src, model_options, frame_ids)
+    def _source_pass(self, call: "Call", sigma: float, local: torch.Tensor | None) -> None:
+        """SOURCE over the call's frames ``local`` (None: all): the inverted source at this σ, source conds."""
+        run = self.run
+        ids = run.frame_ids if local is None else tuple(run.frame_ids[i] for i in local.tolist())
+        x_src, source_sigma = self.inversion.source_at(sigma, ids, self.injection.order)
+        x_src = x_src.to(call.x_in.device, call.x_in.dtype)                             # (n, C, h, w)
+        t_src = torch.full((x_src.shape[0],), max(source_sigma, run.sigma_floor), device=call.x_in.device,
+                           dtype=call.x_in.dtype)
+        conds = host.encode_conditioning(call.model, self.inversion.conditioning, x_src)
+        options = call.model_options.copy()
+        options["transformer_options"] = {**call.model_options["transformer_options"], host.RUN_KEY: run}
+        run.features.source_local = local
+        run.pass_, run.pass_frame_ids, run.pass_frames = Pass.SOURCE, ids, local
+        try:
+            call.executor(call.model, [conds], x_src, t_src, options)
+        finally:
+            run.pass_, run.pass_frame_ids, run.pass_frames = None, None, None
 
     # ------------------------------------------------------------------------------------------ patches
     def wants_tokens(self, key: BlockKey, run: Run) -> bool:

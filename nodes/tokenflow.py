@@ -8,13 +8,17 @@ TokenFlow (Geyer et al., ICLR 2024), per denoising step (§3.2–3.3, Alg. 1):
   4. full pass: every frame; each block's self-attention output is replaced by the keyframe outputs gathered
      through the nearest-neighbour field of the source tokens and blended between the two nearest keyframes
      (self-attention itself is never computed for the full pass). Its output is the step's result.
-The passes are run by the model's TVE state (``passes.py``): core context windows, memory-split cond batches and
-every core sampler work unchanged, and ControlNet / T2I-Adapter hints (stacks too) follow the keyframes.
+The passes are run by the model's TVE state (``passes.py``), in frame batches of the model's frame windows (the
+reference code's ``batch_size``): keyframes are drawn once per step on the whole video, the keyframe pass runs per
+group of keyframes (each with the neighbouring groups' nearest keyframes as context), and each batch's full pass
+propagates from the keyframes it needs; ``KeyframeStep`` keeps their tokens only while a batch needs them. Core
+context windows, memory-split cond batches and every core sampler work unchanged, and ControlNet / T2I-Adapter
+hints (stacks too) follow the keyframes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
@@ -40,6 +44,12 @@ class TokenFlow:
         keyframes = pick_keyframes(frame_ids, self.interval, self.seed, step)
         return keyframes[torch.argsort(torch.tensor([frame_ids[i] for i in keyframes.tolist()]))]
 
+    def step_keyframes(self, frame_ids: Sequence[int], keyframes: torch.Tensor) -> "KeyframeStep":
+        """The store of one step's keyframes (local indices ``keyframes``, by global id) and their blend (Eq. 5)."""
+        pair, weights = propagation_weights(frame_ids, [frame_ids[i] for i in keyframes.tolist()], self.mode,
+                                            self.interval)
+        return KeyframeStep(keyframes, pair, weights)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict, run: passes.Run,
                key: passes.BlockKey, inner: Any) -> torch.Tensor:
         """KEYFRAMES: the attention applied before TokenFlow (else extended attention among the keyframes, §3.2
@@ -59,20 +69,99 @@ class TokenFlow:
 
     def propagated(self, run: passes.Run, key: passes.BlockKey, extra_options: dict) -> torch.Tensor:
         """Eq. 5: the frame's tokens gathered from its two nearest keyframes through the NN field and blended."""
-        features = run.features
+        features, step = run.features, run.tokenflow
         if key not in features.source_tokens:
             raise RuntimeError(f"TokenFlow: the source pass left no tokens for block {key} at step {run.step}")
-        if key not in features.fields:              # once per step and block, shared by split cond calls
-            source = features.source_tokens[key]                                   # (F, T, C)
-            keyframe_ids = [run.frame_ids[i] for i in run.keyframes.tolist()]
-            pair, weights = propagation_weights(run.frame_ids, keyframe_ids, self.mode, self.interval)
-            field = pair_nearest_neighbour_field(source, source[run.keyframes.to(source.device)], pair)
-            features.fields[key] = (field, pair, weights)
-        field, pair, weights = features.fields[key]
-        keyframe_out = torch.stack([features.keyframe_out[(key, uuid)]
-                                    for uuid in extra_options["uuids"]])           # (chunks, K, T, C)
-        out = propagate(keyframe_out, field, pair, weights)                        # (chunks, F, T, C)
+        if key not in features.fields:              # once per batch and block, shared by split cond calls
+            local = torch.arange(len(run.frame_ids)) if run.pass_frames is None else run.pass_frames
+            pair, weights = step.pair[local], step.weights[local]                   # (B, 2) keyframe positions
+            needed = torch.unique(pair)                                              # (N,) ascending
+            keyframe_source = torch.stack([step.source[key][j] for j in needed.tolist()])   # (N, T, C)
+            source = step.with_keyframe_tokens(run.source_frames(features.source_tokens[key]), local, needed,
+                                               keyframe_source)                      # (B, T, C)
+            pair = torch.searchsorted(needed, pair)
+            field_ = pair_nearest_neighbour_field(source, keyframe_source, pair)
+            features.fields[key] = (field_, pair, weights, needed.tolist())
+        field_, pair, weights, needed = features.fields[key]
+        keyframe_out = torch.stack([torch.stack([step.out[(key, uuid)][j] for j in needed])
+                                    for uuid in extra_options["uuids"]])          # (chunks, N, T, C)
+        out = propagate(keyframe_out, field_, pair, weights)                       # (chunks, B, T, C)
         return out.reshape(-1, *out.shape[2:])
+
+
+@dataclass
+class KeyframeGroups:
+    """Keyframe positions 0..count-1 in groups of ``size``; a group's keyframe pass also holds the neighbouring
+    groups' nearest keyframes as context (so neighbouring groups attended to each other, and no seam shows)."""
+    count: int
+    size: int
+    done: set = field(default_factory=set)
+
+    def members(self, group: int) -> list[int]:
+        return list(range(group * self.size, min((group + 1) * self.size, self.count)))
+
+    def context(self, group: int) -> list[int]:
+        members = self.members(group)
+        return [j for j in (members[0] - 1, *members, members[-1] + 1) if 0 <= j < self.count]
+
+    def missing(self, needed: torch.Tensor) -> list[int]:
+        """The groups of the keyframe positions ``needed`` whose keyframe pass has not run (marked as run)."""
+        groups = sorted({j // self.size for j in needed.tolist()} - self.done)
+        self.done.update(groups)
+        return groups
+
+
+@dataclass
+class KeyframeStep:
+    """One step's keyframes and what their passes left: per block, each keyframe's source tokens (T, C); per
+    (block, cond chunk), its self-attention output (T, C) — kept while a frame batch still needs the keyframe."""
+    keyframes: torch.Tensor                       # (K,) local indices, ascending in global id
+    pair: torch.Tensor                            # (F, 2) the two keyframe positions each frame blends
+    weights: torch.Tensor                         # (F, 2)
+    source: dict = field(default_factory=dict)    # block -> {position: (T, C)}
+    out: dict = field(default_factory=dict)       # (block, uuid) -> {position: (T, C)}
+
+    def groups(self, size: int) -> KeyframeGroups:
+        return KeyframeGroups(len(self.keyframes), max(1, size))
+
+    def needed(self, local: torch.Tensor) -> torch.Tensor:
+        """Positions of the keyframes the frames ``local`` blend, ascending."""
+        return torch.unique(self.pair[local])
+
+    def keep(self, owned: list[int], context: list[int], run: passes.Run) -> None:
+        """After the keyframe pass over ``context``: keep the tokens of its ``owned`` keyframes, drop the rest."""
+        features = run.features
+        rows = run.source_rows(self.keyframes[context])
+        at = {j: i for i, j in enumerate(context)}
+        for key, tokens in features.source_tokens.items():                         # (held, T, C)
+            kept = self.source.setdefault(key, {})
+            for j in owned:
+                kept[j] = tokens[rows[at[j]]].clone()
+        for key_uuid, out in features.keyframe_out.items():                         # (len(context), T, C)
+            kept = self.out.setdefault(key_uuid, {})
+            for j in owned:
+                kept[j] = out[at[j]].clone()
+        features.keyframe_out.clear()
+
+    def forget_before(self, position: int) -> None:
+        """Drop the keyframes before ``position`` (later batches, later in the video, never need them)."""
+        for kept in (*self.source.values(), *self.out.values()):
+            for j in [j for j in kept if j < position]:
+                del kept[j]
+
+    def with_keyframe_tokens(self, source: torch.Tensor, local: torch.Tensor, needed: torch.Tensor,
+                             keyframe_source: torch.Tensor) -> torch.Tensor:
+        """``source`` (B, T, C) of the frames ``local``, with a needed keyframe's row replaced by the tokens its
+        keyframe pass saw, so a keyframe maps to itself exactly (its own output tokens)."""
+        position = {int(k): j for j, k in enumerate(self.keyframes.tolist())}
+        index = {j: n for n, j in enumerate(needed.tolist())}
+        swap = [(r, index[position[f]]) for r, f in enumerate(local.tolist()) if position.get(f) in index]
+        if not swap or all(torch.equal(source[r], keyframe_source[n]) for r, n in swap):
+            return source
+        source = source.clone()
+        for r, n in swap:
+            source[r] = keyframe_source[n]
+        return source
 
 
 def apply_tokenflow(model: Any, inversion: Inversion, interval: int, seed: int, mode: str, attn_end: float,

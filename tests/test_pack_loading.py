@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED_NODES = {"TVE_OpticalFlow", "TVE_FlowTrajectories", "TVE_PreviewFlow", "TVE_PreviewTrajectories",
                   "TVE_DDIMInversion", "TVE_ApplyFeatureInjection", "TVE_ApplyCrossFrameAttention",
                   "TVE_ApplyTokenFlow", "TVE_ApplyFLATTEN", "TVE_MotionDynamicsLatents", "TVE_ConsistencyMetrics",
-                  "TVE_PreviewFeatures", "TVE_OneShotTune", "TVE_SaveTemporalAdapter", "TVE_LoadTemporalAdapter"}
+                  "TVE_FrameWindows", "TVE_PreviewFeatures", "TVE_OneShotTune", "TVE_SaveTemporalAdapter", "TVE_LoadTemporalAdapter"}
 
 
 def load_as(folder, module_name):
