@@ -357,13 +357,13 @@ class State:
             for batch in frame_batches:
                 batch_local = torch.tensor(batch, dtype=torch.long)
                 needed = step.needed(batch_local)
-                calls = [(g, groups.context(g)) for g in groups.missing(needed)]
-                held = sorted(set(batch) | {int(keyframes[j]) for _, ctx in calls for j in ctx})
+                keyframe_passes = groups.missing(needed)
+                held = sorted(set(batch) | {int(keyframes[j]) for _, ctx in keyframe_passes for j in ctx})
                 held_local = None if len(held) == frames else torch.tensor(held, dtype=torch.long)
                 self._source_pass(call, sigma, held_local)
-                for g, context in calls:
+                for own, context in keyframe_passes:
                     self._pass(Pass.KEYFRAMES, call, keyframes[context])
-                    step.keep(groups.members(g), context, run)
+                    step.keep(own, context, run)
                 out = self._pass(Pass.EDIT, call, None if len(frame_batches) == 1 else batch_local)
                 if len(frame_batches) == 1:
                     return out

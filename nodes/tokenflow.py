@@ -91,24 +91,30 @@ class TokenFlow:
 
 @dataclass
 class KeyframeGroups:
-    """Keyframe positions 0..count-1 in groups of ``size``; a group's keyframe pass also holds the neighbouring
-    groups' nearest keyframes as context (so neighbouring groups attended to each other, and no seam shows)."""
+    """Keyframe positions 0..count-1 in groups of ``size``. A keyframe pass runs the new groups a frame batch needs
+    (consecutive ones together) with the neighbouring groups' nearest keyframes as context, so neighbouring groups
+    attended to each other and no seam shows."""
     count: int
     size: int
     done: set = field(default_factory=set)
 
-    def members(self, group: int) -> list[int]:
-        return list(range(group * self.size, min((group + 1) * self.size, self.count)))
-
-    def context(self, group: int) -> list[int]:
-        members = self.members(group)
-        return [j for j in (members[0] - 1, *members, members[-1] + 1) if 0 <= j < self.count]
-
-    def missing(self, needed: torch.Tensor) -> list[int]:
-        """The groups of the keyframe positions ``needed`` whose keyframe pass has not run (marked as run)."""
+    def missing(self, needed: torch.Tensor) -> list[tuple[list[int], list[int]]]:
+        """(own positions, positions held) of each keyframe pass the positions ``needed`` still lack (marked as
+        run): a run of consecutive new groups is one pass."""
         groups = sorted({j // self.size for j in needed.tolist()} - self.done)
         self.done.update(groups)
-        return groups
+        runs: list[list[int]] = []
+        for g in groups:
+            if runs and runs[-1][-1] == g - 1:
+                runs[-1].append(g)
+            else:
+                runs.append([g])
+        passes_ = []
+        for run in runs:
+            own = list(range(run[0] * self.size, min((run[-1] + 1) * self.size, self.count)))
+            held = [j for j in (own[0] - 1, *own, own[-1] + 1) if 0 <= j < self.count]
+            passes_.append((own, held))
+        return passes_
 
 
 @dataclass
