@@ -83,7 +83,8 @@ class Model:
     long_side: int               # px: frames are resized to this on their longer side (aspect kept)
     frames: int                  # the shipped frame count
     base_gb: float               # VRAM estimate: fp16 weights (UNet, text encoders, VAE) + CUDA context + VAE work
-    per_frame_gb: float          # VRAM estimate per frame at ``long_side`` 16:9, all frames in one batch
+    per_frame_gb: float          # VRAM estimate per frame at ``long_side`` 16:9 held in one pass
+    window: int                  # Frame Windows (TVE): frames one pass holds
 
 
 # Estimates, not measurements. SD1.5: UNet 1.7 GB + CLIP-L 0.25 + VAE 0.16 fp16, ~0.6 GB of context and VAE
@@ -91,16 +92,17 @@ class Model:
 # (area x 2 B x 0.01 MiB = 46 MiB per latent) for cond + uncond, 1.5x headroom, plus the source pass and TVE's
 # stored features: ~0.3 GB. SDXL: UNet 5.1 + CLIP-L/G 1.6 + VAE 0.16, ~0.8 GB work; a 128x72 latent is 4x the
 # tokens, factor 0.8: ~1.1 GB per frame.
-SD15 = Model(SD15_CHECKPOINT, SD15_URL, long_side=512, frames=16, base_gb=2.7, per_frame_gb=0.3)
-SDXL = Model(SDXL_CHECKPOINT, SDXL_URL, long_side=1024, frames=8, base_gb=7.7, per_frame_gb=1.1)
+SD15 = Model(SD15_CHECKPOINT, SD15_URL, long_side=512, frames=16, base_gb=2.7, per_frame_gb=0.3, window=16)
+SDXL = Model(SDXL_CHECKPOINT, SDXL_URL, long_side=1024, frames=8, base_gb=7.7, per_frame_gb=1.1, window=8)
 
 
 def vram_line(model: Model) -> str:
-    counts = sorted({8, model.frames, 2 * model.frames, 4 * model.frames})
-    figures = ", ".join(f"{n} frames ≈ {model.base_gb + n * model.per_frame_gb:.0f} GB" for n in counts)
     height = round(model.long_side * 9 / 16)
-    return (f"• VRAM (an estimate from the model and latent sizes, fp16, all frames in one batch, "
-            f"{model.long_side}×{height}): {figures}. Lower the number of frames or the long side if it does not fit.")
+    windowed = model.base_gb + model.window * model.per_frame_gb
+    figures = ", ".join(f"{n} ≈ {model.base_gb + n * model.per_frame_gb:.0f} GB" for n in (8, 16, 32) if n != model.window)
+    return (f"• VRAM (an estimate from the model and latent sizes, fp16, {model.long_side}×{height}): Frame Windows "
+            f"(TVE) holds {model.window} frames per pass, ≈ {windowed:.0f} GB for a video of any length; "
+            f"frames_per_window {figures}. Lower it or the long side if it does not fit.")
 
 
 def start_here(model: Model = SD15, prompt_title: str = "Target prompt") -> str:
@@ -115,9 +117,12 @@ any size works, VAEEncode and every TVE node crop to a multiple of 8 the same wa
 still begins at the clip's start: trim it with TrimAudioDuration if your clip has sound)."""
 
 
-def checkpoint(column: int = 0, model: Model = SD15) -> Node:
-    return Node("checkpoint", "CheckpointLoaderSimple", column, {"ckpt_name": model.checkpoint}, group=LOAD,
-                properties={"models": [{"name": model.checkpoint, "url": model.url, "directory": "checkpoints"}]})
+def checkpoint(column: int = 0, model: Model = SD15) -> list[Node]:
+    """The artist's checkpoint and the frames its TVE passes hold at a time (Frame Windows, bounded memory)."""
+    return [Node("checkpoint", "CheckpointLoaderSimple", column, {"ckpt_name": model.checkpoint}, group=LOAD,
+                 properties={"models": [{"name": model.checkpoint, "url": model.url, "directory": "checkpoints"}]}),
+            Node("windows", "TVE_FrameWindows", column, {"frames_per_window": model.window, "overlap": 4},
+                 {"model": ("checkpoint", "MODEL")}, group=LOAD)]
 
 
 def source_frames(model: Model = SD15) -> list[Node]:
@@ -142,7 +147,7 @@ def prompt(name: str, column: int, text: str, title: str, group: str = EDIT) -> 
                 group=group)
 
 
-def inversion(steps: int = 50, model: tuple[str, str] = ("checkpoint", "MODEL"), column: int = 4) -> list[Node]:
+def inversion(steps: int = 50, model: tuple[str, str] = ("windows", "MODEL"), column: int = 4) -> list[Node]:
     """The source prompt and TVE_DDIMInversion of the encoded frames with ``model``."""
     return [
         prompt("source_prompt", column - 1, "", "Source prompt (empty is usual)", group=INVERT),
@@ -192,7 +197,7 @@ def flatten(column: int) -> list[Node]:
              {"flow": ("flow", "flow"), "latent": ("encode", "LATENT")}, group=INVERT),
         Node("flatten", "TVE_ApplyFLATTEN", column + 2, {"token_grids": "highest resolution",
                                                           "qk_source": "dense_output"},
-             {"model": ("checkpoint", "MODEL"), "trajectories": ("trajectories", "trajectories")}, group=INVERT),
+             {"model": ("windows", "MODEL"), "trajectories": ("trajectories", "trajectories")}, group=INVERT),
     ]
 
 
@@ -217,7 +222,7 @@ def edit_prompts(column: int = 5) -> list[Node]:
             prompt("negative_prompt", column, NEGATIVE_PROMPT, "Negative prompt")]
 
 
-def injection(column: int = 6, model: tuple[str, str] = ("checkpoint", "MODEL"), block_preset: str = "tokenflow",
+def injection(column: int = 6, model: tuple[str, str] = ("windows", "MODEL"), block_preset: str = "tokenflow",
               attention_end: float = 0.5) -> Node:
     return Node("injection", "TVE_ApplyFeatureInjection", column,
                 {"attention_injection_end": attention_end, "conv_injection_end": 0.8, "block_preset": block_preset,
@@ -316,11 +321,11 @@ cells per frame, re-noised: the start latents of all frames. Its sigmas output i
 def tokenflow_workflow(model: Model, prefix: str) -> list[Node | Note]:
     return [
         note(tokenflow_note(model)),
-        checkpoint(model=model),
+        *checkpoint(model=model),
         *source_frames(model),
         *inversion(),
         *edit_prompts(),
-        tokenflow(6, ("checkpoint", "MODEL")),
+        tokenflow(6, ("windows", "MODEL")),
         cfg_guider(6, ("tokenflow", "MODEL")),
         *sample_and_save(8, ("guider", "GUIDER"), prefix),
         *consistency(10, flow_column=9),
@@ -375,7 +380,7 @@ same checkpoint later (no re-tuning)."""
 WORKFLOWS: dict[str, list[Node | Note]] = {
     "optical_flow_preview.json": [
         note(FLOW_NOTE),
-        checkpoint(),
+        checkpoint()[0],                                     # its VAE only: no model pass to window
         *source_frames(),
         optical_flow(3, group="Flow"),
         Node("trajectories", "TVE_FlowTrajectories", 4, {"seed": 0, "cut_at_occlusions": True},
@@ -388,16 +393,16 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
     ],
     "inversion_reconstruction.json": [
         note(RECONSTRUCTION_NOTE),
-        checkpoint(),
+        *checkpoint(),
         *source_frames(),
         *inversion(),
-        Node("guider", "BasicGuider", 5, links={"model": ("checkpoint", "MODEL"),
+        Node("guider", "BasicGuider", 5, links={"model": ("windows", "MODEL"),
                                                 "conditioning": ("source_prompt", "CONDITIONING")}, group=EDIT),
         *sample_and_save(6, ("guider", "GUIDER"), "TVE_reconstruction"),
     ],
     "pnp_per_frame_edit.json": [
         note(PNP_NOTE),
-        checkpoint(),
+        *checkpoint(),
         *source_frames(),
         *inversion(),
         *edit_prompts(),
@@ -407,7 +412,7 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
     ],
     "anchor_attention_edit.json": [
         note(ANCHOR_NOTE),
-        checkpoint(),
+        *checkpoint(),
         *source_frames(),
         *inversion(),
         *edit_prompts(),
@@ -421,12 +426,12 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
     ],
     "tokenflow_controlnet_edit.json": [
         note(TOKENFLOW_CONTROLNET_NOTE),
-        checkpoint(),
+        *checkpoint(),
         *source_frames(),
         *inversion(),
         *edit_prompts(),
         *canny_controlnet(7),
-        tokenflow(7, ("checkpoint", "MODEL")),
+        tokenflow(7, ("windows", "MODEL")),
         Node("guider", "CFGGuider", 8, {"cfg": 7.5},
              {"model": ("tokenflow", "MODEL"), "positive": ("apply_controlnet", "positive"),
               "negative": ("apply_controlnet", "negative")}, group=EDIT),
@@ -436,7 +441,7 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
     "tokenflow_sdxl_edit.json": tokenflow_workflow(SDXL, "TVE_tokenflow_sdxl_edit"),
     "flatten_edit.json": [
         note(FLATTEN_NOTE),
-        checkpoint(),
+        *checkpoint(),
         *source_frames(),
         *flatten(3),
         *inversion(model=("flatten", "MODEL"), column=6),
@@ -448,7 +453,7 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
     ],
     "tokenflow_flatten_edit.json": [
         note(TOKENFLOW_FLATTEN_NOTE),
-        checkpoint(),
+        *checkpoint(),
         *source_frames(),
         *flatten(3),
         *inversion(model=("flatten", "MODEL"), column=6),
@@ -460,14 +465,14 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
     ],
     "ei2_one_shot_edit.json": [
         note(EI2_NOTE),
-        checkpoint(),
+        *checkpoint(),
         *source_frames(),
         prompt("source_prompt", 3, "a video of shapes moving over a background", "Source prompt (describe the clip)",
                group=TUNE),
         Node("cross_frame", "TVE_ApplyCrossFrameAttention", 3,
              {"mode": "fine_coarse", "keyframe_interval": 8, "anchor_frame": 0, "anchor_include_self": False,
               "coarse_factor": 2, "seed": 0, "token_grids": "all", "start_percent": 0.0, "end_percent": 1.0},
-             {"model": ("checkpoint", "MODEL")}, group=TUNE),
+             {"model": ("windows", "MODEL")}, group=TUNE),
         Node("tune", "TVE_OneShotTune", 4,
              {"steps": 300, "learning_rate": 3e-5, "seed": 0, "kind": "stam", "trainable": "temporal+queries",
               "gradient_checkpointing": True},
@@ -485,19 +490,19 @@ WORKFLOWS: dict[str, list[Node | Note]] = {
     ],
     "text2video_zero.json": [
         Note("note", 0, T2V_ZERO_NOTE, group=LOAD),
-        checkpoint(),
+        *checkpoint(),
         prompt("target_prompt", 1, "a horse galloping on a street, photorealistic", "Prompt", group="Generate"),
         prompt("negative_prompt", 1, NEGATIVE_PROMPT, "Negative prompt", group="Generate"),
         Node("size", "EmptyLatentImage", 1, {"width": 512, "height": 512, "batch_size": 1}, group="Generate"),
         Node("motion", "TVE_MotionDynamicsLatents", 2,
              {"seed": 0, "frames": 8, "motion_x": -1.5, "motion_y": -1.5, "steps": 50, "cfg": 7.5,
               "scheduler": "ddim_uniform", "t0": 44, "t1": 47},
-             {"model": ("checkpoint", "MODEL"), "positive": ("target_prompt", "CONDITIONING"),
+             {"model": ("windows", "MODEL"), "positive": ("target_prompt", "CONDITIONING"),
               "negative": ("negative_prompt", "CONDITIONING"), "latent": ("size", "LATENT")}, group="Generate"),
         Node("cross_frame", "TVE_ApplyCrossFrameAttention", 3,
              {"mode": "anchor", "keyframe_interval": 8, "anchor_frame": 0, "anchor_include_self": False,
               "coarse_factor": 2, "seed": 0, "token_grids": "all", "start_percent": 0.0, "end_percent": 1.0},
-             {"model": ("checkpoint", "MODEL")}, group="Generate"),
+             {"model": ("windows", "MODEL")}, group="Generate"),
         Node("guider", "CFGGuider", 4, {"cfg": 7.5},
              {"model": ("cross_frame", "MODEL"), "positive": ("target_prompt", "CONDITIONING"),
               "negative": ("negative_prompt", "CONDITIONING")}, group="Generate"),
