@@ -1,8 +1,9 @@
 """The shipped workflows in the real graph editor (ComfyUI's own frontend, in headless Chromium), used as an artist
-uses them: open the file, pick the checkpoint and the clip in their widgets, press Queue. ``app.loadGraphData`` and
-``app.queuePrompt(0, 1)`` are what opening a file and the Queue button call; the widgets are set on the graph's
-nodes, so the API prompt is the one the frontend builds. Each run must reach the end with the workflow's frame
-count at its resized size, and the pack's frontend extension must show the consistency summary on its node."""
+uses them: open the file, pick the checkpoint and the clip in their widgets (and the small step counts and resize
+target the e2e suite runs at), press Queue. ``app.loadGraphData`` and ``app.queuePrompt(0, 1)`` are what opening a
+file and the Queue button call; the widgets are set on the graph's nodes, so the API prompt is the one the frontend
+builds. Each run must reach the end with the workflow's frame count at its resized size, and the pack's frontend
+extension must show the consistency summary on its node."""
 from __future__ import annotations
 
 import json
@@ -33,7 +34,8 @@ SET_WIDGETS = """(settings) => {
       const widget = node.widgets?.find((w) => w.name === name);
       if (!widget) throw new Error(`${node.type} #${node.id} has no widget ${name}`);
       if (widget.type === "combo") {
-        const offered = typeof widget.options.values === "function" ? widget.options.values() : widget.options.values;
+        const values = widget.options.values;
+        const offered = typeof values === "function" ? values() : values;
         if (!offered.includes(value)) throw new Error(`${node.type}.${name} does not offer ${value}: ${offered}`);
       }
       widget.value = value;
@@ -47,9 +49,13 @@ SET_WIDGETS = """(settings) => {
 # rule, and each node's drawn rectangle (title bar included) and the size its widgets need.
 GRAPH_STATE = """() => {
   const graph = window.app.graph;
-  return {saved: graph.serialize(),
-          groups: graph.groups.map((g) => { g.recomputeInsideNodes(); return [g.title, [...g.nodes].map((n) => n.id)]; }),
-          boxes: graph.nodes.map((n) => ({id: n.id, rect: [...n.boundingRect], size: [...n.size], needs: [...n.computeSize()]}))};
+  const groups = graph.groups.map((g) => {
+    g.recomputeInsideNodes();
+    return [g.title, [...g.nodes].map((n) => n.id)];
+  });
+  const boxes = graph.nodes.map((n) => ({id: n.id, rect: [...n.boundingRect], size: [...n.size],
+                                         needs: [...n.computeSize()]}));
+  return {saved: graph.serialize(), groups: groups, boxes: boxes};
 }"""
 KEPT = ("type", "pos", "size", "flags", "mode", "title", "properties", "widgets_values")   # what an artist sees
 
