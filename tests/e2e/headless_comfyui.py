@@ -41,7 +41,10 @@ class HeadlessComfyUI:
                                  timeout=60)
         if response.status_code != 200:
             raise AssertionError(f"POST /prompt refused the graph ({response.status_code}): {response.text}")
-        prompt_id = response.json()["prompt_id"]
+        return self.wait(response.json()["prompt_id"], timeout_s)
+
+    def wait(self, prompt_id: str, timeout_s: float) -> dict:
+        """The /history entry (``status``, ``outputs``) of the queued prompt ``prompt_id``, once it has finished."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             entry = self.get(f"/history/{prompt_id}").json().get(prompt_id)

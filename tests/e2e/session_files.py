@@ -1,7 +1,9 @@
 """Names and sizes of what the e2e session sets up (shared by conftest.py and the tests)."""
 from dataclasses import dataclass
 
-PACK_FOLDER = "TVE pack.test-copy"                 # a space and a dot: not a Python identifier
+# A dot and hyphens: not a Python identifier. No space: ComfyUI serves web/ at /extensions/<folder> through
+# aiohttp, which never matches that route when the folder name has a space, so the frontend extension would not load.
+PACK_FOLDER = "TVE-pack.test-copy"
 CHECKPOINT = "tve_e2e_tiny_sd15.safetensors"
 CONTROLNET = "tve_e2e_tiny_controlnet.safetensors"  # an SD1.5 ControlNet for that checkpoint's UNet
 RAFT_PLACEHOLDER = "tve_e2e_listed_only.pth"       # an empty file: proves the optical_flow: path reaches the node

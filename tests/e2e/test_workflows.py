@@ -170,9 +170,14 @@ def runs() -> list:
 
 @pytest.mark.parametrize("path, source", runs())
 def test_workflow_runs_to_the_end_with_its_frame_count_at_its_size(path, source, comfyui, object_info):
-    workflow = load(path)
-    graph = with_overrides(to_api(workflow, object_info), source)
-    entry = comfyui.run(graph, RUN_TIMEOUT_S)
+    graph = with_overrides(to_api(load(path), object_info), source)
+    assert_ran_to_the_end(comfyui, object_info, path, graph, comfyui.run(graph, RUN_TIMEOUT_S), source)
+
+
+def assert_ran_to_the_end(comfyui, object_info: dict, path: Path, graph: dict, entry: dict,
+                          source: SourceVideo) -> None:
+    """``entry`` (the /history of ``graph``, workflow file ``path`` on ``source``) succeeded and every output node
+    showed or saved what it should: the workflow's frame count at its size, with the clip's fps and audio."""
     status = entry["status"]
     errors = [message for message in status["messages"] if message[0] == "execution_error"]
     assert status["status_str"] == "success" and status["completed"], f"{errors}\n{comfyui.log_tail()}"
