@@ -128,3 +128,29 @@ def test_bad_window_settings_name_the_input():
         windows(model, 4, 4)
     with pytest.raises(ValueError, match="frames_per_window"):
         windows(model, -1, 0)
+
+
+def test_frame_windows_compose_in_any_order_and_applied_twice_the_later_wins():
+    from tve.nodes import passes
+    model = make_tiny_model("sd15")
+    x_T, inversion = inverted(windows(model, 0), 12)
+    before = tokenflow(windows(model, 6), inversion, 6)
+    after = windows(tokenflow(model, inversion, 6), 6)
+    twice = windows(tokenflow(windows(model, 3, 1), inversion, 6), 6)
+    assert passes.state_of(twice).windows == passes.state_of(before).windows == passes.state_of(after).windows
+    outs = [edit(m, x_T, inversion.sigmas) for m in (before, after, twice)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert passes.state_of(model).windows.size == 16                 # untouched original: the default
+
+
+def test_inversion_of_a_flatten_model_runs_in_overlapping_windows_on_global_trajectory_ids():
+    from tve.nodes.flatten import ApplyFLATTEN
+    from tve.tests.test_flatten_node import trajectories_for
+    model = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories_for(14), "highest resolution",
+                                 "dense_output")[0]
+    windowed = windows(model, 6, 2)
+    spy = recorded(windowed)
+    x_T, inversion = inverted(windowed, 14)
+    first_step = [sorted(ids) for name, _, ids in spy.calls if name == "inversion"][:3]
+    assert first_step == [list(range(0, 6)), list(range(4, 10)), list(range(8, 14))]
+    assert torch.isfinite(x_T).all()
