@@ -1,6 +1,7 @@
 """Long videos in bounded memory on the pack's frame windows (TVE_FrameWindows), on the real host, ratios first.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/long_video.py [--frames 16 64 240] [--seam-frames 48]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/long_video.py [--frames 16 64 240] [--size 32] [--methods ...]
+        [--seam-frames 48] [--no-seams]
 
 Cost: per method (per-frame PnP, TokenFlow, FLATTEN, TokenFlow + FLATTEN) and frame count, each in a fresh
 process, a 32×32 latent of random values and the tiny SD1.5-shaped UNet of the tests (the model's weights do not
@@ -91,9 +92,9 @@ def measure(method: str, frames: int, size: int, steps: int) -> dict:
     return {"rise": rise, "latents": latents, "seconds": seconds[0]}
 
 
-def cost_table(frame_counts: list[int], size: int, steps: int) -> dict:
+def cost_table(methods: list[str], frame_counts: list[int], size: int, steps: int) -> dict:
     rows = {}
-    for method in METHODS:
+    for method in methods:
         for frames in frame_counts:
             out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure", method, str(frames),
                                   str(size), str(steps)], capture_output=True, text=True)
@@ -158,6 +159,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, nargs=3, default=[16, 64, 240])
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    ap.add_argument("--no-seams", action="store_true", help="the cost table only")
     ap.add_argument("--seam-frames", type=int, default=48)
     ap.add_argument("--seam-steps", type=int, default=6)
     ap.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
@@ -170,8 +173,8 @@ def main() -> None:
     short, mid, long = opts.frames
     print(f"# {opts.size}x{opts.size} latent, {opts.steps} steps, windows of {WINDOW} overlapping by {OVERLAP}, "
           "TokenFlow interval 8, tiny SD1.5-shaped UNet, CPU", flush=True)
-    rows = cost_table(opts.frames, opts.size, opts.steps)
-    for method in METHODS:
+    rows = cost_table(opts.methods, opts.frames, opts.size, opts.steps)
+    for method in opts.methods:
         beyond = {f: rows[method, f]["rise"] - rows[method, f]["latents"] for f in opts.frames}
         per_frame = {f: rows[method, f]["seconds"] / f for f in opts.frames}
         print(f"{beyond[long] / beyond[mid]:.2f}x {method} peak memory at {long} / {mid} frames beyond the video's "
@@ -179,6 +182,8 @@ def main() -> None:
               f"{per_frame[long] / per_frame[short]:.2f}x time per frame at {long} / {short} frames"
               f"{' (target <= 1.2x)' if method == 'TokenFlow' else ''}: {1000 * per_frame[short]:.0f} -> "
               f"{1000 * per_frame[long]:.0f} ms", flush=True)
+    if opts.no_seams:
+        return
     with torch.inference_mode():
         for method, r in seams(opts.seam_frames, opts.seam_steps, 5.0).items():
             print(f"{r['across'] / r['inside']:.2f}x {method} latent warp error across window boundaries / inside "

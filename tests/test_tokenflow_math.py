@@ -126,6 +126,25 @@ def test_propagation_blends_the_two_gathered_keyframes_by_the_weights():
     assert torch.allclose(out[0, 0], expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_propagation_in_frame_slices_equals_the_per_frame_blend(dtype, monkeypatch):
+    import tve.attention.tokenflow as tokenflow
+    chunks, keyframes, tokens, channels, frames = 2, 3, 10, 4, 7
+    keyframe_out = torch.randn(chunks, keyframes, tokens, channels, generator=generator(11)).to(dtype)
+    field = torch.randint(0, tokens, (frames, 2, tokens), generator=generator(12))
+    pair = torch.randint(0, keyframes, (frames, 2), generator=generator(13))
+    w = torch.rand(frames, generator=generator(14))
+    weights = torch.stack([1 - w, w], 1)
+    whole = propagate(keyframe_out, field, pair, weights)
+    monkeypatch.setattr(tokenflow, "PROPAGATION_BUDGET", 3 * chunks * tokens * channels * 2)   # 2 frames a slice
+    sliced = propagate(keyframe_out, field, pair, weights)
+    assert sliced.dtype == dtype and torch.equal(sliced, whole)
+    for f in range(frames):
+        a = keyframe_out[:, pair[f, 0], field[f, 0]].float()
+        b = keyframe_out[:, pair[f, 1], field[f, 1]].float()
+        assert torch.equal(sliced[:, f], torch.lerp(a, b, weights[f, 1]).to(dtype))
+
+
 # ------------------------------------------------------------------------------------------ weights
 def test_paper_weights_sum_to_one_are_linear_between_keyframes_and_ends_use_one_keyframe():
     frame_ids, keyframe_ids = list(range(20)), [3, 8, 15]
