@@ -306,7 +306,7 @@ class State:
             return self._tokenflow_step(call, sigma)
         return self._windowed(call, Pass.EDIT, sigma)
 
-    def _windowed(self, call: "Call", name: Pass, sigma: float | None = None) -> list:
+    def _windowed(self, call: Call, name: Pass, sigma: float | None = None) -> list:
         """``name`` (with its source pass first, when a feature reads the source) in each frame window: windows
         overlapping and blended when the model attends across frames, else batches (the same result)."""
         run = self.run
@@ -337,7 +337,7 @@ class State:
         frame_ids = self.run.frame_ids
         return lambda own: sorted({i for f in features for i in f.shared_frames(own, frame_ids, step)})
 
-    def _tokenflow_step(self, call: "Call", sigma: float) -> list:
+    def _tokenflow_step(self, call: Call, sigma: float) -> list:
         """TokenFlow's passes in frame batches (the reference code's ``batch_size``): keyframes drawn once on all
         frames; each batch runs one source pass over its frames and the keyframes it newly needs, the keyframe
         pass of each new group of keyframes, then its edit pass, which propagates from the keyframes it needs.
@@ -374,11 +374,9 @@ class State:
         finally:
             run.tokenflow = None
 
-    def _pass(self, name: Pass, call: "Call", local: torch.Tensor | None) -> Any:
+    def _pass(self, name: Pass, call: Call, local: torch.Tensor | None) -> Any:
         """Run pass ``name`` over the call's frames ``local`` (None: all), with their conds and ControlNet hints."""
         run = self.run
-        options = call.model_options.copy()
-        options["transformer_options"] = {**call.model_options["transformer_options"], host.RUN_KEY: run}
         x, timestep, conds = call.x_in, call.timestep, call.conds
         if local is not None:
             dev = local.to(x.device)
@@ -388,11 +386,17 @@ class State:
         ids = run.frame_ids if local is None else tuple(run.frame_ids[i] for i in local.tolist())
         run.pass_, run.pass_frame_ids, run.pass_frames = name, ids, local
         try:
-            return call.executor(call.model, conds, x, timestep, options)
+            return call.executor(call.model, conds, x, timestep, self._options(call))
         finally:
             run.pass_, run.pass_frame_ids, run.pass_frames = None, None, None
 
-    def _conds_for(self, conds: list[dict] | None, call: "Call", local: torch.Tensor | None) -> list[dict] | None:
+    def _options(self, call: Call) -> dict:
+        """The call's model options with this state's Run in transformer_options (what the routers read)."""
+        options = call.model_options.copy()
+        options["transformer_options"] = {**call.model_options["transformer_options"], host.RUN_KEY: self.run}
+        return options
+
+    def _conds_for(self, conds: list[dict] | None, call: Call, local: torch.Tensor | None) -> list[dict] | None:
         if conds is None:
             return None
         frames = call.x_in.shape[0]
@@ -405,7 +409,7 @@ class State:
         return inj is not None and (self.tokenflow is not None or inj.attn_active(step, steps)
                                     or inj.conv_active(step, steps))
 
-    def _source_pass(self, call: "Call", sigma: float, local: torch.Tensor | None) -> None:
+    def _source_pass(self, call: Call, sigma: float, local: torch.Tensor | None) -> None:
         """SOURCE over the call's frames ``local`` (None: all): the inverted source at this σ, source conds."""
         run = self.run
         ids = run.frame_ids if local is None else tuple(run.frame_ids[i] for i in local.tolist())
@@ -414,12 +418,10 @@ class State:
         t_src = torch.full((x_src.shape[0],), max(source_sigma, run.sigma_floor), device=call.x_in.device,
                            dtype=call.x_in.dtype)
         conds = host.encode_conditioning(call.model, self.inversion.conditioning, x_src)
-        options = call.model_options.copy()
-        options["transformer_options"] = {**call.model_options["transformer_options"], host.RUN_KEY: run}
         run.features.source_local = local
         run.pass_, run.pass_frame_ids, run.pass_frames = Pass.SOURCE, ids, local
         try:
-            call.executor(call.model, [conds], x_src, t_src, options)
+            call.executor(call.model, [conds], x_src, t_src, self._options(call))
         finally:
             run.pass_, run.pass_frame_ids, run.pass_frames = None, None, None
 
