@@ -28,7 +28,8 @@ The source video itself is measured too (a copy: low warp error and no edit stre
 Targets (issue 12): warp ratio TokenFlow ≤ 0.25, FLATTEN ≤ 0.33, TokenFlow+FLATTEN ≤ 0.20 and not above the better of
 the two, each with edit strength ≥ 0.8 and structure ≤ 1.2.
 Writes ``<out>/<mode>.png`` (evenly spaced decoded frames of the first clip, one row) and ``<out>/strip.png``
-(source, per-frame PnP, TokenFlow, FLATTEN, TokenFlow+FLATTEN, labelled).
+(source, per-frame PnP, TokenFlow, FLATTEN, TokenFlow+FLATTEN, labelled), and ``<out>/clip<i>.pt`` (the output
+latents of every clip and its frames).
 """
 import argparse
 import time
@@ -161,6 +162,7 @@ def main() -> None:
         rows, outputs = run_clip(opts.testbed, frames_rgb, flow, opts.steps, opts.cfg, opts.seed, modes)
         if index == 0:
             write_strips(outputs, opts.out, columns=min(6, opts.frames))
+        torch.save({"outputs": outputs, "frames": frames_rgb}, opts.out / f"clip{index}.pt")  # to look again
         for mode, row in rows.items():
             for key, value in row.items():
                 totals.setdefault(mode, {}).setdefault(key, []).append(value)

@@ -11,17 +11,18 @@ period ``P`` whose angle and phase the model draws per sample; ``P`` is given he
 - ``fidelity_error``: decoded output and the recoloured source, both averaged over ``P x P`` cells (one stripe
   period), mean squared error: the deterministic part of the style (colour and light/dark layout at a coarse scale).
 - ``edit_strength``: the energy of the stripes the edit adds. Per frame, the output's grey (channel mean) minus its
-  least-squares affine fit ``a · g_src + b`` by the recoloured source's grey ``g_src`` (what the source's layout
-  explains, at any contrast), then the band-pass energy of that residual at the stripe period: spatial frequencies
-  within a factor ``BAND`` (1.5) of ``1/P``, any angle, on the Hann-windowed frame; mean over frames. The exact
-  style gives ``A² / 2`` (A the stripe amplitude); blurring lowers it, blending two stripe draws halves it (unrelated
-  phases), and a copy of the source leaves only what its chroma adds (a fifth of the exact style on the world).
+  least-squares fit by an affine function of the source's cell colours ``a · rgb_src + b`` (what the source explains
+  at any contrast and colour mix: the recolour and a copy alike), then the band-pass energy of that residual at the
+  stripe period: spatial frequencies within a factor ``BAND`` (1.5) of ``1/P``, any angle, on the Hann-windowed
+  frame; mean over frames. The exact style gives about ``A² / 2`` (A the stripe amplitude); blurring lowers it,
+  blending two stripe draws halves it (unrelated phases), and a copy of the source or its recolour gives 0.
 - ``structure_error``: the object layout kept. The grey of output and of the recoloured source with the stripe band
   removed (the same band, zeroed in the Fourier domain of a mirror-padded frame), then their gradients (forward
-  differences between cells): ``sum |grad out - grad source|^2 / sum |grad source|^2`` over all frames. Sprite
-  edges are sharp, so their energy lies far outside the band; a blurred output loses them (error towards 1), an
-  output that moves or drops a sprite gets about 2x that sprite's share. Copying the source wins this one and loses
-  edit strength.
+  differences between cells, both directions), per frame ``1 − cos²`` of the angle between the two gradient fields
+  (the share of the source's edges the output's do not follow, at any contrast), mean over frames. Sprite edges are
+  sharp, so their energy lies far outside the band; a blurred output loses them, an output that moves or drops a
+  sprite loses that sprite's share, a flat output scores 1. Copying the source wins this one and loses edit
+  strength.
 """
 from __future__ import annotations
 
@@ -71,12 +72,12 @@ def band_energy(grey: torch.Tensor, period: float) -> torch.Tensor:
 
 
 def unexplained_grey(latent: torch.Tensor, source_frames: torch.Tensor) -> torch.Tensor:
-    """``(F, h, w)`` float64: the output's grey minus, per frame, its least-squares fit ``a · g_src + b`` by the
-    recoloured source's grey."""
+    """``(F, h, w)`` float64: the output's grey minus, per frame, its least-squares fit ``a · rgb_src + b`` by the
+    source's cell colours."""
     grey = cell_colours(latent).mean(-1).double().flatten(1)  # (F, h·w)
-    ref = source_cells(source_frames).mean(-1).double().flatten(1)
-    basis = torch.stack([ref, torch.ones_like(ref)], -1)  # (F, h·w, 2)
-    coefficients = torch.linalg.lstsq(basis, grey[..., None]).solution  # (F, 2, 1)
+    rgb = F.avg_pool2d(source_frames.double().permute(0, 3, 1, 2), LATENT_SCALE).flatten(2).transpose(1, 2)
+    basis = torch.cat([rgb, torch.ones_like(rgb[..., :1])], -1)  # (F, h·w, 4)
+    coefficients = torch.linalg.lstsq(basis, grey[..., None]).solution  # (F, 4, 1)
     return (grey - (basis @ coefficients)[..., 0]).view(latent.shape[0], *latent.shape[-2:])
 
 
@@ -102,12 +103,13 @@ def _gradients(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def structure_error(latent: torch.Tensor, source_frames: torch.Tensor, period: float) -> float:
-    """``sum |∇ out − ∇ src|² / sum |∇ src|²`` of the greys with the stripe band removed (see the module text)."""
+    """Mean over frames of ``1 − cos²(∇ out, ∇ src)`` of the greys with the stripe band removed (module text)."""
     out = without_band(cell_colours(latent).mean(-1).double(), period)
     ref = without_band(source_cells(source_frames).mean(-1).double(), period)
-    (out_y, out_x), (ref_y, ref_x) = _gradients(out), _gradients(ref)
-    error = ((out_y - ref_y) ** 2).sum() + ((out_x - ref_x) ** 2).sum()
-    return float(error / ((ref_y ** 2).sum() + (ref_x ** 2).sum()))
+    a = torch.cat([g.flatten(1) for g in _gradients(out)], 1)  # (F, gradients)
+    b = torch.cat([g.flatten(1) for g in _gradients(ref)], 1)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-12)
+    return float((1 - cos ** 2).mean())
 
 
 def fidelity_error(latent: torch.Tensor, source_frames: torch.Tensor, period: float) -> float:

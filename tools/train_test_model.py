@@ -16,13 +16,25 @@ The UNet is trained directly on what ``BaseModel._apply_model`` feeds it at infe
 the integer timestep ``t`` and the embedding as context; the loss is the MSE on ε (DDPM's simple loss), so the
 weights work inside comfy's samplers unchanged.
 
-Reproduce (33 min wall measured on 2 CPU cores shared with other jobs, load average 4-5: 41 s to render 1200
-frames, then 1600 AdamW steps of batch 16 at 1.2 s/step on one thread; 2.3 M parameters, 4.7 MB of fp16):
+Two testbeds (``TESTBEDS``), each a folder of ``tools/``:
 
-    COMFYUI_PATH=/path/to/ComfyUI python tools/train_test_model.py --out tools/test_model
+    test_model      128 x 128 frames (16 x 16 latents), 2 UNet levels, stripes of 32 px; the demo and most tests.
+                    33 min wall measured on 2 CPU cores shared with other jobs, load average 4-5: 41 s to render
+                    1200 frames, then 1600 AdamW steps of batch 16 at 1.2 s/step on one thread; 2.3 M parameters,
+                    4.7 MB of fp16:
 
-Writes ``unet.safetensors`` (the EMA weights in fp16; metadata ``unet_config`` is the JSON config to build it
-with) and ``conditioning.safetensors`` (``source``, ``target``, ``empty``). Training uses the world's seeds
+        COMFYUI_PATH=/path/to/ComfyUI python tools/train_test_model.py
+
+    test_model_256  256 x 256 frames (32 x 32 latents) that a person can read, SD1.5's layout (4 levels, attention
+                    at the first three and in the middle block), stripes of 64 px (8 cells); bench/consistency.py
+                    and bench/diagnose.py. 850 steps on random 16 x 16-cell crops, then 250 on whole frames
+                    (attention meets the 1024 tokens of inference); 3.75 M parameters, 7.5 MB of fp16. TRAIN_256_NOTE
+
+        COMFYUI_PATH=/path/to/ComfyUI python tools/train_test_model.py --testbed test_model_256 --steps 1100 \
+            --crop-steps 850
+
+Writes ``tools/<testbed>/unet.safetensors`` (the EMA weights in fp16; metadata ``unet_config`` is the JSON config
+to build it with, ``testbed`` its frame size and stripe period) and ``conditioning.safetensors`` (``source``, ``target``, ``empty``). Training uses the world's seeds
 ``0 .. clips-1``; seeds from ``HELD_OUT_SEED`` on are never seen. ``--check`` reports DDIM-inversion
 reconstruction errors on held-out clips and writes a sample grid PNG.
 """
