@@ -7,17 +7,33 @@ seed: per-frame PnP (the baseline), anchor attention, keyframe (extended) attent
 TokenFlow + FLATTEN, each with PnP injection. ``target`` = a deterministic recolour + stripes whose angle and phase
 the model draws per sample, so frame-by-frame editing draws other stripes in every frame.
 
-Per mode (ratio to per-frame first):
-- latent warp error: frame t+1's output latent backward-warped into frame t's cells with the source flow
-  (ground truth for procedural clips, the pack's own DIS flow for a real video) averaged over each latent cell,
-  squared error summed over channels, mean over the cells no occluded pixel touches, mean over pairs;
-- fidelity error: the output decoded to RGB (the test latent space's pseudo-inverse) and the recoloured source,
-  both low-passed over one stripe period (4×4 cells), mean squared error — the deterministic part of the style;
+The default testbed is ``tools/test_model_256`` (256 x 256 frames, 32 x 32 latents, stripes of 8 cells); ``--testbed
+test_model`` runs the older 128 px model (16 x 16 latents, stripes of 4 cells).
+
+Per mode, as a ratio to per-frame PnP first (definitions in ``tools/edit_measures.py``, all on latent cells):
+- latent warp error (flicker; lower is better): frame t+1's output latent backward-warped into frame t with the source
+  flow (ground truth for procedural clips, the pack's DIS flow for a real video) averaged over each cell, squared
+  error summed over channels, mean over the cells no occluded pixel touches, mean over pairs. Blur lowers it, so it
+  is read together with the next two;
+- edit strength (the stripes are there; ≥ 0.8 wanted): band-pass energy at the stripe period (frequencies within
+  1.5x of 1/P, any angle, Hann window) of the output's grey minus its per-frame affine fit by the recoloured source's
+  grey. Blur and blending two stripe draws lower it; a copy of the source has almost none;
+- structure error (the sprites and layout kept; ≤ 1.2x wanted): gradients of the output's and the recoloured
+  source's grey with the stripe band removed (zeroed in the Fourier domain of the mirror-padded frame),
+  ``sum |grad out - grad src|^2 / sum |grad src|^2``. Blur and moved sprites raise it;
+- fidelity error: the output and the recoloured source, both averaged over P x P cells (one stripe period), mean
+  squared error: the deterministic part of the style;
 - wall time.
-Targets (issue 7): TokenFlow warp ≤ 1/4 of per-frame, FLATTEN ≤ 1/3, both stacked ≤ 1/5, each fidelity ≤ 1.2×.
+The source video itself is measured too (a copy: low warp error and no edit strength).
+Targets (issue 12): warp ratio TokenFlow ≤ 0.25, FLATTEN ≤ 0.33, TokenFlow+FLATTEN ≤ 0.20 and not above the better of
+the two, each with edit strength ≥ 0.8 and structure ≤ 1.2.
+Writes ``<out>/<mode>.png`` (evenly spaced decoded frames of the first clip, one row) and ``<out>/strip.png``
+(source, per-frame PnP, TokenFlow, FLATTEN, TokenFlow+FLATTEN, labelled), and ``<out>/clip<i>.pt`` (the output
+latents of every clip and its frames).
 """
 import argparse
 import time
+from pathlib import Path
 
 import _tve
 
@@ -28,58 +44,40 @@ import torch.nn.functional as F  # noqa: E402
 
 from tve.flow.estimate import FlowField, estimate_flow  # noqa: E402
 from tve.flow.trajectories import build_trajectories  # noqa: E402
-from tve.flow.warp import backward_warp  # noqa: E402
 from tve.nodes.cross_frame import apply_cross_frame  # noqa: E402
 from tve.nodes.flatten import apply_flatten  # noqa: E402
 from tve.nodes.injection import apply_feature_injection  # noqa: E402
 from tve.nodes.inversion import invert  # noqa: E402
 from tve.nodes.tokenflow import apply_tokenflow  # noqa: E402
 from tve.tests.trained_model import load_trained_model, trained_conditioning  # noqa: E402
-from tve.tools.train_test_model import HELD_OUT_SEED, recolour  # noqa: E402
+from tve.tools.demo import labelled, write_strip  # noqa: E402
+from tve.tools.edit_measures import (edit_strength, fidelity_error, latent_flow, latent_warp_error,  # noqa: E402
+                                     structure_error)
+from tve.tools.train_test_model import HELD_OUT_SEED, TESTBEDS  # noqa: E402
 from tve.tools.video_world import LATENT_SCALE, frames_to_latent, latent_to_frames, render_clip  # noqa: E402
 
 MODES = ["per-frame PnP", "anchor", "keyframes", "TokenFlow", "FLATTEN", "TokenFlow+FLATTEN"]
 TARGETS = {"TokenFlow": 1 / 4, "FLATTEN": 1 / 3, "TokenFlow+FLATTEN": 1 / 5}
+STRIP_ROWS = ["source", "per-frame PnP", "TokenFlow", "FLATTEN", "TokenFlow+FLATTEN"]
+MIN_STRENGTH, MAX_STRUCTURE = 0.8, 1.2
 
 
 def cross_frame(model, mode: str):
     return apply_cross_frame(model, mode, 8, 0, False, 2, 0, "all", 0.0, 1.0)
 
 
-def edit_models(model, inversion, trajectories, seed: int) -> dict:
+def edit_models(model, inversion, trajectories, seed: int, modes: list[str]) -> dict:
     pnp = lambda m: apply_feature_injection(m, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")  # noqa: E731
-    flatten = apply_flatten(model, trajectories, "highest resolution", "dense_output")
-    return {
-        "per-frame PnP": pnp(model),
-        "anchor": pnp(cross_frame(model, "anchor")),
-        "keyframes": pnp(cross_frame(model, "keyframes")),
-        "TokenFlow": apply_tokenflow(model, inversion, 8, seed, "paper", 0.5, 0.8),
-        "FLATTEN": apply_feature_injection(flatten, inversion, 0.5, 0.8, "flatten", "sigma-matched"),
-        "TokenFlow+FLATTEN": apply_tokenflow(flatten, inversion, 8, seed, "paper", 0.5, 0.8),
+    flatten = lambda: apply_flatten(model, trajectories, "highest resolution", "dense_output")  # noqa: E731
+    build = {
+        "per-frame PnP": lambda: pnp(model),
+        "anchor": lambda: pnp(cross_frame(model, "anchor")),
+        "keyframes": lambda: pnp(cross_frame(model, "keyframes")),
+        "TokenFlow": lambda: apply_tokenflow(model, inversion, 8, seed, "paper", 0.5, 0.8),
+        "FLATTEN": lambda: apply_feature_injection(flatten(), inversion, 0.5, 0.8, "flatten", "sigma-matched"),
+        "TokenFlow+FLATTEN": lambda: apply_tokenflow(flatten(), inversion, 8, seed, "paper", 0.5, 0.8),
     }
-
-
-def latent_flow(flow: FlowField) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel flow averaged over each latent cell in cell units, and cells that any occluded pixel touches."""
-    forward = F.avg_pool2d(flow.forward, LATENT_SCALE) / LATENT_SCALE                     # (F-1, 2, h, w)
-    occluded = F.max_pool2d(flow.occlusion.float()[:, None], LATENT_SCALE)[:, 0] > 0     # (F-1, h, w)
-    return forward, occluded
-
-
-def latent_warp_error(latents: torch.Tensor, forward: torch.Tensor, occluded: torch.Tensor) -> float:
-    x = latents.float()
-    warped, valid = backward_warp(x[1:], forward)
-    visible = (valid & ~occluded).float()
-    per_pair = (((warped - x[:-1]) ** 2).sum(1) * visible).sum((1, 2)) / visible.sum((1, 2)).clamp(min=1)
-    return float(per_pair.mean())
-
-
-def fidelity_error(latents: torch.Tensor, source_frames: torch.Tensor) -> float:
-    def low_pass(frames):                                   # (F, H, W, 3) → over 4×4 cells (one stripe period)
-        return F.avg_pool2d(frames.permute(0, 3, 1, 2).float(), 4 * LATENT_SCALE, ceil_mode=True)
-
-    return float(((low_pass(latent_to_frames(latents.float())) - low_pass(recolour(source_frames.float()))) ** 2)
-                 .mean())
+    return {mode: build[mode]() for mode in modes}
 
 
 def procedural_clip(index: int, frames: int, size: int):
@@ -97,60 +95,98 @@ def video_clip(path: str, frames: int, size: int):
     return video, estimate_flow(video, "dis")
 
 
-def run_clip(frames_rgb: torch.Tensor, flow: FlowField, steps: int, cfg: float, seed: int) -> dict:
-    model = load_trained_model()
+def measures(latent: torch.Tensor, frames_rgb: torch.Tensor, cell_flow, occluded, period: float) -> dict:
+    return {"warp": latent_warp_error(latent, cell_flow, occluded),
+            "strength": edit_strength(latent, frames_rgb, period),
+            "structure": structure_error(latent, frames_rgb, period),
+            "fidelity": fidelity_error(latent, frames_rgb, period)}
+
+
+def run_clip(testbed: str, frames_rgb: torch.Tensor, flow: FlowField, steps: int, cfg: float, seed: int,
+             modes: list[str]) -> tuple[dict, dict]:
+    """Measures per mode and the decoded output latents per mode (plus ``source``)."""
+    import comfy.sample
+    import comfy.samplers
+    model = load_trained_model(testbed)
+    cond = lambda name: trained_conditioning(name, testbed)  # noqa: E731
+    period = TESTBEDS[testbed].stripe_period / LATENT_SCALE  # cells
     raw = frames_to_latent(frames_rgb)
-    x_T, inversion = invert(model, raw, trained_conditioning("source"), steps, "ddim_uniform")
-    size = tuple(raw.shape[-2:])
-    trajectories = build_trajectories(flow, size, seed=seed)
-    forward, occluded = latent_flow(flow)
-    rows = {}
-    for mode, patched in edit_models(model, inversion, trajectories, seed).items():
-        import comfy.sample
-        import comfy.samplers
+    x_T, inversion = invert(model, raw, cond("source"), steps, "ddim_uniform")
+    trajectories = build_trajectories(flow, tuple(raw.shape[-2:]), seed=seed)
+    cell_flow, occluded = latent_flow(flow.forward, flow.occlusion)
+    rows, outputs = {}, {"source": raw}
+    for mode, patched in edit_models(model, inversion, trajectories, seed, modes).items():
         start = time.perf_counter()
         out = comfy.sample.sample_custom(patched, torch.zeros_like(x_T), cfg, comfy.samplers.sampler_object("euler"),
-                                         inversion.sigmas, trained_conditioning("target"),
-                                         trained_conditioning("empty"), x_T, disable_pbar=True, seed=seed)
-        rows[mode] = {"warp": latent_warp_error(out, forward, occluded), "fidelity": fidelity_error(out, frames_rgb),
-                      "time": time.perf_counter() - start}
-    rows["source"] = {"warp": latent_warp_error(raw, forward, occluded), "fidelity": float("nan"), "time": 0.0}
-    return rows
+                                         inversion.sigmas, cond("target"), cond("empty"), x_T, disable_pbar=True,
+                                         seed=seed)
+        seconds = time.perf_counter() - start
+        rows[mode] = dict(measures(out, frames_rgb, cell_flow, occluded, period), time=seconds)
+        outputs[mode] = out
+        print(f"  {mode}: {seconds:.0f} s", flush=True)
+    rows["source"] = dict(measures(raw, frames_rgb, cell_flow, occluded, period), time=0.0)
+    return rows, outputs
+
+
+def write_strips(outputs: dict, out: Path, columns: int) -> None:
+    """``<mode>.png`` per method (one row of decoded frames) and the labelled ``strip.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    decoded = {mode: latent_to_frames(latent.float()) for mode, latent in outputs.items()}
+    for mode, frames in decoded.items():
+        write_strip({mode: frames}, out / f"{mode.replace('+', '_').replace(' ', '_')}.png", columns)
+    rows = {mode: labelled(decoded[mode], mode, 1, 20)[:, :, :] for mode in STRIP_ROWS if mode in decoded}
+    write_strip(rows, out / "strip.png", columns)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--testbed", choices=sorted(TESTBEDS), default="test_model_256")
     ap.add_argument("--video", help="a real video file (its own DIS flow is used)")
     ap.add_argument("--clips", type=int, default=2)
     ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--size", type=int, default=128, help="frame size in pixels (latent = size / 8)")
+    ap.add_argument("--size", type=int, help="frame size in pixels (default: the testbed's; latent = size / 8)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
+                    help="a subset (per-frame PnP, the baseline, is always run)")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/tve_consistency"), help="folder for the strip PNGs")
     opts = ap.parse_args()
     torch.manual_seed(opts.seed)
-    clips = ([video_clip(opts.video, opts.frames, opts.size)] if opts.video else
-             [procedural_clip(i, opts.frames, opts.size) for i in range(opts.clips)])
+    size = opts.size or TESTBEDS[opts.testbed].frame_size
+    modes = [m for m in MODES if m in opts.modes or m == "per-frame PnP"]
+    clips = ([video_clip(opts.video, opts.frames, size)] if opts.video else
+             [procedural_clip(i, opts.frames, size) for i in range(opts.clips)])
     totals: dict = {}
-    for frames_rgb, flow in clips:
-        for mode, row in run_clip(frames_rgb, flow, opts.steps, opts.cfg, opts.seed).items():
+    for index, (frames_rgb, flow) in enumerate(clips):
+        rows, outputs = run_clip(opts.testbed, frames_rgb, flow, opts.steps, opts.cfg, opts.seed, modes)
+        if index == 0:
+            write_strips(outputs, opts.out, columns=min(6, opts.frames))
+        torch.save({"outputs": outputs, "frames": frames_rgb}, opts.out / f"clip{index}.pt")  # to look again
+        for mode, row in rows.items():
             for key, value in row.items():
                 totals.setdefault(mode, {}).setdefault(key, []).append(value)
     mean = {mode: {k: sum(v) / len(v) for k, v in row.items()} for mode, row in totals.items()}
     base = mean["per-frame PnP"]
     source = "DIS flow" if opts.video else "ground-truth flow"
-    print(f"# {len(clips)} clip(s), {opts.frames} frames, {opts.size}x{opts.size} px ({opts.size // 8}x"
-          f"{opts.size // 8} latent), {opts.steps} steps, cfg {opts.cfg}, {source}; source video's own latent warp "
-          f"error {mean['source']['warp']:.4f}")
-    for mode in MODES:
+    print(f"# {opts.testbed}: {len(clips)} clip(s), {opts.frames} frames, {size}x{size} px ({size // 8}x{size // 8} "
+          f"latent), {opts.steps} steps, cfg {opts.cfg}, {source}; strips in {opts.out}")
+    print("# ratios to per-frame PnP: warp (lower: less flicker), strength (>= 0.8), structure (<= 1.2), fidelity")
+    for mode in modes + ["source"]:
         row = mean[mode]
-        warp_ratio, fid_ratio = row["warp"] / base["warp"], row["fidelity"] / base["fidelity"]
-        target = f" (target <= {TARGETS[mode]:.2f}, {'met' if warp_ratio <= TARGETS[mode] else 'MISSED'})" \
-            if mode in TARGETS else ""
-        fid_note = f" ({'met' if fid_ratio <= 1.2 else 'MISSED'} <= 1.2)" if mode in TARGETS else ""
-        print(f"{warp_ratio:.3f}x warp / per-frame{target}  {fid_ratio:.2f}x fidelity{fid_note}  "
-              f"{row['time'] / base['time']:.2f}x time  | {mode}: warp {row['warp']:.4f}, fidelity "
-              f"{row['fidelity']:.5f}, {row['time']:.1f} s")
+        ratio = {k: row[k] / base[k] for k in ("warp", "strength", "structure", "fidelity")}
+        verdict = ""
+        if mode in TARGETS:
+            met = [ratio["warp"] <= TARGETS[mode], ratio["strength"] >= MIN_STRENGTH,
+                   ratio["structure"] <= MAX_STRUCTURE]
+            if mode == "TokenFlow+FLATTEN" and {"TokenFlow", "FLATTEN"} <= set(mean):
+                met.append(row["warp"] <= min(mean["TokenFlow"]["warp"], mean["FLATTEN"]["warp"]))
+            verdict = f" (targets: warp <= {TARGETS[mode]:.2f}: {'met' if all(met) else 'MISSED'})"
+        time_ratio = f"{row['time'] / base['time']:.2f}x time" if mode != "source" else "copy"
+        print(f"{ratio['warp']:.3f}x warp  {ratio['strength']:.2f}x strength  {ratio['structure']:.2f}x structure  "
+              f"{ratio['fidelity']:.2f}x fidelity  {time_ratio}{verdict}  | {mode}: warp {row['warp']:.4f}, "
+              f"strength {row['strength']:.5f}, structure {row['structure']:.3f}, fidelity {row['fidelity']:.5f}, "
+              f"{row['time']:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,27 @@ The UNet is trained directly on what ``BaseModel._apply_model`` feeds it at infe
 the integer timestep ``t`` and the embedding as context; the loss is the MSE on ε (DDPM's simple loss), so the
 weights work inside comfy's samplers unchanged.
 
-Reproduce (33 min wall measured on 2 CPU cores shared with other jobs, load average 4-5: 41 s to render 1200
-frames, then 1600 AdamW steps of batch 16 at 1.2 s/step on one thread; 2.3 M parameters, 4.7 MB of fp16):
+Two testbeds (``TESTBEDS``), each a folder of ``tools/``:
 
-    COMFYUI_PATH=/path/to/ComfyUI python tools/train_test_model.py --out tools/test_model
+    test_model      128 x 128 frames (16 x 16 latents), 2 UNet levels, stripes of 32 px; the demo and most tests.
+                    33 min wall measured on 2 CPU cores shared with other jobs, load average 4-5: 41 s to render
+                    1200 frames, then 1600 AdamW steps of batch 16 at 1.2 s/step on one thread; 2.3 M parameters,
+                    4.7 MB of fp16:
 
-Writes ``unet.safetensors`` (the EMA weights in fp16; metadata ``unet_config`` is the JSON config to build it
-with) and ``conditioning.safetensors`` (``source``, ``target``, ``empty``). Training uses the world's seeds
+        COMFYUI_PATH=/path/to/ComfyUI python tools/train_test_model.py
+
+    test_model_256  256 x 256 frames (32 x 32 latents) that a person can read, SD1.5's layout (4 levels, attention
+                    at the first three and in the middle block), stripes of 64 px (8 cells); bench/consistency.py
+                    and bench/diagnose.py. 850 steps on random 16 x 16-cell crops, then 250 on whole frames
+                    (attention meets the 1024 tokens of inference); 3.75 M parameters, 7.5 MB of fp16. 33.7 min wall
+                    measured on 2 CPU cores shared with other jobs (load average 5-8), one thread: 25 s to render
+                    1200 frames, crop steps at ~1.1 s, whole-frame steps at ~5 s.
+
+        COMFYUI_PATH=/path/to/ComfyUI python tools/train_test_model.py --testbed test_model_256 --steps 1100 \
+            --crop-steps 850
+
+Writes ``tools/<testbed>/unet.safetensors`` (the EMA weights in fp16; metadata ``unet_config`` is the JSON config
+to build it with, ``testbed`` its frame size and stripe period) and ``conditioning.safetensors`` (``source``, ``target``, ``empty``). Training uses the world's seeds
 ``0 .. clips-1``; seeds from ``HELD_OUT_SEED`` on are never seen. ``--check`` reports DDIM-inversion
 reconstruction errors on held-out clips and writes a sample grid PNG.
 """
@@ -33,6 +47,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,16 +67,38 @@ UNET_CONFIG = dict(
 )  # SD1.5's block layout shrunk to 2 levels (16 and 8 latent px) with attention at both. 64 channels, not 32:
 # comfy's GroupNorm has 32 groups, and with one channel per group it would erase every per-channel constant
 # (the timestep embedding, a global colour shift) at each norm.
+UNET_CONFIG_256 = dict(
+    UNET_CONFIG, channel_mult=[1, 1, 1, 1], num_res_blocks=[1, 1, 1, 1], transformer_depth=[1, 1, 1, 0],
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0],
+)  # SD1.5's layout at 32 x 32 latents: 4 levels (32, 16, 8, 4 latent px), attention at the first three and in the
+# middle block, none at the deepest level, as SD1.5 has it; one ResBlock per level and 64 channels throughout
+# keep the fp16 weights at 7.5 MB.
 CONDITIONING_NAMES = ("source", "target", "empty")
 EMBEDDING_SEED = 1234
 HELD_OUT_SEED = 100_000  # the world's seeds from here on are held out of training
-FRAME_SIZE = 128  # training frames are 128 x 128 pixels: 16 x 16 latents
+FRAME_SIZE = 128  # training frames of tools/test_model are 128 x 128 pixels: 16 x 16 latents
 
 LUMA = (0.299, 0.587, 0.114)  # Rec. 601 luminance weights
 DUOTONE_DARK = (0.32, 0.20, 0.15)  # colour of luminance 0
 DUOTONE_LIGHT = (0.85, 0.70, 0.45)  # colour of luminance 1
-STRIPE_PERIOD = 32.0  # pixels (4 latent cells)
+STRIPE_PERIOD = 32.0  # pixels (4 latent cells) in tools/test_model's target style
 STRIPE_AMPLITUDE = 0.15  # added to every channel; recolour + stripes stays in [0, 1], nothing is clamped
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """One trained test model: its UNet, the frame size it is trained and judged at, its stripe period."""
+    unet_config: dict
+    frame_size: int  # pixels, square frames
+    stripe_period: float  # pixels
+    crop: int  # latent cells of the random square crops of the first training phase (frame_size // 8: no crops)
+
+
+TESTBEDS = {
+    "test_model": Testbed(UNET_CONFIG, FRAME_SIZE, STRIPE_PERIOD, FRAME_SIZE // 8),
+    # 256 x 256 frames (32 x 32 latents) that a person can read: sprites 8-16 cells across, stripes of 8 cells
+    "test_model_256": Testbed(UNET_CONFIG_256, 256, 64.0, 16),
+}
 
 
 # ------------------------------------------------------------------------------------------ the target style
@@ -78,18 +115,20 @@ def recolour(frames: torch.Tensor) -> torch.Tensor:
     return dark + luma[..., None] * (light - dark)
 
 
-def stripes(height: int, width: int, angle: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+def stripes(height: int, width: int, angle: torch.Tensor, phase: torch.Tensor,
+            period: float = STRIPE_PERIOD) -> torch.Tensor:
     """Sinusoidal stripes ``A sin(2π (x cos θ + y sin θ) / P + φ)`` at pixel centres ``(x, y)``.
 
     ``angle`` θ and ``phase`` φ are ``(F,)`` radians -> ``(F, H, W)`` in their dtype; ``A = STRIPE_AMPLITUDE``,
-    ``P = STRIPE_PERIOD`` pixels."""
+    ``P = period`` pixels."""
     ys, xs = torch.meshgrid(torch.arange(height, dtype=angle.dtype, device=angle.device),
                             torch.arange(width, dtype=angle.dtype, device=angle.device), indexing="ij")
     along = xs * angle.cos()[:, None, None] + ys * angle.sin()[:, None, None]  # (F, H, W) pixels
-    return STRIPE_AMPLITUDE * torch.sin(2 * math.pi * along / STRIPE_PERIOD + phase[:, None, None])
+    return STRIPE_AMPLITUDE * torch.sin(2 * math.pi * along / period + phase[:, None, None])
 
 
-def fit_stripes(frames: torch.Tensor, angles: int = 90) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_stripes(frames: torch.Tensor, angles: int = 90,
+                period: float = STRIPE_PERIOD) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Least-squares fit of ``stripes`` to the channel mean of each frame ``(F, H, W, 3)``, over ``angles``
     angles in [0, π): returns ``(angle, phase, amplitude)``, each ``(F,)`` float64. The frames' own content
     leaves some amplitude too: compare with the same fit on unstyled frames."""
@@ -97,8 +136,8 @@ def fit_stripes(frames: torch.Tensor, angles: int = 90) -> tuple[torch.Tensor, t
     grey = frames.double().mean(-1)
     grey = grey - grey.mean(dim=(1, 2), keepdim=True)  # (F, H, W)
     theta = torch.arange(angles, dtype=torch.float64) * math.pi / angles  # (A,)
-    sine = stripes(height, width, theta, torch.zeros_like(theta)) / STRIPE_AMPLITUDE  # (A, H, W)
-    cosine = stripes(height, width, theta, torch.full_like(theta, math.pi / 2)) / STRIPE_AMPLITUDE
+    sine = stripes(height, width, theta, torch.zeros_like(theta), period) / STRIPE_AMPLITUDE  # (A, H, W)
+    cosine = stripes(height, width, theta, torch.full_like(theta, math.pi / 2), period) / STRIPE_AMPLITUDE
     along_sin = torch.einsum("fhw,ahw->fa", grey, sine) / (height * width / 2)  # A cos φ
     along_cos = torch.einsum("fhw,ahw->fa", grey, cosine) / (height * width / 2)  # A sin φ
     amplitude, best = torch.hypot(along_sin, along_cos).max(dim=1)
@@ -107,13 +146,14 @@ def fit_stripes(frames: torch.Tensor, angles: int = 90) -> tuple[torch.Tensor, t
     return theta[best], phase, amplitude
 
 
-def target_style(frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """What the ``target`` embedding means: ``recolour(frames)`` plus ``stripes`` with an angle in [0, π) and a
-    phase in [0, 2π) drawn from ``generator`` for every frame independently. ``(F, H, W, 3)`` -> same shape."""
+def target_style(frames: torch.Tensor, generator: torch.Generator, period: float = STRIPE_PERIOD) -> torch.Tensor:
+    """What the ``target`` embedding means: ``recolour(frames)`` plus ``stripes`` of ``period`` pixels with an angle
+    in [0, π) and a phase in [0, 2π) drawn from ``generator`` for every frame independently. ``(F, H, W, 3)`` ->
+    same shape."""
     count, height, width, _ = frames.shape
     angle = math.pi * torch.rand(count, generator=generator, dtype=torch.float64)
     phase = 2 * math.pi * torch.rand(count, generator=generator, dtype=torch.float64)
-    pattern = stripes(height, width, angle, phase).to(frames.device, frames.dtype)
+    pattern = stripes(height, width, angle, phase, period).to(frames.device, frames.dtype)
     return recolour(frames) + pattern[..., None]
 
 
@@ -156,24 +196,31 @@ def initialise(unet: torch.nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ data
-def render_frames(clips: int, frames: int, first_seed: int = 0) -> torch.Tensor:
-    """Raw test latents ``(clips · frames, 4, 16, 16)`` of world seeds ``first_seed ..``: every moving camera,
-    0-3 sprites, time sped up 3x so that a clip's frames differ."""
+def render_frames(clips: int, frames: int, first_seed: int = 0, size: int = FRAME_SIZE) -> torch.Tensor:
+    """Raw test latents ``(clips · frames, 4, size/8, size/8)`` of world seeds ``first_seed ..``: every moving
+    camera, 0-3 sprites, time sped up 3x so that a clip's frames differ."""
     moving = CAMERAS[1:]
     latents = []
     for seed in range(first_seed, first_seed + clips):
-        clip = render_clip(frames, FRAME_SIZE, FRAME_SIZE, seed=seed, camera=moving[seed % len(moving)],
+        clip = render_clip(frames, size, size, seed=seed, camera=moving[seed % len(moving)],
                            sprites=(seed // len(moving)) % (MAX_SPRITES + 1), speed=3.0)
         latents.append(frames_to_latent(clip.frames))
     return torch.cat(latents)
 
 
-def styled(raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def styled(raw: torch.Tensor, generator: torch.Generator, period: float = STRIPE_PERIOD) -> torch.Tensor:
     """Raw latents of ``target_style`` applied to the frames the raw latents ``(B, 4, h, w)`` decode to.
 
     The decode is exact (cell means repeated over 8x8 pixels) and the style is affine in the pixels, so this is
     the latent of the styled original frames."""
-    return frames_to_latent(target_style(latent_to_frames(raw), generator))
+    return frames_to_latent(target_style(latent_to_frames(raw), generator, period))
+
+
+def random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random ``size x size`` window of each latent ``(B, C, h, w)`` -> ``(B, C, size, size)``."""
+    rows = torch.randint(0, x.shape[-2] - size + 1, (x.shape[0],), generator=generator).tolist()
+    cols = torch.randint(0, x.shape[-1] - size + 1, (x.shape[0],), generator=generator).tolist()
+    return torch.stack([item[:, r:r + size, c:c + size] for item, r, c in zip(x, rows, cols)])
 
 
 def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -185,10 +232,15 @@ def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ training
-def train(bank: torch.Tensor, steps: int, batch: int, lr: float, seed: int, log_every: int = 50):
-    """Train a fresh UNet on the raw latents ``bank``; returns ``(model, ema_state_dict, losses)``."""
+def train(bank: torch.Tensor, steps: int, batch: int, lr: float, seed: int, log_every: int = 50,
+          testbed: Testbed = TESTBEDS["test_model"], crop_steps: int = 0):
+    """Train a fresh UNet on the raw latents ``bank``; returns ``(model, ema_state_dict, losses)``.
+
+    The first ``crop_steps`` steps see random ``testbed.crop``-cell windows of the frames (4x cheaper per sample at
+    half the side; the UNet is convolutional and its attention is over the tokens it gets), the rest whole frames,
+    so that attention learns the token count it meets at inference."""
     torch.manual_seed(seed)
-    model = build_model(UNET_CONFIG)
+    model = build_model(testbed.unet_config)
     unet = model.diffusion_model
     initialise(unet)
     unet.train()
@@ -205,8 +257,10 @@ def train(bank: torch.Tensor, steps: int, batch: int, lr: float, seed: int, log_
     started = time.perf_counter()
     for step in range(steps):
         raw = dihedral(bank[torch.randint(0, len(bank), (batch,), generator=gen)], gen)
+        if step < crop_steps:
+            raw = random_crops(raw, testbed.crop, gen)
         target = torch.rand(batch, generator=gen) < 0.5
-        raw = torch.where(target[:, None, None, None], styled(raw, gen), raw)
+        raw = torch.where(target[:, None, None, None], styled(raw, gen, testbed.stripe_period), raw)
         which = torch.where(torch.rand(batch, generator=gen) < 0.1, 2, target.long())  # 0 source, 1 target, 2 empty
         x0 = model.process_latent_in(raw)
         t = torch.randint(0, len(sampling.sigmas), (batch,), generator=gen)
@@ -234,12 +288,13 @@ def train(bank: torch.Tensor, steps: int, batch: int, lr: float, seed: int, log_
     return model, ema, losses
 
 
-def save(out: Path, ema: dict, seconds: float, steps: int) -> None:
+def save(out: Path, ema: dict, seconds: float, steps: int, testbed: Testbed = TESTBEDS["test_model"]) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    metadata = {"unet_config": json.dumps(UNET_CONFIG),
+    metadata = {"unet_config": json.dumps(testbed.unet_config),
                 "training": json.dumps({"steps": steps, "seconds": round(seconds)}),
+                "testbed": json.dumps({"frame_size": testbed.frame_size, "stripe_period": testbed.stripe_period}),
                 "description": "TVE test model: SD1.5-architecture UNet trained on tools/video_world.py"}
     save_file({k: v.half().contiguous() for k, v in ema.items()}, str(out / "unet.safetensors"), metadata=metadata)
     save_file({k: v.half().contiguous() for k, v in conditioning_embeddings().items()},
@@ -268,7 +323,7 @@ def _degrees(radians: torch.Tensor) -> list[int]:
     return [round(math.degrees(v)) for v in radians.tolist()]
 
 
-def check(model_dir: Path, png: Path) -> None:
+def check(model_dir: Path, png: Path, testbed: Testbed = TESTBEDS["test_model"]) -> None:
     """Inversion -> reconstruction errors on held-out clips at 10/25/50 steps, and a grid of target samples."""
     import comfy.sample
     import comfy.samplers
@@ -278,7 +333,7 @@ def check(model_dir: Path, png: Path) -> None:
 
     patcher, cond = load(model_dir)
     model = patcher.model
-    raw = render_frames(4, 2, HELD_OUT_SEED)  # 8 held-out frames
+    raw = render_frames(4, 2, HELD_OUT_SEED, testbed.frame_size)  # 8 held-out frames
     x0 = model.process_latent_in(raw)
     euler = comfy.samplers.sampler_object("euler")
     for steps in (10, 25, 50):
@@ -287,13 +342,14 @@ def check(model_dir: Path, png: Path) -> None:
                                            cond["source"], cond["source"], x_T, disable_pbar=True)
         error = (model.process_latent_in(recon) - x0).norm() / x0.norm()
         print(f"inversion->reconstruction, {steps} ddim_uniform steps: relative error {float(error):.4f}", flush=True)
-    noise = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    cells = testbed.frame_size // 8
+    noise = torch.randn(6, 4, cells, cells, generator=torch.Generator().manual_seed(7))
     rows = [latent_to_frames(raw[:6])]
     for name in ("source", "target"):
         latent = comfy.sample.sample(patcher, noise, 30, 5.0, "euler", "normal", cond[name], cond["empty"],
                                      torch.zeros_like(noise), disable_pbar=True, seed=7)
         rows.append(latent_to_frames(latent))
-        angle, phase, amplitude = fit_stripes(rows[-1])
+        angle, phase, amplitude = fit_stripes(rows[-1], period=testbed.stripe_period)
         warmth = (rows[-1][..., 0] - rows[-1][..., 2]).mean(dim=(1, 2))
         print(f"{name} samples, cfg 5: mean R-B {[round(float(w), 3) for w in warmth]}; stripe fit: angle (deg) "
               f"{_degrees(angle)} phase (deg) {_degrees(phase)} amplitude {[round(a, 3) for a in amplitude.tolist()]}")
@@ -304,13 +360,17 @@ def check(model_dir: Path, png: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("tools/test_model"))
+    parser.add_argument("--testbed", choices=sorted(TESTBEDS), default="test_model",
+                        help="which model: its UNet, frame size and stripe period (TESTBEDS)")
+    parser.add_argument("--out", type=Path, help="output folder (default tools/<testbed>)")
     parser.add_argument("--clips", type=int, default=100)
     parser.add_argument("--frames", type=int, default=12, help="frames per clip")
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crop-steps", type=int, default=0,
+                        help="first steps on random crops of the testbed's crop size (it has no crops: ignored)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 because OpenMP threads that spin-wait stall (20x slower) when other "
                              "processes share the cores, unless OMP_WAIT_POLICY=PASSIVE is set")
@@ -318,26 +378,30 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="only evaluate the weights in --out")
     parser.add_argument("--png", type=Path, default=Path("/tmp/tve_test_model_samples.png"))
     opts = parser.parse_args()
+    testbed = TESTBEDS[opts.testbed]
+    out = opts.out if opts.out is not None else Path(__file__).resolve().parent / opts.testbed
     torch.set_num_threads(opts.threads)
     torch.set_flush_denormal(True)  # zero-initialised branches otherwise run on denormals, 10x slower on CPU
     _tve_alias.real_host(sdpa_attention=not opts.check)
     if opts.check:
         with torch.inference_mode():
-            check(opts.out, opts.png)
+            check(out, opts.png, testbed)
         return
     started = time.perf_counter()
     if opts.bank is not None and opts.bank.exists():
         bank = torch.load(opts.bank)
     else:
-        bank = render_frames(opts.clips, opts.frames)
+        bank = render_frames(opts.clips, opts.frames, size=testbed.frame_size)
         if opts.bank is not None:
             torch.save(bank, opts.bank)
     print(f"{len(bank)} training frames ready after {time.perf_counter() - started:.0f} s", flush=True)
-    model, ema, losses = train(bank, opts.steps, opts.batch, opts.lr, opts.seed)
+    crop_steps = opts.crop_steps if testbed.crop < testbed.frame_size // 8 else 0
+    model, ema, losses = train(bank, opts.steps, opts.batch, opts.lr, opts.seed, testbed=testbed,
+                               crop_steps=crop_steps)
     seconds = time.perf_counter() - started
-    save(opts.out, ema, seconds, opts.steps)
+    save(out, ema, seconds, opts.steps, testbed)
     parameters = sum(v.numel() for v in ema.values())
-    print(f"{parameters} parameters, {seconds / 60:.1f} min in all -> {opts.out}", flush=True)
+    print(f"{parameters} parameters, {seconds / 60:.1f} min in all -> {out}", flush=True)
 
 
 if __name__ == "__main__":
