@@ -198,10 +198,10 @@ def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repe
     profile: dict = {}
 
     def timed(name: str, fn):
-        def wrapper(q, k, v, heads, chunks, *args, **kwargs):
+        def wrapper(q, k, v, *args, **kwargs):
             start = time.perf_counter()
-            out = fn(q, k, v, heads, chunks, *args, **kwargs)
-            key = (name, q.shape[1], chunks)
+            out = fn(q, k, v, *args, **kwargs)
+            key = (name, q.shape[1], q.shape[0] // frames)                 # (tokens per frame, chunks computed)
             seconds, calls = profile.get(key, (0.0, 0))
             profile[key] = (seconds + time.perf_counter() - start, calls + 1)
             return out
@@ -241,9 +241,10 @@ def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repe
     for (name, tokens, chunks), (seconds, calls) in sorted(profile.items(), key=lambda kv: -kv[1][0]):
         inside += seconds
         print(f"{seconds / total:.3f} of the FLATTEN edit ({seconds:.1f} s of {total:.1f} s): {name}, "
-              f"{tokens // frames} tokens/frame, {chunks} chunk(s) computed, {calls} calls")
-    print(f"{(total - inside) / total:.3f} of the FLATTEN edit ({total - inside:.1f} s): the rest (UNet outside "
-          f"FLATTEN's attention, sampler, source pass bookkeeping)")
+              f"{tokens} tokens/frame, {chunks} chunk(s) computed, {calls} calls")
+    print(f"{(total - inside) / total:.3f} of the FLATTEN edit ({total - inside:.1f} s): everything else (the "
+          f"UNet's convolutions, projections and cross-attention in the source and edit passes, the equal-chunk "
+          f"check, the sampler)")
 
 
 def figure_block_cost(grids: tuple = ((16, 16), (32, 32), (64, 64)), channels: int = 64, heads: int = 2) -> None:
