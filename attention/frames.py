@@ -2,9 +2,12 @@
 
 ComfyUI hands a self-attention patch ``(chunks·F, T, C)`` tensors: ``chunks`` conditioning chunks (uncond,
 cond, ...), each holding the call's F frames in order. ``frames_view`` exposes the frame axis without copying;
-``query_frame_chunks`` splits the query frames of a cross-frame attention into calls of bounded size.
+``query_frame_chunks`` splits the query frames of a cross-frame attention into calls of bounded size;
+``once_per_distinct_chunk`` runs a chunk-wise attention once for chunks that hold the same q, k, v.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,32 @@ def batch_view(x: torch.Tensor) -> torch.Tensor:
     if x.ndim < 2:
         raise ValueError(f"x: expected (chunks, frames, ...), got shape {tuple(x.shape)}")
     return x.flatten(0, 1)
+
+
+def once_per_distinct_chunk(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            chunks: int) -> torch.Tensor:
+    """``attend(q, k, v, chunks)`` computed once per distinct chunk: a chunk whose q, k and v equal an earlier
+    chunk's (``torch.equal``: bit for bit) gets a copy of that chunk's output.
+
+    For attention that treats chunks independently (every TVE mode: a frame attends within its own chunk) this is
+    the same result. Cond and uncond chunks are equal where the text has not yet entered the UNet (the first
+    transformer block's self-attention sees the same latents and timestep in both); a cross-frame attention costs
+    F times per-frame attention there, so it is computed once. q, k, v (chunks·F, T, C) -> (chunks·F, T, C).
+    """
+    views = [frames_view(t, chunks) for t in (q, k, v)]                              # 3 × (chunks, F, T, C)
+    distinct: list[int] = []                                                         # first chunk of each kind
+    kind_of: list[int] = []                                                          # (chunks,) kind of each
+    for c in range(chunks):
+        kind = next((i for i, d in enumerate(distinct) if all(torch.equal(t[c], t[d]) for t in views)), None)
+        if kind is None:
+            kind = len(distinct)
+            distinct.append(c)
+        kind_of.append(kind)
+    if len(distinct) == chunks:
+        return attend(q, k, v, chunks)
+    picked = torch.tensor(distinct, device=v.device)
+    out = attend(*(batch_view(t.index_select(0, picked)) for t in views), len(distinct))
+    return batch_view(frames_view(out, len(distinct)).index_select(0, torch.tensor(kind_of, device=v.device)))
 
 
 def query_frame_chunks(frames: int, per_frame: int, budget: int = ATTENTION_BUDGET) -> list[slice]:

@@ -1,12 +1,17 @@
-"""FLATTEN trajectory attention cost: grouped (this pack) against per-query key lists (the peers), ratios first.
+"""FLATTEN cost: grouped trajectory attention against per-query key lists (the peers), one block's dense and
+trajectory attention against per-frame attention, and the FLATTEN edit against plain CFG; ratios first.
 
-    python bench/flatten.py [--frames 8 16 32]
+    python bench/flatten.py [--frames 8 16 32]           # COMFYUI_PATH set: also the edit figures (real host)
 
-One self-attention block at the 64×64 token grid (T=4096), C=320, 8 heads, 2 CFG chunks, fp32 on the CPU,
-trajectories of a random smooth translation. Each (method, frames) runs in a fresh subprocess; its peak memory
-is the rise of ru_maxrss over the resident size after the inputs are built. Per-query runs whose analytic K+V
-lists exceed ``PER_QUERY_BUDGET`` are not run; their analytic size is printed instead.
+Grouped vs per-query: one self-attention block at the 64×64 token grid (T=4096), C=320, 8 heads, 2 CFG chunks,
+fp32 on the CPU, trajectories of a random smooth translation. Each (method, frames) runs in a fresh subprocess; its
+peak memory is the rise of ru_maxrss over the resident size after the inputs are built. Per-query runs whose
+analytic K+V lists exceed ``PER_QUERY_BUDGET`` are not run; their analytic size is printed instead.
 Targets: grouped peak / dense output ≤ 2×; the per-query/grouped memory ratio grows ∝ F.
+
+Block cost (``figure_block_cost``) and the edit with its profile (``figure_edit_vs_cfg``, the trained test model at
+``bench/consistency.py``'s size): see their docstrings. Timings on a shared CPU are noisy; each ratio comes from one
+run, with the edits interleaved.
 """
 import argparse
 import json
@@ -28,9 +33,10 @@ PER_QUERY_BUDGET = 8 << 30          # bytes of analytic per-query K+V lists run 
 GB = 1 << 30
 
 
-def translation_trajectories(frames: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def translation_trajectories(frames: int, seed: int = 0, grid_hw: tuple[int, int] = GRID_HW
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """tracks (n_traj, F), track_of (F, h·w) of content moving by a random step in {-1, 0, 1}² cells per frame."""
-    h, w = GRID_HW
+    h, w = grid_hw
     steps = torch.randint(-1, 2, (frames, 2), generator=torch.Generator().manual_seed(seed))
     offset = torch.cumsum(steps, 0) - steps[0]                                         # (F, 2), frame 0 at 0
     y, x = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
@@ -143,30 +149,139 @@ def figure_grouped_memory_vs_output(frame_counts: list[int], cache: dict) -> Non
               f"{grouped['trajectories']} trajectories, index built once in {grouped['index_seconds']:.2f} s)")
 
 
-def figure_edit_vs_cfg(frames: int = 16, size: int = 32, steps: int = 4) -> None:
-    """FLATTEN edit (dense attention everywhere + trajectories at the top grid) / plain CFG sampling, real host."""
+def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repeats: int = 2,
+                       sdpa_host: bool = False) -> None:
+    """FLATTEN edit / plain CFG and per-frame PnP / plain CFG, the trained test model (real host), with a profile.
+
+    The edits of ``bench/consistency.py`` (16 frames, 16×16 latent, 25 steps, cfg 5, a held-out clip and its
+    ground-truth flow): plain CFG sampling, per-frame PnP (injection, TokenFlow's blocks) and FLATTEN + PnP
+    (FLATTEN's blocks), best of ``repeats`` each, interleaved so the machine's load hits all alike. The profile
+    times FLATTEN's pieces (timers around the node's calls): dense attention per token grid and per number of CFG
+    chunks it computed (1 = the source pass, or cond and uncond computed once because they were still equal),
+    trajectory attention, and the rest of the UNet. ``FLATTEN, chunks always apart`` is the same edit with every
+    chunk computed (the implementation before ``once_per_distinct_chunk``), for the before/after ratio.
+    ``sdpa_host``: the host's attention is torch SDPA (``--use-pytorch-cross-attention``, ComfyUI's default on
+    NVIDIA GPUs) instead of its CPU default, sub-quadratic attention.
+    """
     if not os.environ.get("COMFYUI_PATH"):
         print("skipped: FLATTEN edit / plain CFG needs the real host (set COMFYUI_PATH)")
         return
-    _tve.real_host()
-    from _edits import best_of, cfg_edit, inverted_video
+    _tve.real_host(sdpa_attention=sdpa_host)
+    import comfy.sample
+    import comfy.samplers
+    import tve.nodes.flatten as flatten_node
     from tve.flow.estimate import FlowField
     from tve.flow.trajectories import build_trajectories
-    from tve.nodes.flatten import apply_flatten
-    from tve.tools.video_world import render_clip
-    clip = render_clip(frames, size * 8, size * 8, seed=0, sprites=2)
+    from tve.nodes.injection import apply_feature_injection
+    from tve.nodes.inversion import invert
+    from tve.tests.trained_model import load_trained_model, trained_conditioning
+    from tve.tools.train_test_model import FRAME_SIZE, HELD_OUT_SEED
+    from tve.tools.video_world import frames_to_latent, render_clip
+    clip = render_clip(frames, FRAME_SIZE, FRAME_SIZE, seed=HELD_OUT_SEED, sprites=2)
     flow = FlowField(clip.flow_forward, clip.flow_backward, clip.occlusion_forward, "ground truth")
-    model, x_T, inversion = inverted_video(frames, size, steps)
-    patched = apply_flatten(model, build_trajectories(flow, (size, size)), "highest resolution", "dense_output")
-    t_plain = best_of(lambda: cfg_edit(model, x_T, inversion.sigmas))
-    t_flatten = best_of(lambda: cfg_edit(patched, x_T, inversion.sigmas))
-    print(f"{t_flatten / t_plain:.2f}x FLATTEN edit / plain CFG sampling (target <= 2x): {t_flatten:.2f} s vs "
-          f"{t_plain:.2f} s, {frames} frames, {size}x{size} latent, {steps} steps, tiny SD1.5-shaped UNet, CPU")
+    model = load_trained_model()
+    latent = frames_to_latent(clip.frames)
+    x_T, inversion = invert(model, latent, trained_conditioning("source"), steps, "ddim_uniform")
+    trajectories = build_trajectories(flow, tuple(latent.shape[-2:]), seed=0)
+    pnp = apply_feature_injection(model, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
+    flatten = apply_feature_injection(flatten_node.apply_flatten(model, trajectories, "highest resolution",
+                                                                 "dense_output"), inversion, 0.5, 0.8, "flatten",
+                                      "sigma-matched")
+
+    def edit(patched) -> float:
+        start = time.perf_counter()
+        comfy.sample.sample_custom(patched, torch.zeros_like(x_T), cfg, comfy.samplers.sampler_object("euler"),
+                                   inversion.sigmas, trained_conditioning("target"), trained_conditioning("empty"),
+                                   x_T, disable_pbar=True, seed=0)
+        return time.perf_counter() - start
+
+    profile: dict = {}
+
+    def timed(name: str, fn):
+        def wrapper(q, k, v, *args, **kwargs):
+            start = time.perf_counter()
+            out = fn(q, k, v, *args, **kwargs)
+            key = (name, q.shape[1], q.shape[0] // frames)                 # (tokens per frame, chunks computed)
+            seconds, calls = profile.get(key, (0.0, 0))
+            profile[key] = (seconds + time.perf_counter() - start, calls + 1)
+            return out
+        return wrapper
+
+    def apart(attend, q, k, v, chunks):
+        return attend(q, k, v, chunks)
+
+    shared = flatten_node.once_per_distinct_chunk
+    edit(flatten)                                                                      # warm-up (index build)
+    times: dict = {"plain": [], "pnp": [], "flatten": [], "apart": []}
+    for _ in range(repeats):
+        times["plain"].append(edit(model))
+        times["pnp"].append(edit(pnp))
+        times["flatten"].append(edit(flatten))
+        flatten_node.once_per_distinct_chunk = apart
+        times["apart"].append(edit(flatten))
+        flatten_node.once_per_distinct_chunk = shared
+    t = {name: min(values) for name, values in times.items()}
+    backend = "torch SDPA" if sdpa_host else "sub-quadratic (the CPU default)"
+    setting = f"{frames} frames, 16x16 latent, {steps} steps, cfg {cfg}, trained test model, CPU, {backend} attention"
+    print(f"{t['flatten'] / t['plain']:.2f}x FLATTEN edit / plain CFG sampling: {t['flatten']:.1f} s vs "
+          f"{t['plain']:.1f} s, {setting}")
+    print(f"{t['pnp'] / t['plain']:.2f}x per-frame PnP edit / plain CFG sampling (reference): {t['pnp']:.1f} s")
+    print(f"{t['flatten'] / t['pnp']:.2f}x FLATTEN edit / per-frame PnP edit")
+    print(f"{t['flatten'] / t['apart']:.2f}x FLATTEN edit / the same with every CFG chunk computed (before): "
+          f"{t['apart'] / t['plain']:.2f}x plain CFG before")
+
+    dense, trajectory = flatten_node.dense_attention, flatten_node.trajectory_attention
+    flatten_node.dense_attention = timed("dense attention", dense)
+    flatten_node.trajectory_attention = timed("trajectory attention", trajectory)
+    try:
+        total = edit(flatten)
+    finally:
+        flatten_node.dense_attention, flatten_node.trajectory_attention = dense, trajectory
+    inside = 0.0
+    for (name, tokens, chunks), (seconds, calls) in sorted(profile.items(), key=lambda kv: -kv[1][0]):
+        inside += seconds
+        print(f"{seconds / total:.3f} of the FLATTEN edit ({seconds:.1f} s of {total:.1f} s): {name}, "
+              f"{tokens} tokens/frame, {chunks} chunk(s) computed, {calls} calls")
+    print(f"{(total - inside) / total:.3f} of the FLATTEN edit ({total - inside:.1f} s): everything else (the "
+          f"UNet's convolutions, projections and cross-attention in the source and edit passes, the equal-chunk "
+          f"check, the sampler)")
+
+
+def figure_block_cost(grids: tuple = ((16, 16), (32, 32), (64, 64)), channels: int = 64, heads: int = 2) -> None:
+    """One self-attention block of the test model's width (C=64, 2 heads, 2 CFG chunks, fp32): dense attention
+    over all frames and trajectory attention, each against per-frame attention, per token grid; 16 frames except
+    4 at 64×64 (dense cost grows as F²·T²; 16 frames there take minutes on a 2-core CPU). Backend: torch SDPA."""
+    from tve.attention.cross_frame import dense_attention
+    from tve.attention.frames import sdpa_attention
+    for h, w in grids:
+        frames = 4 if h * w > 2048 else 16
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(CHUNKS * frames, h * w, channels) for _ in range(3))
+        tracks, track_of = translation_trajectories(frames, grid_hw=(h, w))
+        index = trajectory_index(tracks, track_of)
+        per_frame = _best(lambda: sdpa_attention(q, k, v, heads))
+        dense = _best(lambda: dense_attention(q, k, v, heads, CHUNKS))
+        trajectory = _best(lambda: trajectory_attention(v, v, v, index, heads, CHUNKS))
+        print(f"{dense / per_frame:.1f}x dense / per-frame attention, {trajectory / per_frame:.2f}x trajectory / "
+              f"per-frame, at {h}x{w} tokens, {frames} frames ({dense * 1e3:.0f} / {trajectory * 1e3:.0f} / "
+              f"{per_frame * 1e3:.0f} ms)")
+
+
+def _best(fn, repeats: int = 2) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--sdpa-host", action="store_true", help="the host's attention is torch SDPA (ComfyUI's "
+                    "--use-pytorch-cross-attention) for the edit figures")
     ap.add_argument("--measure", nargs=3, metavar=("METHOD", "FRAMES", "REPEATS"), help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.measure:
@@ -176,7 +291,8 @@ def main() -> None:
     cache: dict = {}
     figure_grouped_vs_per_query(opts.frames, cache)
     figure_grouped_memory_vs_output(opts.frames, cache)
-    figure_edit_vs_cfg()
+    figure_block_cost()
+    figure_edit_vs_cfg(sdpa_host=opts.sdpa_host)
 
 
 if __name__ == "__main__":

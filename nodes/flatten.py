@@ -12,6 +12,7 @@ import torch
 
 from ..attention.cross_frame import dense_attention
 from ..attention.flatten import trajectory_attention, trajectory_index
+from ..attention.frames import once_per_distinct_chunk
 from ..flow.trajectories import Trajectories
 from . import host, passes, sockets, validation
 
@@ -42,18 +43,24 @@ class Flatten(passes.AttentionFeature):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
         layout = host.call_layout(q.shape[0], extra_options)
+        trajectories = layout.grid_hw in self.grids
+        if trajectories:
+            validation.frames_within(layout.frame_ids, self.trajectories.frames, "trajectories", "the trajectories")
+            index = self.index(layout.grid_hw, layout.frame_ids)
 
         def attention(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, heads_: int) -> torch.Tensor:
             return host.optimized_attention(q_, k_, v_, heads_, extra_options)
 
-        dense = dense_attention(q, k, v, heads, layout.chunks, attention=attention)    # FLATTEN §3.1 (DSTA)
-        if layout.grid_hw not in self.grids:
-            return dense
-        validation.frames_within(layout.frame_ids, self.trajectories.frames, "trajectories", "the trajectories")
-        index = self.index(layout.grid_hw, layout.frame_ids)
-        if self.qk_source == "dense_output":
-            return trajectory_attention(dense, dense, dense, index, heads, layout.chunks)
-        return trajectory_attention(q, k, dense, index, heads, layout.chunks)
+        def flatten(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, chunks: int) -> torch.Tensor:
+            dense = dense_attention(q_, k_, v_, heads, chunks, attention=attention)   # FLATTEN §3.1 (DSTA)
+            if not trajectories:
+                return dense
+            if self.qk_source == "dense_output":
+                return trajectory_attention(dense, dense, dense, index, heads, chunks)
+            return trajectory_attention(q_, k_, dense, index, heads, chunks)
+
+        # cond and uncond chunks that are still equal (the first block, before any text) are computed once
+        return once_per_distinct_chunk(flatten, q, k, v, layout.chunks)
 
     def check_latent(self, latent_image: torch.Tensor) -> None:
         """Before sampling: refuse a latent the trajectories were not built for."""

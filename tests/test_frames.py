@@ -1,10 +1,13 @@
-"""Frame layout of an attention call, query-frame chunking, and the SDPA backend."""
+"""Frame layout of an attention call, query-frame chunking, computing equal CFG chunks once, and the SDPA
+backend."""
 import math
 
 import pytest
 import torch
 
-from tve.attention.frames import batch_view, frames_view, query_frame_chunks, sdpa_attention
+from tve.attention.cross_frame import dense_attention
+from tve.attention.frames import (batch_view, frames_view, once_per_distinct_chunk, query_frame_chunks,
+                                 sdpa_attention)
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -71,3 +74,49 @@ def test_sdpa_attention_equals_per_head_softmax_attention_with_fewer_keys_than_q
     assert out.dtype == dtype and out.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(out.double(), naive_attention(q, k, v, 3), atol=tol)
+
+
+def chunked_tokens(pattern, dtype, frames=3, tokens=5, channels=8, equal_qk_only=False):
+    """q, k, v (chunks·F, T, C) whose chunk c holds the random tokens number ``pattern[c]`` (equal numbers: equal
+    chunks); with ``equal_qk_only`` every chunk still gets its own v (PnP injection's shared source q/k)."""
+    kinds = [[torch.randn(frames, tokens, channels, generator=generator(10 * i + j)).to(dtype) for j in range(3)]
+             for i in range(max(pattern) + 1)]
+    q, k, v = (torch.cat([kinds[p][j] for p in pattern]) for j in range(3))
+    if equal_qk_only:
+        v = torch.randn(v.shape, generator=generator(99)).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern, distinct", [([0, 0], [0]), ([0, 1], [0, 1]), ([0, 0, 0], [0]),
+                                               ([0, 1, 0], [0, 1]), ([0, 1, 1], [0, 1]), ([0], [0])])
+def test_once_per_distinct_chunk_computes_each_distinct_chunk_once_with_the_result_of_computing_all(
+        dtype, pattern, distinct):
+    q, k, v = chunked_tokens(pattern, dtype)
+    calls = []
+
+    def attend(q_, k_, v_, chunks):
+        calls.append((q_.clone(), chunks))
+        return dense_attention(q_, k_, v_, 2, chunks)
+
+    out = once_per_distinct_chunk(attend, q, k, v, len(pattern))
+    assert [c for _, c in calls] == [len(distinct)]
+    assert torch.equal(calls[0][0], batch_view(frames_view(q, len(pattern))[distinct]))
+    everything = dense_attention(q, k, v, 2, len(pattern))
+    assert out.dtype == dtype and out.shape == v.shape
+    assert torch.allclose(out.float(), everything.float(), **({} if dtype == torch.float32 else dict(atol=2e-2)))
+    views = frames_view(out, len(pattern))
+    for c, p in enumerate(pattern):
+        assert torch.equal(views[c], views[pattern.index(p)])         # equal chunks get the very same output
+
+
+def test_chunks_that_share_only_q_and_k_are_all_computed():
+    q, k, v = chunked_tokens([0, 0], torch.float32, equal_qk_only=True)
+    calls = []
+
+    def attend(q_, k_, v_, chunks):
+        calls.append(chunks)
+        return dense_attention(q_, k_, v_, 2, chunks)
+
+    out = once_per_distinct_chunk(attend, q, k, v, 2)
+    assert calls == [2] and torch.equal(out, dense_attention(q, k, v, 2, 2))
