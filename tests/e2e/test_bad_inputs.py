@@ -47,6 +47,7 @@ APPLICABLE = {
     "TVE_OneShotTune": {NON_FINITE, TINY, FAMILY},
     "TVE_SaveTemporalAdapter": {FILE},
     "TVE_LoadTemporalAdapter": {FILE},
+    "TVE_FrameWindows": set(),          # a model and two bounded integers (overlap >= window: test_frame_windows)
 }
 
 
