@@ -18,6 +18,7 @@ class SourceVideo:
     width: int
     fps: int
     audio: bool                                    # an AAC track (a tone) alongside the frames
+    cap: int | None = None                         # the frame cap (ImageFromBatch length) a run raises it to
 
 
 # Small and not square (4:3, a multiple of 8); ordinary web footage: 16:9 at 426x240 (not a multiple of 8), with
@@ -25,5 +26,7 @@ class SourceVideo:
 SMALL = SourceVideo("tve_e2e_source.mp4", frames=6, height=48, width=64, fps=8, audio=False)
 WEB = SourceVideo("tve_e2e_426x240.mp4", frames=18, height=240, width=426, fps=12, audio=True)
 PHONE = SourceVideo("tve_e2e_854x480.mp4", frames=8, height=480, width=854, fps=30, audio=False)
-SOURCES = (SMALL, WEB, PHONE)
+# A long clip, taken whole (the cap raised to its length): many frames through the workflows' frame windows.
+LONG = SourceVideo("tve_e2e_long_426x240.mp4", frames=160, height=240, width=426, fps=24, audio=False, cap=160)
+SOURCES = (SMALL, WEB, PHONE, LONG)
 FRAMES, HEIGHT, WIDTH = SMALL.frames, SMALL.height, SMALL.width      # Text2Video-Zero's size and frame count

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tve.tests.e2e.session_files import (CHECKPOINT, CONTROLNET, FRAMES, HEIGHT, PACK_FOLDER, PHONE, RAFT_PLACEHOLDER,
-                                         SMALL, SOURCES, WEB, WIDTH, SourceVideo)
+from tve.tests.e2e.session_files import (CHECKPOINT, CONTROLNET, FRAMES, HEIGHT, LONG, PACK_FOLDER, PHONE,
+                                         RAFT_PLACEHOLDER, SMALL, SOURCES, WEB, WIDTH, SourceVideo)
 from tve.tests.e2e.ui_workflow import combo_choices, problems, to_api
 
 pytestmark = pytest.mark.real_host
@@ -49,6 +49,8 @@ def load(path: Path) -> dict:
 
 def with_overrides(graph: dict, source: SourceVideo) -> dict:
     overrides = {**TYPE_OVERRIDES, "LoadVideo": {"file": source.file}}
+    if source.cap is not None and any(node["class_type"] == "ImageFromBatch" for node in graph.values()):
+        overrides["ImageFromBatch"] = {"length": source.cap}
     for node_id, node in graph.items():
         for name, value in overrides.get(node["class_type"], {}).items():
             assert name in node["inputs"], f"override {node['class_type']}.{name}: node {node_id} has no such input"
@@ -155,14 +157,15 @@ def test_workflow_names_only_nodes_inputs_and_link_types_the_server_has(path, ob
 # Every workflow runs on the web clip; these also on the small 4:3 clip (shorter than the frame caps, upscaled: one
 # graph of each kind of frame use) and on the phone-size one (the graph that failed on it before frames of any size).
 OTHER_CLIP_RUNS = {SMALL: {"optical_flow_preview.json", "inversion_reconstruction.json", "flatten_edit.json"},
-                   PHONE: {"flatten_edit.json"}}
+                   PHONE: {"flatten_edit.json"}, LONG: {"tokenflow_edit.json", "flatten_edit.json"}}
 
 
 def runs() -> list:
     """Every workflow on the web clip; a few on the others too (keeps the suite within minutes on 2 cores)."""
     def name(path: Path, source: SourceVideo) -> str:
         reads_video = "LoadVideo" in path.read_text(encoding="utf-8")
-        return f"{path.name}-{source.width}x{source.height}" if reads_video else path.name
+        whole = f"-{source.frames}-frames" if source.cap else ""
+        return f"{path.name}-{source.width}x{source.height}{whole}" if reads_video else path.name
 
     return [pytest.param(path, source, id=name(path, source)) for path in WORKFLOW_FILES for source in SOURCES
             if source is WEB or path.name in OTHER_CLIP_RUNS[source]]
