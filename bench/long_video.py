@@ -30,17 +30,16 @@ import _tve
 _tve.real_host()
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from _edits import peak_rss_rise  # noqa: E402
 
 from tve.attention.windows import batches, overlapping_windows  # noqa: E402
 from tve.flow.estimate import FlowField  # noqa: E402
 from tve.flow.trajectories import build_trajectories  # noqa: E402
-from tve.flow.warp import backward_warp  # noqa: E402
 from tve.nodes.flatten import apply_flatten  # noqa: E402
 from tve.nodes.injection import apply_feature_injection  # noqa: E402
 from tve.nodes.inversion import invert  # noqa: E402
 from tve.nodes.tokenflow import apply_tokenflow  # noqa: E402
+from tve.tools.edit_measures import latent_flow, pair_warp_errors  # noqa: E402
 
 METHODS = ["per-frame PnP", "TokenFlow", "FLATTEN", "TokenFlow+FLATTEN"]
 LATENT_COPIES = 8     # video-sized latents alive during an edit: x, denoised, cond/uncond outputs, sampler state
@@ -109,16 +108,6 @@ def cost_table(methods: list[str], frame_counts: list[int], size: int, steps: in
 
 
 # ---------------------------------------------------------------------------------------------- seams
-def pair_warp_errors(latents: torch.Tensor, flow: FlowField, scale: int) -> torch.Tensor:
-    """Latent warp error of each consecutive pair (F-1,) under the pixel flow averaged over each latent cell."""
-    forward = F.avg_pool2d(flow.forward, scale) / scale                                 # (F-1, 2, h, w) cells
-    occluded = F.max_pool2d(flow.occlusion.float()[:, None], scale)[:, 0] > 0          # (F-1, h, w)
-    x = latents.float()
-    warped, valid = backward_warp(x[1:], forward)
-    visible = (valid & ~occluded).float()
-    return (((warped - x[:-1]) ** 2).sum(1) * visible).sum((1, 2)) / visible.sum((1, 2)).clamp(min=1)
-
-
 def boundary_pairs(frames: int, schedule: list[list[int]]) -> set[int]:
     """Pairs (t, t+1), as t, that a window starts or ends between."""
     cuts = {w[0] for w in schedule if w[0] > 0} | {w[-1] + 1 for w in schedule if w[-1] + 1 < frames}
@@ -128,7 +117,7 @@ def boundary_pairs(frames: int, schedule: list[list[int]]) -> set[int]:
 def seams(frames: int, steps: int, cfg: float) -> dict:
     from tve.tests.trained_model import load_trained_model, trained_conditioning
     from tve.tools.train_test_model import HELD_OUT_SEED
-    from tve.tools.video_world import LATENT_SCALE, frames_to_latent, render_clip
+    from tve.tools.video_world import frames_to_latent, render_clip
     clip = render_clip(frames, 128, 128, seed=HELD_OUT_SEED, sprites=2)
     flow = FlowField(clip.flow_forward, clip.flow_backward, clip.occlusion_forward, "ground truth")
     raw = frames_to_latent(clip.frames)
@@ -145,7 +134,7 @@ def seams(frames: int, steps: int, cfg: float) -> dict:
         x_T, inversion = invert(model, raw, trained_conditioning("source"), steps, "ddim_uniform")
         out = sample(patched(method, model, inversion, trajectories), x_T, inversion.sigmas,
                      trained_conditioning("target"), trained_conditioning("empty"), cfg)
-        errors = pair_warp_errors(out, flow, LATENT_SCALE)
+        errors = pair_warp_errors(out, *latent_flow(flow.forward, flow.occlusion))
         cut = boundary_pairs(frames, schedule)
         inside = [e for t, e in enumerate(errors.tolist()) if t not in cut]
         across = [errors[t].item() for t in sorted(cut)]

@@ -316,9 +316,7 @@ class State:
             schedule = frame_windows.overlapping_windows(frames, size, self.windows.overlap)
         else:
             schedule = frame_windows.batches(frames, size)
-        step = host.current_step({"sigmas": call.timestep,
-                                  "sample_sigmas": call.model_options["transformer_options"].get("sample_sigmas")})
-        shared = self._shared_frames(step) if len(schedule) > 1 else lambda own: ()
+        shared = self._shared_frames(call) if len(schedule) > 1 else lambda own: ()
         blend = frame_windows.Blend(frames)
         for window in frame_windows.windows_with_shared(schedule, shared):
             local = None if len(schedule) == 1 else window.frames
@@ -331,8 +329,10 @@ class State:
             blend.add(window, out)
         return blend.result(call.x_in.dtype)
 
-    def _shared_frames(self, step: int) -> Callable[[Sequence[int]], list[int]]:
+    def _shared_frames(self, call: Call) -> Callable[[Sequence[int]], list[int]]:
         """The frames a window must hold besides its own (the anchor frame, the step's keyframes)."""
+        step = host.current_step({"sigmas": call.timestep,
+                                  "sample_sigmas": call.model_options["transformer_options"].get("sample_sigmas")})
         features = [f for f in {id(f): f for f in self.attention.values()}.values() if hasattr(f, "shared_frames")]
         frame_ids = self.run.frame_ids
         return lambda own: sorted({i for f in features for i in f.shared_frames(own, frame_ids, step)})

@@ -131,11 +131,15 @@ def latent_flow(forward: torch.Tensor, occlusion: torch.Tensor) -> tuple[torch.T
     return cell_flow, occluded
 
 
-def latent_warp_error(latents: torch.Tensor, cell_flow: torch.Tensor, occluded: torch.Tensor) -> float:
+def pair_warp_errors(latents: torch.Tensor, cell_flow: torch.Tensor, occluded: torch.Tensor) -> torch.Tensor:
     """Frame t+1 warped into frame t with the cell flow, squared error summed over channels, mean over the visible
-    cells of each pair, mean over pairs. ``latents`` ``(F, C, h, w)`` (latents or per-cell features)."""
+    cells: one error per pair ``(F-1,)``. ``latents`` ``(F, C, h, w)`` (latents or per-cell features)."""
     x = latents.float()
     warped, valid = backward_warp(x[1:], cell_flow)
     visible = (valid & ~occluded).float()
-    per_pair = (((warped - x[:-1]) ** 2).sum(1) * visible).sum((1, 2)) / visible.sum((1, 2)).clamp(min=1)
-    return float(per_pair.mean())
+    return (((warped - x[:-1]) ** 2).sum(1) * visible).sum((1, 2)) / visible.sum((1, 2)).clamp(min=1)
+
+
+def latent_warp_error(latents: torch.Tensor, cell_flow: torch.Tensor, occluded: torch.Tensor) -> float:
+    """``pair_warp_errors`` averaged over the pairs."""
+    return float(pair_warp_errors(latents, cell_flow, occluded).mean())
