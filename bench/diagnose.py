@@ -20,6 +20,9 @@ comes from the sampling run the TVE state puts in ``transformer_options``. Print
    spatial transformer's (output minus input), edit pass minus source pass at the same step; the share of the
    summed squared change that the transformers carry, and each kind's warp error of the edit branch relative to
    the source branch.
+4. **Where the output flickers**: the final output's latent warp error (``bench/consistency.py``'s) and its split
+   (``tools/edit_measures.warp_error_parts``) into what the source explains per frame (the recolour), the stripe
+   band of the rest, and the rest outside the band.
 """
 import argparse
 import math
@@ -36,7 +39,8 @@ from tve.flow.warp import backward_warp  # noqa: E402
 from tve.nodes.passes import Pass, current_run  # noqa: E402
 from tve.tests.trained_model import load_trained_model, trained_conditioning  # noqa: E402
 from tve.tools.train_test_model import HELD_OUT_SEED, TESTBEDS, fit_stripes  # noqa: E402
-from tve.tools.edit_measures import unexplained_grey, without_band  # noqa: E402
+from tve.tools.edit_measures import (latent_flow, latent_warp_error, unexplained_grey, warp_error_parts,  # noqa: E402
+                                     without_band)
 from tve.tools.video_world import LATENT_SCALE, frames_to_latent, render_clip  # noqa: E402
 
 METHODS = ("per-frame PnP", "TokenFlow", "FLATTEN")
@@ -220,6 +224,7 @@ def main() -> None:
     raw = frames_to_latent(clip.frames)
     x_T, inversion = invert(model, raw, cond("source"), opts.steps, "ddim_uniform")
     trajectories = build_trajectories(flow, tuple(raw.shape[-2:]), seed=opts.seed)
+    cell_flow, occluded = latent_flow(clip.flow_forward, clip.occlusion_forward)
     unet = model.model.diffusion_model
     sampling = model.get_model_object("model_sampling")
     print(f"# {opts.testbed}: held-out clip {opts.clip}, {opts.frames} frames of {size}x{size}, {opts.steps} steps, "
@@ -229,7 +234,7 @@ def main() -> None:
     for method, patched in edit_models(model, inversion, trajectories, opts.seed, opts.interval).items():
         recorder = Recorder(unet, sampling, flows, clip.frames, period)
         try:
-            comfy.sample.sample_custom(patched, torch.zeros_like(x_T), opts.cfg,
+            out = comfy.sample.sample_custom(patched, torch.zeros_like(x_T), opts.cfg,
                                        comfy.samplers.sampler_object("euler"), inversion.sigmas, cond("target"),
                                        cond("empty"), x_T, disable_pbar=True, seed=opts.seed)
         finally:
@@ -251,6 +256,9 @@ def main() -> None:
             warp = recorder.branch_warp[kind]
             print(f"{recorder.change[kind] / total:.2f} of the squared change (edit - source) is in the {kind} "
                   f"branches; their warp error edit / source {mean(warp['edit']) / mean(warp['source']):.2f}x")
+        parts = warp_error_parts(out, clip.frames, period, cell_flow, occluded)
+        print(f"output warp error {latent_warp_error(out, cell_flow, occluded):.3f}, by part: what the source "
+              f"explains {parts['explained']:.3f}, stripe band {parts['stripes']:.3f}, the rest {parts['rest']:.3f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tve.tools.edit_measures import (band_energy, edit_strength, fidelity_error, latent_flow, latent_warp_error,
-                                     structure_error)
+                                     structure_error, warp_error_parts)
 from tve.tools.train_test_model import HELD_OUT_SEED, STRIPE_AMPLITUDE, TESTBEDS, recolour, target_style
 from tve.tools.video_world import frames_to_latent, render_clip
 
@@ -80,3 +80,25 @@ def test_latent_warp_error_is_low_on_the_source_and_high_when_every_frame_draws_
     source = latent_warp_error(frames_to_latent(clip.frames), cell_flow, occluded)
     per_frame = latent_warp_error(styled_latent(clip.frames, 0), cell_flow, occluded)
     assert per_frame > 3 * source
+
+
+def test_warp_error_parts_put_the_flicker_where_the_edit_put_it(clip):
+    cell_flow, occluded = latent_flow(clip.flow_forward, clip.occlusion_forward)
+    # the source copied: all of its warp error is explained by the source
+    source = frames_to_latent(clip.frames)
+    parts = warp_error_parts(source, clip.frames, PERIOD, cell_flow, occluded)
+    assert parts["explained"] == pytest.approx(latent_warp_error(source, cell_flow, occluded), rel=1e-3)
+    assert parts["stripes"] < 1e-6 and parts["rest"] < 1e-6
+    # a still clip with other stripes in every frame: the flicker is the stripes, the recolour holds still
+    still = render_clip(4, TESTBED.frame_size, TESTBED.frame_size, seed=HELD_OUT_SEED + 1, camera="static",
+                        sprites=0)
+    flow, hidden = latent_flow(still.flow_forward, still.occlusion_forward)
+    styled = styled_latent(still.frames, 0)
+    parts = warp_error_parts(styled, still.frames, PERIOD, flow, hidden)
+    whole = latent_warp_error(styled, flow, hidden)
+    assert parts["stripes"] > 0.8 * whole and parts["explained"] < 0.05 * whole and parts["rest"] < 0.2 * whole
+    # the same clip with per-cell noise that changes every frame: the flicker is outside the band
+    noise = 0.3 * torch.randn(styled.shape, generator=torch.Generator().manual_seed(0), dtype=styled.dtype)
+    noisy = frames_to_latent(recolour(still.frames)) + noise
+    parts = warp_error_parts(noisy, still.frames, PERIOD, flow, hidden)
+    assert parts["rest"] > 2 * parts["stripes"] and parts["rest"] > 10 * parts["explained"]

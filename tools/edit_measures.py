@@ -23,6 +23,10 @@ period ``P`` whose angle and phase the model draws per sample; ``P`` is given he
   sharp, so their energy lies far outside the band; a blurred output loses them, an output that moves or drops a
   sprite loses that sprite's share, a flat output scores 1. Copying the source wins this one and loses edit
   strength.
+- ``warp_error_parts``: where the flicker sits. The decoded output split per frame into what the source explains
+  (the least-squares fit ``a · rgb_src + b`` per channel: the recolour, at any contrast), the stripe band of the rest
+  and the rest outside the band, each measured like ``latent_warp_error`` (in the latent's units). Not a score:
+  ``bench/diagnose.py`` prints it to show which part of an edit flickers.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 
 from tve.flow.warp import backward_warp
 from tve.tools.train_test_model import recolour
-from tve.tools.video_world import LATENT_SCALE, latent_to_frames
+from tve.tools.video_world import LATENT_FROM_RGB, LATENT_SCALE, latent_to_frames
 
 BAND = 1.5  # the stripe band: spatial frequencies in [1 / (BAND P), BAND / P]
 
@@ -138,6 +142,25 @@ def pair_warp_errors(latents: torch.Tensor, cell_flow: torch.Tensor, occluded: t
     warped, valid = backward_warp(x[1:], cell_flow)
     visible = (valid & ~occluded).float()
     return (((warped - x[:-1]) ** 2).sum(1) * visible).sum((1, 2)) / visible.sum((1, 2)).clamp(min=1)
+
+
+def warp_error_parts(latent: torch.Tensor, source_frames: torch.Tensor, period: float, cell_flow: torch.Tensor,
+                     occluded: torch.Tensor) -> dict[str, float]:
+    """The output's flicker split three ways (module text): ``explained`` (per frame and channel, the least-squares
+    fit of the decoded cell colours by the source's ``a · rgb + b``), ``stripes`` (the rest's stripe band,
+    ``period`` cells, mirror-padded as in ``structure_error``) and ``rest`` (the rest outside the band). Each part
+    is mapped back to latent units (``LATENT_FROM_RGB``, no bias) and given its ``latent_warp_error``; unrelated
+    parts add up to about the whole output's. ``latent`` ``(F, 4, h, w)`` raw, ``source_frames`` ``(F, 8h, 8w, 3)``."""
+    colours = cell_colours(latent).double()  # (F, h, w, 3)
+    rgb = F.avg_pool2d(source_frames.double().permute(0, 3, 1, 2), LATENT_SCALE).permute(0, 2, 3, 1).flatten(1, 2)
+    basis = torch.cat([rgb, torch.ones_like(rgb[..., :1])], -1)  # (F, h·w, 4)
+    explained = (basis @ torch.linalg.lstsq(basis, colours.flatten(1, 2)).solution).view_as(colours)
+    rest = colours - explained
+    off_band = torch.stack([without_band(rest[..., c], period) for c in range(3)], -1)
+    parts = {"explained": explained, "stripes": rest - off_band, "rest": off_band}
+    to_latent = LATENT_FROM_RGB.to(colours.device)  # (4, 3)
+    return {name: latent_warp_error(torch.einsum("fhwc,lc->flhw", part, to_latent), cell_flow, occluded)
+            for name, part in parts.items()}
 
 
 def latent_warp_error(latents: torch.Tensor, cell_flow: torch.Tensor, occluded: torch.Tensor) -> float:
