@@ -24,7 +24,10 @@ Per mode, as a ratio to per-frame PnP first (definitions in ``tools/edit_measure
 - fidelity error: the output and the recoloured source, both averaged over P x P cells (one stripe period), mean
   squared error: the deterministic part of the style;
 - wall time.
-The source video itself is measured too (a copy: low warp error and no edit strength).
+The source video itself is measured too (a copy: low warp error and no edit strength), and so are four reference
+edits that need no model (``reference_edits``), the floor and the ceilings of the warp error: the recolour alone, the
+exact style with its stripes carried along the source flow from frame 0 (what a perfectly consistent edit looks
+like), with the same stripes fixed on the screen in every frame, and with new stripes drawn in every frame.
 Targets (issue 12): warp ratio TokenFlow ≤ 0.25, FLATTEN ≤ 0.33, TokenFlow+FLATTEN ≤ 0.20 and not above the better of
 the two, each with edit strength ≥ 0.8 and structure ≤ 1.2.
 Writes ``<out>/<mode>.png`` (evenly spaced decoded frames of the first clip, one row) and ``<out>/strip.png``
@@ -32,6 +35,7 @@ Writes ``<out>/<mode>.png`` (evenly spaced decoded frames of the first clip, one
 latents of every clip and its frames).
 """
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -53,11 +57,13 @@ from tve.tests.trained_model import load_trained_model, trained_conditioning  # 
 from tve.tools.demo import labelled, write_strip  # noqa: E402
 from tve.tools.edit_measures import (edit_strength, fidelity_error, latent_flow, latent_warp_error,  # noqa: E402
                                      structure_error)
-from tve.tools.train_test_model import HELD_OUT_SEED, TESTBEDS  # noqa: E402
+from tve.flow.warp import backward_warp  # noqa: E402
+from tve.tools.train_test_model import HELD_OUT_SEED, TESTBEDS, recolour, stripes  # noqa: E402
 from tve.tools.video_world import LATENT_SCALE, frames_to_latent, latent_to_frames, render_clip  # noqa: E402
 
 MODES = ["per-frame PnP", "anchor", "keyframes", "TokenFlow", "FLATTEN", "TokenFlow+FLATTEN"]
 TARGETS = {"TokenFlow": 1 / 4, "FLATTEN": 1 / 3, "TokenFlow+FLATTEN": 1 / 5}
+REFERENCES = ("recolour", "stripes carried along the flow", "stripes fixed on the screen", "new stripes every frame")
 STRIP_ROWS = ["source", "per-frame PnP", "TokenFlow", "FLATTEN", "TokenFlow+FLATTEN"]
 MIN_STRENGTH, MAX_STRUCTURE = 0.8, 1.2
 
@@ -95,6 +101,28 @@ def video_clip(path: str, frames: int, size: int):
     return video, estimate_flow(video, "dis")
 
 
+def reference_edits(frames_rgb: torch.Tensor, flow: FlowField, period_px: float, seed: int) -> dict:
+    """Raw latents of edits made without a model (see the module text): ``recolour``, and ``recolour`` plus stripes
+    (amplitude and period of the target style) carried along the flow, fixed on the screen, or new per frame.
+    ``frames_rgb`` ``(F, H, W, 3)``; the carried stripes follow ``flow.backward`` from frame 0 (bilinear, so they
+    soften a little over the frames), and a pixel of frame t+1 whose source lies outside frame t takes the fixed
+    stripes."""
+    count, height, width, _ = frames_rgb.shape
+    gen = torch.Generator().manual_seed(seed)
+    angle = math.pi * torch.rand(count, generator=gen, dtype=torch.float64)
+    phase = 2 * math.pi * torch.rand(count, generator=gen, dtype=torch.float64)
+    fixed = stripes(height, width, angle[:1].expand(count), phase[:1].expand(count), period_px).float()  # (F, H, W)
+    carried = [fixed[0]]
+    for t in range(count - 1):
+        warped, valid = backward_warp(carried[-1][None, None], flow.backward[t:t + 1].float())
+        carried.append(torch.where(valid[0], warped[0, 0], fixed[t + 1]))
+    new = stripes(height, width, angle, phase, period_px).float()
+    base = recolour(frames_rgb.float())
+    edits = {"recolour": base, "stripes carried along the flow": base + torch.stack(carried)[..., None],
+             "stripes fixed on the screen": base + fixed[..., None], "new stripes every frame": base + new[..., None]}
+    return {name: frames_to_latent(frames.clamp(0, 1)) for name, frames in edits.items()}
+
+
 def measures(latent: torch.Tensor, frames_rgb: torch.Tensor, cell_flow, occluded, period: float) -> dict:
     return {"warp": latent_warp_error(latent, cell_flow, occluded),
             "strength": edit_strength(latent, frames_rgb, period),
@@ -125,6 +153,8 @@ def run_clip(testbed: str, frames_rgb: torch.Tensor, flow: FlowField, steps: int
         outputs[mode] = out
         print(f"  {mode}: {seconds:.0f} s", flush=True)
     rows["source"] = dict(measures(raw, frames_rgb, cell_flow, occluded, period), time=0.0)
+    for name, latent in reference_edits(frames_rgb, flow, TESTBEDS[testbed].stripe_period, seed).items():
+        rows[name] = dict(measures(latent, frames_rgb, cell_flow, occluded, period), time=0.0)
     return rows, outputs
 
 
@@ -172,7 +202,7 @@ def main() -> None:
     print(f"# {opts.testbed}: {len(clips)} clip(s), {opts.frames} frames, {size}x{size} px ({size // 8}x{size // 8} "
           f"latent), {opts.steps} steps, cfg {opts.cfg}, {source}; strips in {opts.out}")
     print("# ratios to per-frame PnP: warp (lower: less flicker), strength (>= 0.8), structure (<= 1.2), fidelity")
-    for mode in modes + ["source"]:
+    for mode in modes + ["source"] + list(REFERENCES):
         row = mean[mode]
         ratio = {k: row[k] / base[k] for k in ("warp", "strength", "structure", "fidelity")}
         verdict = ""
@@ -182,7 +212,7 @@ def main() -> None:
             if mode == "TokenFlow+FLATTEN" and {"TokenFlow", "FLATTEN"} <= set(mean):
                 met.append(row["warp"] <= min(mean["TokenFlow"]["warp"], mean["FLATTEN"]["warp"]))
             verdict = f" (targets: warp <= {TARGETS[mode]:.2f}: {'met' if all(met) else 'MISSED'})"
-        time_ratio = f"{row['time'] / base['time']:.2f}x time" if mode != "source" else "copy"
+        time_ratio = f"{row['time'] / base['time']:.2f}x time" if mode in modes else "no model"
         print(f"{ratio['warp']:.3f}x warp  {ratio['strength']:.2f}x strength  {ratio['structure']:.2f}x structure  "
               f"{ratio['fidelity']:.2f}x fidelity  {time_ratio}{verdict}  | {mode}: warp {row['warp']:.4f}, "
               f"strength {row['strength']:.5f}, structure {row['structure']:.3f}, fidelity {row['fidelity']:.5f}, "

@@ -1,15 +1,15 @@
 """The 256 px test model (tools/test_model_256, ``TESTBEDS["test_model_256"]``) inside the real ComfyUI: what
 bench/consistency.py relies on it for. Short clips (3-4 frames of 32 x 32 latents, 12-25 steps) keep each test to
-seconds. (Not tested because it does not hold yet: that the sprites keep their outline under the edit; the
-structure error of bench/consistency.py measures it.)"""
+seconds. (Not tested because it holds only in part: that the sprites keep their outline under the edit; the
+structure error of bench/consistency.py measures it, 0.48 for per-frame PnP where the exact style scores about 0.1.)"""
 import json
 
 import pytest
 import torch
 
 from tve.tests.trained_model import TOOLS, load_trained_model, trained_conditioning
-from tve.tools.edit_measures import edit_strength, latent_flow, latent_warp_error
-from tve.tools.train_test_model import HELD_OUT_SEED, STRIPE_AMPLITUDE, TESTBEDS, UNET_CONFIG_256
+from tve.tools.edit_measures import edit_strength, latent_flow, latent_warp_error, warp_error_parts
+from tve.tools.train_test_model import HELD_OUT_SEED, STRIPE_AMPLITUDE, TESTBEDS, UNET_CONFIG_256, recolour
 from tve.tools.video_world import frames_to_latent, render_clip
 
 pytestmark = pytest.mark.real_host
@@ -18,7 +18,7 @@ NAME = "test_model_256"
 WEIGHTS = TOOLS / NAME / "unet.safetensors"
 PERIOD = TESTBED.stripe_period / 8  # cells
 STYLE_ENERGY = STRIPE_AMPLITUDE ** 2 / 2  # edit strength of the exact style
-RECONSTRUCTION_BOUND = 0.15  # 25 steps; measured 0.096 and 0.087 on two held-out clips
+RECONSTRUCTION_BOUND = 0.15  # 25 steps; measured 0.102 (this clip) and 0.101 (bench clip 0)
 
 
 def _clip(frames: int, index: int = 7):
@@ -80,6 +80,11 @@ def test_per_frame_pnp_edit_applies_the_stripes_and_flickers():
     # style's here; the source itself has none)
     assert edit_strength(out, clip.frames, PERIOD) > 0.3 * STYLE_ENERGY
     assert edit_strength(raw, clip.frames, PERIOD) < 0.01 * STYLE_ENERGY
-    # frame by frame the stripes are drawn anew: the output flickers more than the source moves
+    # frame by frame the stripes do not follow the content: the output flickers far more than the style's
+    # deterministic part (the recolour) moves (measured 30x), and most of it is in the stripe band (measured 2.1 of
+    # 2.6, the rest 0.8, the part the source explains 0.2)
     cell_flow, occluded = latent_flow(clip.flow_forward, clip.occlusion_forward)
-    assert latent_warp_error(out, cell_flow, occluded) > 2 * latent_warp_error(raw, cell_flow, occluded)
+    flicker = latent_warp_error(out, cell_flow, occluded)
+    assert flicker > 10 * latent_warp_error(frames_to_latent(recolour(clip.frames)), cell_flow, occluded)
+    parts = warp_error_parts(out, clip.frames, PERIOD, cell_flow, occluded)
+    assert parts["stripes"] > 0.5 * flicker and parts["stripes"] > 2 * parts["rest"] > 2 * parts["explained"]

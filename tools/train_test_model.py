@@ -27,13 +27,14 @@ Two testbeds (``TESTBEDS``), each a folder of ``tools/``:
 
     test_model_256  256 x 256 frames (32 x 32 latents) that a person can read, SD1.5's layout (4 levels, attention
                     at the first three and in the middle block), stripes of 64 px (8 cells); bench/consistency.py
-                    and bench/diagnose.py. 850 steps on random 16 x 16-cell crops, then 250 on whole frames
-                    (attention meets the 1024 tokens of inference); 3.75 M parameters, 7.5 MB of fp16. 33.7 min wall
-                    measured on 2 CPU cores shared with other jobs (load average 5-8), one thread: 25 s to render
-                    1200 frames, crop steps at ~1.1 s, whole-frame steps at ~5 s.
+                    and bench/diagnose.py. 2400 steps on random 16 x 16-cell crops, then 700 on whole frames
+                    (attention meets the 1024 tokens of inference); 3.75 M parameters, 7.5 MB of fp16. 51.5 min wall
+                    measured on 2 CPU cores, one thread, the other core busy with a second training run: 27 s to
+                    render 1200 frames, crop steps at 0.5 s, whole-frame steps at 2.3 s. (The first weights, 850 +
+                    250 steps, drew the duotone's colours wrong, speckled, and lost the sprites under the edit.)
 
-        COMFYUI_PATH=/path/to/ComfyUI python tools/train_test_model.py --testbed test_model_256 --steps 1100 \
-            --crop-steps 850
+        COMFYUI_PATH=/path/to/ComfyUI python tools/train_test_model.py --testbed test_model_256 --steps 3100 \
+            --crop-steps 2400
 
 Writes ``tools/<testbed>/unet.safetensors`` (the EMA weights in fp16; metadata ``unet_config`` is the JSON config
 to build it with, ``testbed`` its frame size and stripe period) and ``conditioning.safetensors`` (``source``, ``target``, ``empty``). Training uses the world's seeds
