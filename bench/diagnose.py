@@ -235,8 +235,8 @@ def main() -> None:
         recorder = Recorder(unet, sampling, flows, clip.frames, period)
         try:
             out = comfy.sample.sample_custom(patched, torch.zeros_like(x_T), opts.cfg,
-                                       comfy.samplers.sampler_object("euler"), inversion.sigmas, cond("target"),
-                                       cond("empty"), x_T, disable_pbar=True, seed=opts.seed)
+                                             comfy.samplers.sampler_object("euler"), inversion.sigmas,
+                                             cond("target"), cond("empty"), x_T, disable_pbar=True, seed=opts.seed)
         finally:
             recorder.remove()
         print(f"## {method}")
