@@ -79,10 +79,15 @@ def unexplained_grey(latent: torch.Tensor, source_frames: torch.Tensor) -> torch
     """``(F, h, w)`` float64: the output's grey minus, per frame, its least-squares fit ``a · rgb_src + b`` by the
     source's cell colours."""
     grey = cell_colours(latent).mean(-1).double().flatten(1)  # (F, h·w)
+    return (grey - fitted_by_source(grey[..., None], source_frames)[..., 0]).view(latent.shape[0], *latent.shape[-2:])
+
+
+def fitted_by_source(values: torch.Tensor, source_frames: torch.Tensor) -> torch.Tensor:
+    """Per frame, the least-squares fit ``a · rgb_src + b`` of ``values`` ``(F, h·w, k)`` float64 (each of the ``k``
+    columns on its own) by the source's cell colours, ``source_frames`` ``(F, 8h, 8w, 3)`` -> ``(F, h·w, k)``."""
     rgb = F.avg_pool2d(source_frames.double().permute(0, 3, 1, 2), LATENT_SCALE).flatten(2).transpose(1, 2)
     basis = torch.cat([rgb, torch.ones_like(rgb[..., :1])], -1)  # (F, h·w, 4)
-    coefficients = torch.linalg.lstsq(basis, grey[..., None]).solution  # (F, 4, 1)
-    return (grey - (basis @ coefficients)[..., 0]).view(latent.shape[0], *latent.shape[-2:])
+    return basis @ torch.linalg.lstsq(basis, values).solution
 
 
 def edit_strength(latent: torch.Tensor, source_frames: torch.Tensor, period: float) -> float:
@@ -152,9 +157,7 @@ def warp_error_parts(latent: torch.Tensor, source_frames: torch.Tensor, period: 
     is mapped back to latent units (``LATENT_FROM_RGB``, no bias) and given its ``latent_warp_error``; unrelated
     parts add up to about the whole output's. ``latent`` ``(F, 4, h, w)`` raw, ``source_frames`` ``(F, 8h, 8w, 3)``."""
     colours = cell_colours(latent).double()  # (F, h, w, 3)
-    rgb = F.avg_pool2d(source_frames.double().permute(0, 3, 1, 2), LATENT_SCALE).permute(0, 2, 3, 1).flatten(1, 2)
-    basis = torch.cat([rgb, torch.ones_like(rgb[..., :1])], -1)  # (F, h·w, 4)
-    explained = (basis @ torch.linalg.lstsq(basis, colours.flatten(1, 2)).solution).view_as(colours)
+    explained = fitted_by_source(colours.flatten(1, 2), source_frames).view_as(colours)
     rest = colours - explained
     off_band = torch.stack([without_band(rest[..., c], period) for c in range(3)], -1)
     parts = {"explained": explained, "stripes": rest - off_band, "rest": off_band}
