@@ -202,7 +202,7 @@ def with_context_windows(model, length: int, overlap: int = 0):
     Core 0.3.64's ``IndexListContextHandler.set_step`` compares ``sample_sigmas`` with the whole per-frame timestep
     tensor, which fails for image models whose frames are the batch (fixed in later releases, which compare its
     first entry); on such a host the handler's ``set_step`` is given the first entry, which is what it means."""
-    from tve.nodes import host
+    from tve.engine import host
     (m,) = host.run_core_node("ContextWindowsManual", model=model, context_length=length, context_overlap=overlap)
     handler = m.model_options["context_handler"]
     try:
@@ -217,7 +217,7 @@ def context_window_calls(model, frames: int) -> list[tuple[int, ...]]:
     """The global frame ids of each call core's context handler on ``model`` (``with_context_windows``) makes over
     ``frames`` frames: its static standard windows, each preceded by the frame before it where the handler adds
     a causal frame (``causal_window_fix``, 0.33+ default)."""
-    from tve.attention.windows import overlapping_windows        # core's static standard schedule (pinned to it)
+    from tve.engine.frame_windows import overlapping_windows
     handler = model.model_options["context_handler"]
     windows = overlapping_windows(frames, handler.context_length, handler.context_overlap)
     causal = getattr(handler, "causal_window_fix", False)

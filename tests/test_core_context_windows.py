@@ -45,7 +45,7 @@ def test_cross_frame_attention_inside_core_windows_equals_each_windows_call_on_i
     windowed = core_windows(model)
     calls = context_window_calls(windowed, FRAMES)
     x = make_latent(FRAMES, 8, 8)["samples"]
-    from tve.nodes import host
+    from tve.engine import host
     sigmas = host.sigma_grid(model, "normal", 1)                     # one step: every call starts from the same x
     spy = recorded(windowed)
     out = edit(windowed, x, sigmas)
@@ -95,7 +95,7 @@ def test_tokenflow_inside_core_windows_draws_keyframes_and_propagates_within_eac
 
 
 def test_flatten_inside_core_windows_attends_along_the_trajectories_of_each_calls_frames():
-    from tve.nodes.flatten import ApplyFLATTEN
+    from tve.nodes.edit_nodes import ApplyFLATTEN
     from tve.tests.test_flatten_node import trajectories_for
     model = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories_for(FRAMES), "all", "dense_output")[0]
     x_T, inversion = inverted(model, FRAMES)
@@ -110,7 +110,7 @@ def test_tve_frame_windows_split_each_core_windows_call():
     model = windows(cross_frame(make_tiny_model("sd15"), "dense"), 2, 0)
     windowed = core_windows(model)
     spy = recorded(windowed)
-    from tve.nodes import host
+    from tve.engine import host
     edit(windowed, make_latent(FRAMES, 8, 8)["samples"], host.sigma_grid(model, "normal", 1))
     calls = context_window_calls(windowed, FRAMES)
     edits = [ids for name, _, ids in spy.calls if name == "edit"]
@@ -129,6 +129,6 @@ def test_tve_frame_windows_split_each_core_windows_call():
 
 def test_an_anchor_frame_a_core_window_does_not_hold_is_refused_naming_the_input():
     model = core_windows(cross_frame(make_tiny_model("sd15"), "anchor", anchor=0))
-    from tve.nodes import host
+    from tve.engine import host
     with pytest.raises(ValueError, match="anchor_frame: frame 0 is not among the frames of this call"):
         edit(model, make_latent(FRAMES, 8, 8)["samples"], host.sigma_grid(model, "normal", 1))

@@ -4,9 +4,13 @@ import types
 import pytest
 import torch
 
-from tve.attention.cross_frame import anchor_attention, dense_attention, keyframe_attention, pick_keyframes
-from tve.nodes import host, passes
-from tve.nodes.cross_frame import MODES, ApplyCrossFrameAttention
+from tve.attention.cross_frame import anchor_attention, dense_attention, keyframe_attention
+from tve.attention.tokenflow import pick_keyframes
+from tve.engine import host, passes
+from tve.engine.run import SamplingRun, call_layout
+from tve.engine.stack import stack_of
+from tve.engine.cross_frame import MODES
+from tve.nodes.edit_nodes import ApplyCrossFrameAttention
 from tve.tests.hosts import (FAMILIES, REAL_HOST, cond_chunks_split, context_window_calls, make_conditioning,
                              make_latent, make_tiny_model, with_context_windows)
 
@@ -23,8 +27,13 @@ def attn1_replaces(model):
 
 
 def attention_of(model):
-    """The cross-frame feature's attention (what the block router calls), from the model's TVE state."""
-    return next(iter(passes.state_of(model).attention.values())).attend
+    """The block router's attention, called as inside a sampling run of ``model`` at the step and frames the
+    ``extra_options`` name (what CALC_COND_BATCH reads once per call)."""
+    def attend(q, k, v, extra):
+        run = SamplingRun(stack=stack_of(model))
+        passes.begin_call(run, q.shape[0] // len(extra["cond_or_uncond"]), extra["sigmas"], extra)
+        return passes.route_attention(q, k, v, {**extra, host.RUN_KEY: run})
+    return attend
 
 
 def extra_options(chunks=2, grid=(4, 4), step_sigma=1.0, window=None, heads=2):
@@ -138,7 +147,7 @@ def test_core_context_windows_pick_keyframes_among_the_windows_global_frames():
     seen = []
 
     def spy(q, k, v, extra_options):
-        layout = host.call_layout(q.shape[0], extra_options)
+        layout = call_layout(q.shape[0], extra_options)
         seen.append((layout.frame_ids, tuple(pick_keyframes(layout.frame_ids, 2, 3, layout.step).tolist())))
         return inner(q, k, v, extra_options)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from tve.nodes.flow_nodes import NO_WEIGHTS, FlowTrajectories, OpticalFlow, PreviewFlow, PreviewTrajectories
+from tve.engine.optical_flow import NO_WEIGHTS
+from tve.nodes.flow_nodes import FlowTrajectories, OpticalFlow, PreviewFlow, PreviewTrajectories
 from tve.tests.hosts import REAL_HOST, make_vae
 from tve.tools.video_world import frames_to_latent, render_clip
 
@@ -150,7 +151,7 @@ def test_flow_covers_exactly_the_pixels_vae_encode_encodes():
 
 
 def test_trajectories_previews_and_metrics_line_up_with_the_latent_of_odd_sized_frames():
-    from tve.nodes.metrics import ConsistencyMetrics
+    from tve.nodes.measure_nodes import ConsistencyMetrics
     video = clip(*ODD)
     encoded = vae_encoded_pixels(video.frames)                        # what VAEEncode encodes / VAEDecode returns
     (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
@@ -168,7 +169,7 @@ def test_trajectories_previews_and_metrics_line_up_with_the_latent_of_odd_sized_
 
 
 def test_frames_of_another_video_or_length_are_errors_naming_both_sockets():
-    from tve.nodes.metrics import ConsistencyMetrics
+    from tve.nodes.measure_nodes import ConsistencyMetrics
     video = clip(*ODD)
     (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
     with pytest.raises(ValueError, match=r"latent: 12x6 .*90x54, cropped by the VAE to 88x48.* 11x6 latent"):
@@ -185,7 +186,7 @@ def test_frames_of_another_video_or_length_are_errors_naming_both_sockets():
 @pytest.mark.parametrize("height, width", [(240, 426), (480, 854), (288, 512), (61, 77), (1080, 1920)])
 def test_latent_crop_is_the_hosts_vae_encode_crop(height, width):
     from tve.flow.latent_crop import LatentCrop
-    from tve.nodes import host
+    from tve.engine import host
     images = torch.rand(1, height, width, 3)
     crop = LatentCrop((height, width), host.vae_downscale_ratio(VAE))
     assert torch.equal(crop.crop_frames(images), VAE.vae_encode_crop_pixels(images))
@@ -199,7 +200,8 @@ def test_a_value_that_is_not_an_image_vae_is_refused():
 
 # ------------------------------------------------------------------------------------------------ lean RAFT
 def test_raft_is_built_once_and_loaded_by_cores_model_management(flow_folder):
-    from tve.nodes import flow_nodes, host
+    from tve.engine import optical_flow as flow_nodes
+    from tve.engine import host
     torch.save(torchvision.models.optical_flow.raft_small(weights=None).state_dict(), flow_folder / "mine.pth")
     flow_nodes._RAFT_CACHE.clear()
     OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
@@ -215,7 +217,7 @@ def test_raft_is_built_once_and_loaded_by_cores_model_management(flow_folder):
 def core_optical_flow(flow_folder, name: str):
     """What core's Load Optical Flow Model gives (0.33+: run the node itself on ``name``; older hosts have no such
     node, so the same value, a ModelPatcher around the RAFT, is built as core builds it)."""
-    from tve.nodes import host
+    from tve.engine import host
     try:
         host.core_node_class("OpticalFlowLoader")
     except ValueError:
@@ -241,7 +243,7 @@ def test_a_raft_loaded_by_cores_optical_flow_loader_runs_instead_of_the_file(flo
 
 
 def test_an_optical_flow_model_that_is_not_raft_is_refused_naming_the_input():
-    from tve.nodes import host
+    from tve.engine import host
     other = host.helper_model(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="optical_flow: expected a torchvision RAFT loaded by core's Load Optical "
                                          "Flow Model, got a Linear"):
@@ -251,5 +253,5 @@ def test_an_optical_flow_model_that_is_not_raft_is_refused_naming_the_input():
 
 
 def test_helpers_run_in_float32_on_the_cpu_as_comfy_does():
-    from tve.nodes import host
+    from tve.engine import host
     assert host.helper_dtype(torch.device("cpu")) == torch.float32               # comfy: no fp16 on the CPU

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from tve.attention.temporal import KINDS, TemporalAttention, instance_centering
-from tve.nodes import host
-from tve.nodes.one_shot import OneShotTune, evaluate_loss, tune
-from tve.nodes.temporal_adapter import (LoadTemporalAdapter, SaveTemporalAdapter, TemporalAdapter, apply_adapter,
-                                        model_blocks)
+from tve.engine import host
+from tve.nodes.one_shot_nodes import OneShotTune
+from tve.engine.one_shot import evaluate_loss, tune
+from tve.nodes.one_shot_nodes import LoadTemporalAdapter, SaveTemporalAdapter
+from tve.engine.temporal_adapter import TemporalAdapter, apply_adapter, model_blocks
 from tve.tests.hosts import FAMILIES, make_conditioning, make_latent, make_tiny_model
 
 pytestmark = pytest.mark.real_host

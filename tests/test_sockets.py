@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tve.nodes import NODE_CLASS_MAPPINGS, sockets
+from tve.nodes import NODE_CLASS_MAPPINGS
+from tve.engine import sockets
 from tve.tests.hosts import make_latent, make_tiny_model, make_vae
 
 CUSTOM = {sockets.FLOW, sockets.TRAJECTORIES, sockets.INVERSION, sockets.TEMPORAL_ADAPTER}

@@ -6,9 +6,9 @@ import safetensors.torch
 import torch
 
 from tve.attention.temporal import TemporalAttention
-from tve.nodes import host
-from tve.nodes.loss_graph import loss_graph
-from tve.nodes.temporal_adapter import TemporalAdapter, load_adapter, save_adapter
+from tve.engine import host
+from tve.engine.loss_graph import loss_graph
+from tve.engine.temporal_adapter import TemporalAdapter, load_adapter, save_adapter
 
 
 def adapter(kind="stam"):

@@ -15,16 +15,15 @@ class PassRecorder:
         self.calls = []
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        from tve.nodes import host
-        from tve.nodes.passes import current_pass
+        from tve.engine.run import call_frame_ids, current_pass
         frames = x.shape[0] // len(transformer_options["cond_or_uncond"])
         self.calls.append((current_pass(transformer_options).value, float(transformer_options["sigmas"][0]),
-                           host.call_frame_ids(frames, transformer_options)))
+                           call_frame_ids(frames, transformer_options)))
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
 def inverted(family="sd15", frames=16, steps=3, size=8):
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     model = make_tiny_model(family)
     cond = make_conditioning(family, seed=1)
     x_T, inversion = invert(model, make_latent(frames, size, size)["samples"], cond, steps, "ddim_uniform")
@@ -40,7 +39,7 @@ def edit(model, x_T, sigmas, family="sd15", cfg=4.0):
 
 
 def tokenflow(model, inversion, interval=4, seed=7, mode="paper", attn=0.5, conv=0.8):
-    from tve.nodes.tokenflow import ApplyTokenFlow
+    from tve.nodes.edit_nodes import ApplyTokenFlow
     return ApplyTokenFlow().apply(model, inversion, interval, seed, mode, attn, conv)[0]
 
 
@@ -83,8 +82,8 @@ def test_keyframes_change_between_steps_and_repeat_with_the_same_seed():
 
 
 def test_interval_one_equals_keyframe_attention_plus_injection():
-    from tve.nodes.cross_frame import ApplyCrossFrameAttention
-    from tve.nodes.injection import apply_feature_injection
+    from tve.nodes.edit_nodes import ApplyCrossFrameAttention
+    from tve.engine.injection import apply_feature_injection
     model, cond, x_T, inversion = inverted(frames=4, steps=3)
     via_tokenflow = edit(tokenflow(model, inversion, interval=1), x_T, inversion.sigmas)
     extended = ApplyCrossFrameAttention().apply(model, "keyframes", 1, 0, False, 2, 7, "all", 0.0, 1.0)[0]

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from tve.nodes import validation
-from tve.nodes.cross_frame import ApplyCrossFrameAttention
-from tve.nodes.flatten import ApplyFLATTEN
+from tve.engine import validation
+from tve.nodes.edit_nodes import ApplyCrossFrameAttention
+from tve.nodes.edit_nodes import ApplyFLATTEN
 from tve.nodes.flow_nodes import FlowTrajectories, OpticalFlow, PreviewFlow, PreviewTrajectories
-from tve.nodes.metrics import ConsistencyMetrics, pca_image
+from tve.nodes.measure_nodes import ConsistencyMetrics
+from tve.engine.feature_preview import pca_image
 from tve.flow.estimate import estimate_flow
 from tve.tests.hosts import make_latent, make_tiny_model, make_vae
 
@@ -141,9 +142,11 @@ def test_trajectories_carry_the_fingerprint_of_their_latent_and_sources_of_two_l
         validation.same_sources([trajectories, other])
     # FLATTEN applied again is one FLATTEN with the later settings (issue 15): its trajectories replace the first.
     model, = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories, "highest resolution", "dense_output")
-    again, = ApplyFLATTEN().apply(model, other, "highest resolution", "dense_output")
-    from tve.nodes import passes
-    assert passes.state_of(again).trajectories == [other]
+    shown = ApplyFLATTEN().apply(model, other, "highest resolution", "dense_output")
+    again, = shown["result"]
+    assert shown["ui"]["text"] == ["Apply FLATTEN (TVE): applied again; these settings replace the earlier ones"]
+    from tve.engine.stack import stack_of
+    assert stack_of(again).sources() == [other]
 
 
 def test_pca_preview_of_a_single_token_grid_gives_a_picture():

@@ -97,9 +97,9 @@ def _duration(seconds: float) -> str:
 
 def edit_models(model, inversion, trajectories, seed: int) -> dict:
     """The three patched MODELs, built with the node functions the shipped workflows use."""
-    from tve.nodes.flatten import apply_flatten
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine.flatten import apply_flatten
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.tokenflow import apply_tokenflow
     flatten = apply_flatten(model, trajectories, "highest resolution", "dense_output")
     return {
         "per-frame PnP": apply_feature_injection(model, inversion, 0.5, 0.8, "tokenflow", "sigma-matched"),
@@ -167,8 +167,8 @@ def main() -> None:
     from tve.flow.consistency import measure_consistency
     from tve.flow.estimate import estimate_flow
     from tve.flow.trajectories import build_trajectories
-    from tve.nodes import host
-    from tve.nodes.inversion import invert
+    from tve.engine import host
+    from tve.engine.inversion import invert
     from tve.tools.train_test_model import load
     from tve.tools.video_world import frames_to_latent, latent_to_frames, render_clip
 

@@ -23,7 +23,6 @@ import torch
 from ..attention.temporal import KINDS, TemporalAttention, TemporalWeights, temporal_attention
 from . import host, sockets
 
-CATEGORY = "video editing/TVE"
 ATTACHMENT = "tve_temporal_adapter"
 FORMAT = "tve_temporal_adapter/1"
 BlockKey = tuple[str, int, int]
@@ -162,52 +161,14 @@ def load_adapter(path: str) -> TemporalAdapter:
                            losses=tuple(json.loads(metadata["losses"])))
 
 
-class SaveTemporalAdapter:
-    DESCRIPTION = ("Saves a temporal adapter from One-Shot Tune (TVE) to models/tve_adapters as .safetensors "
-                   "(configuration in its metadata), for Load Temporal Adapter (TVE).")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "adapter": (sockets.TEMPORAL_ADAPTER, {"tooltip": "The adapter from One-Shot Tune (TVE)."}),
-            "filename_prefix": ("STRING", {"default": "tve_one_shot",
-                                           "tooltip": "File name (may include sub-folders) inside "
-                                                      "models/tve_adapters; a counter is appended."}),
-        }}
-
-    RETURN_TYPES = ()
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    CATEGORY = CATEGORY
-
-    def save(self, adapter, filename_prefix: str):
-        sockets.expect(adapter, TemporalAdapter, "adapter", sockets.TEMPORAL_ADAPTER)
-        path = host.new_adapter_path(filename_prefix)
-        save_adapter(adapter, path)
-        return {"ui": {"text": [path]}}
+def save_to_adapter_folder(adapter: TemporalAdapter, filename_prefix: str) -> str:
+    """Save Temporal Adapter (TVE): the adapter as a new file in models/tve_adapters; its path."""
+    path = host.new_adapter_path(filename_prefix)
+    save_adapter(adapter, path)
+    return path
 
 
-class LoadTemporalAdapter:
-    DESCRIPTION = ("Loads a temporal adapter from models/tve_adapters and applies it to the model (a patched "
-                   "clone): temporal attention after every self-attention and the tuned query projections. "
-                   "Refuses an adapter tuned on another model family.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the adapter was tuned on."}),
-            "adapter_name": (host.adapter_files(), {"tooltip": "A .safetensors file in models/tve_adapters."}),
-        }}
-
-    RETURN_TYPES = ("MODEL", sockets.TEMPORAL_ADAPTER)
-    RETURN_NAMES = ("model", "adapter")
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, model, adapter_name: str):
-        adapter = load_adapter(host.adapter_path(adapter_name))
-        return apply_adapter(model, adapter), adapter
-
-
-NODES = {"TVE_SaveTemporalAdapter": (SaveTemporalAdapter, "Save Temporal Adapter (TVE)"),
-         "TVE_LoadTemporalAdapter": (LoadTemporalAdapter, "Load Temporal Adapter (TVE)")}
+def load_from_adapter_folder(model: Any, adapter_name: str) -> tuple[Any, TemporalAdapter]:
+    """Load Temporal Adapter (TVE): ``models/tve_adapters/<adapter_name>`` applied to a clone of ``model``."""
+    adapter = load_adapter(host.adapter_path(adapter_name))
+    return apply_adapter(model, adapter), adapter

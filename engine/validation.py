@@ -9,8 +9,8 @@ traceback or a silently wrong result.
 - Models: SD1.x, SD2.x and SDXL UNets, whose latents have 4 channels.
 - Sources: INVERSION and TRAJECTORIES carry a fingerprint (strided samples) of the latent they were made from,
   and the inversion the sampling (prediction type, σ range) of the model that made it. ``same_sources`` checks
-  them against each other when a node adds one to a MODEL's TVE state; ``sampling_run``, called by the state
-  before the first step, refuses a start latent that is not the inversion's latent at the σ where sampling
+  them against each other when a node adds one to a MODEL's method stack; ``sampling_run``, called by the
+  stack's OUTER_SAMPLE wrapper before the first step, refuses a start latent that is not the inversion's latent at the σ where sampling
   starts (or where an earlier run with it ended: an edit sampled in two stages), new noise on it, a model that
   samples differently, or trajectories of another latent than the one being inverted.
 """
@@ -21,9 +21,15 @@ from typing import Any, Sequence
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from ..flow.estimate import FlowField
 from ..flow.trajectories import Trajectories
 from . import host
+from .frame_windows import FrameWindows
+
+if TYPE_CHECKING:
+    from .inversion import Inversion
 
 LATENT_CELL = 8                 # image pixels per latent cell of the SD1.x / SD2.x / SDXL VAEs
 LATENT_CHANNELS = 4             # channels of their latents
@@ -57,6 +63,21 @@ def _in_range(value: float, name: str, what: str, minimum: float | None, maximum
         bounds = (f"in [{minimum}, {maximum}]" if minimum is not None and maximum is not None
                   else f"at least {minimum}" if minimum is not None else f"at most {maximum}")
         raise ValueError(f"{name}: expected {what} {bounds}, got {value}")
+
+
+def boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected a boolean, got {value!r}")
+    return value
+
+
+def percent_range(start: Any, end: Any, start_name: str = "start_percent", end_name: str = "end_percent"
+                  ) -> tuple[float, float]:
+    """A fraction of the sampling steps [start, end] within [0, 1]."""
+    start, end = number(start, start_name, 0.0, 1.0), number(end, end_name, 0.0, 1.0)
+    if start > end:
+        raise ValueError(f"{start_name}: {start} is after {end_name} {end}")
+    return start, end
 
 
 def choice(value: Any, name: str, choices: Sequence[str]) -> str:
@@ -181,6 +202,79 @@ def call_fits_inversion(x_in: torch.Tensor, frame_ids: Sequence[int], windowed: 
     frames_within(frame_ids, frames, "latent", "the inversion")
 
 
+def frame_windows(size: Any, overlap: Any) -> FrameWindows:
+    """The Frame Windows (TVE) setting: frames per window (0: all) and the overlap of windows, below the size."""
+    integer(size, "frames_per_window", 0)
+    integer(overlap, "overlap", 0)
+    if size and overlap >= size:
+        raise ValueError(f"overlap: expected fewer frames than frames_per_window ({size}), got {overlap}")
+    return FrameWindows(size, overlap)
+
+
+def control_hints(control: Any, video_frames: int | None) -> None:
+    """Every control of a chain (ControlNet, T2I-Adapter) has one hint image per video frame, or one for all."""
+    for count in host.control_hint_counts(control):
+        if count not in (1, video_frames):
+            raise ValueError(f"control: a ControlNet / T2I-Adapter has {count} hint images but the video has "
+                             f"{video_frames} frames; give it one image per frame (or a single image)")
+
+
+# ---------------------------------------------------------------------------------------------- inversions
+def inversion_schedule(inversion: "Inversion", sigmas: torch.Tensor) -> None:
+    """Before sampling: every σ of the sampler's schedule is a grid σ of the inversion (part of the grid, e.g. from
+    a later start step, is fine); the sampler may evaluate between them."""
+    for sigma in sigmas.reshape(-1).tolist():
+        inversion.index_of(float(sigma))
+
+
+def inversion_fits_model(inversion: "Inversion", model: Any) -> None:
+    """The model is of the inverting model's family and samples as it did (its *patched* model_sampling)."""
+    family = host.model_family(model)
+    if family != inversion.family:
+        raise ValueError(f"inversion: made with a {inversion.family} model but this model is {family}; invert the "
+                         "frames with the model you edit with")
+    sampling = host.effective_sampling(model)
+    if not sampling.matches(inversion.sampling):
+        raise ValueError(f"model: samples {sampling} but the inversion was made with a model that samples "
+                         f"{inversion.sampling}; give DDIM Inversion (TVE) and the sampler the same MODEL (a "
+                         "ModelSamplingDiscrete node on only one of the two wires changes the sampling)")
+
+
+def inversion_latent(inversion: "Inversion", samples: torch.Tensor) -> None:
+    if tuple(samples.shape) != inversion.latent_shape:
+        raise ValueError(f"latent_image: shape {tuple(samples.shape)} differs from the inverted frames' "
+                         f"{inversion.latent_shape}; use the inversion's latent")
+
+
+def inversion_start(inversion: "Inversion", model: Any, noise: torch.Tensor, latent_image: torch.Tensor,
+                    sigmas: torch.Tensor) -> None:
+    """Before the first step of sampling ``model`` (raw ``latent_image``, ``noise``, σ grid ``sigmas``): the model
+    samples as the inverting one did, no new noise, and the start latent is the inversion's latent at the σ where
+    sampling starts (x_T at the top of the grid; part-way down, e.g. after SplitSigmas, the inversion's latent at
+    that σ or one an earlier run with it ended at, ``Inversion.remember_end``)."""
+    inversion_fits_model(inversion, model)
+    if bool(noise.ne(0).any()):
+        raise ValueError("noise: the sampler adds new noise to the inverted latent, which then no longer "
+                         "inverts the video; connect DisableNoise (SamplerCustomAdvanced) or set add_noise to "
+                         "disable (KSamplerAdvanced)")
+    inversion_latent(inversion, latent_image)
+    i = inversion.index_of(float(sigmas[0]))
+    start = fingerprint(host.process_latent_in(model, latent_image.float()))
+    if same_fingerprint(start, inversion.trace[i]) or any(same_fingerprint(start, end)
+                                                          for end in inversion.ends.get(i, ())):
+        return
+    where = f"σ={float(inversion.sigmas[i]):.4g} (step {i} of {len(inversion.sigmas) - 1})"
+    if same_fingerprint(start, inversion.trace[-1]):
+        got = "the clean VAE latent of the frames, not the inverted one"
+    elif i > 0 and same_fingerprint(start, inversion.trace[0]):
+        got = "the inversion's x_T, but sampling starts part-way down the grid"
+    else:
+        got = "a latent this inversion did not make (another video, or another inversion)"
+    raise ValueError(f"latent_image: sampling starts at {where} from {got}; connect the inverted_latent output "
+                     "of the DDIM Inversion (TVE) whose inversion this model uses to the sampler's latent, and "
+                     "sample with its sigmas")
+
+
 # ---------------------------------------------------------------------------------------------- models
 def model(value: Any, name: str = "model", patched: bool = True) -> Any:
     """A MODEL TVE can use: 4-channel latents and, when TVE patches its attention (``patched``), a UNet with
@@ -220,7 +314,7 @@ def same_fingerprint(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 def same_sources(sources: Sequence[Any]) -> None:
     """The INVERSION and TRAJECTORIES on one MODEL, in the order their nodes were applied, were made from the same
-    latent (checked when the model's TVE state is built: the node that adds one refuses a mismatch, naming it)."""
+    latent (checked when the model's method stack is built: the node that adds one refuses a mismatch, naming it)."""
     for i, a in enumerate(sources):
         for b in sources[:i]:
             fa, fb = getattr(a, "source", None), getattr(b, "source", None)
@@ -237,9 +331,9 @@ def _describe(source: Any) -> str:
 
 def sampling_run(patcher: Any, noise: torch.Tensor, latent_image: torch.Tensor, sigmas: torch.Tensor,
                  inversion: Any, trajectories: Sequence[Trajectories], inverting: bool) -> None:
-    """Before the first step of a sampling run of a TVE model (its state's OUTER_SAMPLE wrapper): the sampled latent,
+    """Before the first step of a sampling run of a TVE model (its stack's OUTER_SAMPLE wrapper): the sampled latent,
     then its sources. Inverting: the trajectories were built on the latent being inverted. Editing: the inversion's
-    ``check_run`` (same sampling, no new noise, the start latent is the inversion's at the start σ)."""
+    ``inversion_start`` (same sampling, no new noise, the start latent is the inversion's at the start σ)."""
     if host.multigpu_clones(patcher):
         raise ValueError("model: MultiGPU CFG Split spreads each step's conds over several GPUs, but a TVE model runs "
                          "its passes of one step (source, keyframes, edit) on one device, each reading what the "
@@ -254,4 +348,4 @@ def sampling_run(patcher: Any, noise: torch.Tensor, latent_image: torch.Tensor, 
         return
     latent({"samples": latent_image}, "latent_image", channels=host.latent_channels(patcher))
     if inversion is not None:
-        inversion.check_run(patcher, noise, latent_image, sigmas)
+        inversion_start(inversion, patcher, noise, latent_image, sigmas)

@@ -1,7 +1,9 @@
 """The one adapter between TVE and ComfyUI: everything host-specific that the nodes need.
 
-Nothing outside ``nodes/`` imports comfy. The node modules use only what this file exposes, which keeps the
-host surface small enough for the test suite's stand-in host to mirror it faithfully.
+Nothing else in the pack imports comfy internals (the node classes import only ComfyUI's public node API). The engine
+and the nodes use only what this file exposes, one named function per internal, each pinned by a real-host test on
+every tested release (``tests/test_host.py`` and the tests of the code that calls it); the test suite's stand-in
+host mirrors this surface.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 OPTICAL_FLOW_FOLDER = "optical_flow"
 ADAPTER_FOLDER = "tve_adapters"
 WRAPPER_KEY = "text_video_edit"      # keyed wrappers and the model attachment of TVE's per-model state
-RUN_KEY = "text_video_edit_run"      # transformer_options entry: the sampling run's pass state (passes.Run)
+RUN_KEY = "text_video_edit_run"      # transformer_options entry: the sampling call's state (run.SamplingRun)
 APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
 OUTER_SAMPLE = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 CALC_COND_BATCH = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
@@ -326,40 +328,10 @@ def optimized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
                                                transformer_options=extra_options)
 
 
-# ---------------------------------------------------------------------------------------------- batch layout
-@dataclass(frozen=True)
-class CallLayout:
-    """How one UNet call's batch is laid out: ``chunks`` conds, each holding the same ``frame_ids``."""
-    chunks: int
-    frame_ids: tuple[int, ...]       # global frame index of each local frame of a chunk
-    grid_hw: tuple[int, int]         # token grid of the current block
-    step: int                        # index of the current σ in the sampling schedule (-1 if unknown)
-
-
-def call_layout(batch: int, extra_options: Mapping[str, Any]) -> CallLayout:
-    """Read chunks, global frame ids, token grid and step from an attention patch's ``extra_options``."""
-    chunks = len(extra_options["cond_or_uncond"])
-    if batch % chunks:
-        raise ValueError(f"attention batch {batch} is not a multiple of {chunks} cond chunks")
-    frames = batch // chunks
-    frame_ids = call_frame_ids(frames, extra_options)
-    if len(frame_ids) != frames:
-        raise ValueError(f"context window lists {len(frame_ids)} frames but the call holds {frames} per chunk")
-    h, w = (int(s) for s in extra_options["activations_shape"][-2:])
-    return CallLayout(chunks=chunks, frame_ids=frame_ids, grid_hw=(h, w), step=current_step(extra_options))
-
-
-def call_frame_ids(frames: int, transformer_options: Mapping[str, Any]) -> tuple[int, ...]:
-    """Global frame ids of a call's frames: those of the TVE pass now running (``passes.Run.pass_frame_ids``, which
-    the pass wrapper puts under ``RUN_KEY``), else the core context window's, else 0..frames-1."""
-    run = transformer_options.get(RUN_KEY)
-    ids = getattr(run, "pass_frame_ids", None)
-    if ids is not None:
-        return tuple(ids)
-    window = transformer_options.get("context_window")
-    if window is not None:
-        return context_window_frame_ids(window)
-    return tuple(range(frames))
+# ---------------------------------------------------------------------------------------------- calls and steps
+def context_window(transformer_options: Mapping[str, Any]) -> Any:
+    """The core context window a UNet call runs in (Context Windows nodes), or None."""
+    return transformer_options.get("context_window")
 
 
 def context_window_frame_ids(window: Any) -> tuple[int, ...]:
@@ -373,23 +345,31 @@ def context_window_frame_ids(window: Any) -> tuple[int, ...]:
     return ids
 
 
-def current_step(extra_options: Mapping[str, Any]) -> int:
-    """Index of the σ being evaluated in ``sample_sigmas`` (nearest match), or -1 outside a sampling run."""
-    sigmas = extra_options.get("sigmas")
-    schedule = extra_options.get("sample_sigmas")
-    if sigmas is None or schedule is None:
+def current_step(timestep: torch.Tensor, transformer_options: Mapping[str, Any]) -> int:
+    """Index of the σ being evaluated (``timestep``, one σ per frame) in the sampler's schedule (nearest match), or
+    -1 outside a sampling run. Reads a device value: call it once per step, not per block."""
+    schedule = transformer_options.get("sample_sigmas")
+    if schedule is None:
         return -1
-    sigma = sigmas.reshape(-1)[0].float().cpu()
+    sigma = timestep.reshape(-1)[0].float().cpu()
     return int(torch.argmin((schedule.float().cpu() - sigma).abs()))
 
 
-def schedule_percent(extra_options: Mapping[str, Any]) -> float:
-    """Fraction of the sampling schedule reached at the current step (0 at the first step)."""
-    schedule = extra_options.get("sample_sigmas")
-    step = current_step(extra_options)
-    if step < 0 or schedule is None:
-        return 0.0
-    return step / max(1, len(schedule) - 1)
+def schedule_length(transformer_options: Mapping[str, Any]) -> int:
+    """Steps of the sampler's schedule (its σ count minus one), or 0 outside a sampling run."""
+    schedule = transformer_options.get("sample_sigmas")
+    return 0 if schedule is None else max(1, len(schedule) - 1)
+
+
+def cond_chunks(extra_options: Mapping[str, Any]) -> int:
+    """How many cond chunks (uncond, cond, ...) an attention call's batch holds."""
+    return len(extra_options["cond_or_uncond"])
+
+
+def token_grid(extra_options: Mapping[str, Any]) -> tuple[int, int]:
+    """The (h, w) token grid of the block an attention patch is called from."""
+    h, w = (int(s) for s in extra_options["activations_shape"][-2:])
+    return h, w
 
 
 def attn1_replaces(model: Any) -> dict[tuple, Callable]:
@@ -726,12 +706,10 @@ def resblock_branch(model: Any, output_block: int) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def resblock_output_hooks(model: Any, hooks: Mapping[int, Callable[[torch.Tensor], torch.Tensor | None]]
-                          ) -> Iterator[None]:
-    """While the context is open, ``hooks[i](h)`` sees (and may replace) the residual-branch output ``h`` of
-    output block ``i``'s ResBlock (``resblock_branch``); nothing stays on the shared UNet afterwards."""
-    handles = [resblock_branch(model, i).register_forward_hook(lambda module, inputs, out, fn=fn: fn(out))
-               for i, fn in hooks.items()]
+def forward_hooks(hooks: Mapping[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+    """While the context is open, ``hooks[module](out)`` sees (and may replace) each module's output; nothing stays
+    on the shared UNet afterwards (hooks for one sampling run)."""
+    handles = [module.register_forward_hook(lambda m, inputs, out, fn=fn: fn(out)) for module, fn in hooks.items()]
     try:
         yield
     finally:
@@ -739,7 +717,7 @@ def resblock_output_hooks(model: Any, hooks: Mapping[int, Callable[[torch.Tensor
             handle.remove()
 
 
-# ---------------------------------------------------------------------------------------------- the TVE state
+# ---------------------------------------------------------------------------------------------- the TVE method stack
 def get_attachment(model: Any, key: str = WRAPPER_KEY) -> Any:
     return model.get_attachment(key)
 
@@ -776,18 +754,24 @@ def sampling_model(outer_sample_executor: Any) -> Any:
     return outer_sample_executor.class_obj.model_patcher
 
 
+def set_sampling_run(outer_sample_executor: Any, run: Any) -> None:
+    """Make ``run`` this sampling call's state: its ``transformer_options`` (the guider's own copy for this call,
+    ``create_model_options_clone``) carry it under ``RUN_KEY`` to every UNet call, patch and wrapper of the call."""
+    outer_sample_executor.class_obj.model_options["transformer_options"][RUN_KEY] = run
+
+
 # ---------------------------------------------------------------------------------------------- conds of some frames
-def cond_for_frames(cond: dict, local: torch.Tensor, frames: int, frame_ids: Sequence[int], video_frames: int,
+def cond_for_frames(cond: dict, positions: torch.Tensor, frames: int, frame_ids: Sequence[int], video_frames: int,
                     cache: dict | None = None) -> dict:
-    """One cond dict of a call over ``frames`` frames, restricted to the call's frames ``local`` (indices into the
-    call) whose global ids are ``frame_ids``: per-frame model conds (batch == frames) follow the frames, and every
-    ControlNet / T2I-Adapter of its control chain gets the hint images of those global frames."""
+    """One cond dict of a call over ``frames`` frames, restricted to the call ``positions`` whose frame ids are
+    ``frame_ids``: per-frame model conds (batch == frames) follow the frames, and every ControlNet / T2I-Adapter
+    of its control chain gets the hint images of those frames (checked by ``validation.control_hints``)."""
     sliced = dict(cond)
     model_conds = {}
     for name, value in cond.get("model_conds", {}).items():
         tensor = getattr(value, "cond", None)
         if isinstance(tensor, torch.Tensor) and tensor.ndim > 0 and tensor.shape[0] == frames > 1:
-            value = value._copy_with(tensor[local.to(tensor.device)])
+            value = value._copy_with(tensor[positions.to(tensor.device)])
         model_conds[name] = value
     sliced["model_conds"] = model_conds
     if cond.get("control") is not None:
@@ -813,7 +797,6 @@ def control_for_frames(control: Any, frame_ids: Sequence[int], video_frames: int
             setattr(c, name, getattr(control, name))
     hint = control.cond_hint_original
     if hint is not None and hint.shape[0] > 1:
-        check_control_hints(control, video_frames)
         c.cond_hint_original = hint[list(frame_ids)]
     c.extra_concat_orig = [t[list(frame_ids)] if t.shape[0] == video_frames > 1 else t
                            for t in control.extra_concat_orig]
@@ -824,11 +807,12 @@ def control_for_frames(control: Any, frame_ids: Sequence[int], video_frames: int
     return c
 
 
-def check_control_hints(control: Any, video_frames: int) -> None:
-    """Every control of a chain has one hint image per video frame, or one for all of them."""
+def control_hint_counts(control: Any) -> list[int]:
+    """Hint images of every control of a chain (ControlNet, T2I-Adapter, ... through ``previous_controlnet``)."""
+    counts = []
     while control is not None:
         hint = control.cond_hint_original
-        if hint is not None and hint.shape[0] not in (1, video_frames):
-            raise ValueError(f"control: a ControlNet / T2I-Adapter has {hint.shape[0]} hint images but the video has "
-                             f"{video_frames} frames; give it one image per frame (or a single image)")
+        if hint is not None:
+            counts.append(int(hint.shape[0]))
         control = control.previous_controlnet
+    return counts
