@@ -258,8 +258,9 @@ class DDIMInversion:
     CATEGORY = CATEGORY
 
     def invert(self, model, latent: dict, conditioning: list, steps: int, scheduler: str, inversion_multiple: int = 1):
-        x_T, inversion = invert(model, validation.latent(latent, "latent"), conditioning, steps, scheduler,
-                                inversion_multiple)
+        samples = validation.latent(latent, "latent")
+        validation.noise_mask(latent.get("noise_mask"), samples.shape, "latent")   # the edit samples with it
+        x_T, inversion = invert(model, samples, conditioning, steps, scheduler, inversion_multiple)
         # noise_mask and batch_index stay on the LATENT: a masked edit samples x_T with the source's mask.
         return {**latent, "samples": x_T}, inversion, inversion.sigmas.clone()
 

@@ -266,6 +266,7 @@ class State:
         patcher = host.sampling_model(executor)
         validation.sampling_run(patcher, noise, latent_image, sigmas, self.inversion, self.trajectories,
                                 self.inverting)
+        validation.sampled_noise_mask(args[0] if args else kwargs.get("denoise_mask"), latent_image.shape, "latent_image")
         self.run.reset(host.sigma_min(patcher))
         hooks = {}
         if self.injection is not None and not self.inverting:

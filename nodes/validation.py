@@ -486,37 +486,58 @@ MASK_ASPECT_RTOL = 0.02             # VAEEncode crops < 8 px a side: a mask of t
 
 def noise_mask(mask: Any, latent_shape: Sequence[int], name: str) -> None:
     """A LATENT's ``noise_mask`` (SetLatentNoiseMask: (N, 1, H, W) or (N, H, W)) core samplers can use as meant:
-    finite values in [0, 1], one mask for all frames or one per frame (core repeats or cuts N masks to the frame
-    count without a word: 4 masks on 6 frames give frames 4–5 the masks of frames 0–1), and the frames' aspect
-    (core stretches the mask to the latent). ``name`` is the LATENT input; None (no mask) passes."""
+    finite values in [0, 1] (``noise_mask_values``), one mask for all frames or one per frame (core repeats or cuts
+    N masks to the frame count without a word: 4 masks on 6 frames give frames 4–5 the masks of frames 0–1), and
+    the frames' aspect (core stretches the mask to the latent). ``name`` is the LATENT input; None (no mask)
+    passes."""
     if mask is None:
         return
+    noise_mask_values(mask, name)
     frames_, h, w = int(latent_shape[0]), int(latent_shape[-2]), int(latent_shape[-1])
-    if not isinstance(mask, torch.Tensor) or mask.ndim < 2 or mask.numel() == 0:
-        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"{name}: its noise_mask is {got}; expected a MASK (frames, height, width) "
-                         "(SetLatentNoiseMask)")
-    if not mask.is_floating_point():
-        raise ValueError(f"{name}: its noise_mask holds {mask.dtype} values; expected floats in [0, 1]")
     height, width = mask.shape[-2:]
     count = mask.numel() // (height * width)
     if count not in (1, frames_):
         raise ValueError(f"{name}: its noise_mask has {count} masks but the latent has {frames_} frames; expected "
                          f"one mask per frame ({frames_}) or one for all frames (core would "
                          f"{'repeat' if count < frames_ else 'cut'} them without a word)")
-    bad = int((~torch.isfinite(mask)).sum())
-    if bad:
-        raise ValueError(f"{name}: its noise_mask has {bad} of {mask.numel()} values NaN or infinite; expected "
-                         "values in [0, 1] (1 = edit, 0 = keep)")
-    low, high = float(mask.min()), float(mask.max())
-    if low < 0 or high > 1:
-        raise ValueError(f"{name}: its noise_mask holds values from {low:.4g} to {high:.4g}; expected values in "
-                         "[0, 1] (1 = edit, 0 = keep)")
     ratio = (width / height) / (w / h)
     if abs(ratio - 1) > max(MASK_ASPECT_RTOL, 1 / min(h, w)):
         raise ValueError(f"{name}: its noise_mask is {width}x{height} but the frames are {w}x{h} latent cells "
                          f"({w * LATENT_CELL}x{h * LATENT_CELL} px); core would stretch it; expected a mask of the "
                          "frames' aspect (made at the frames' size)")
+
+
+def sampled_noise_mask(mask: Any, latent_shape: Sequence[int], name: str) -> None:
+    """The ``denoise_mask`` a sampling run's OUTER_SAMPLE wrapper is given: the LATENT's mask as it is (ComfyUI
+    0.3.x: checked as ``noise_mask``) or already resized and repeated to the latent's shape by the sampler (later
+    releases: its frame count tells nothing more, its values are checked)."""
+    if mask is not None and isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(latent_shape):
+        noise_mask_values(mask, name)
+    else:
+        noise_mask(mask, latent_shape, name)
+
+
+def noise_mask_values(mask: Any, name: str) -> None:
+    """A noise mask (as given, or as core prepared it for sampling: resized and repeated to the latent, so its
+    frame count tells nothing) is a float tensor of finite values in [0, 1]; None (no mask) passes. One min/max
+    reduction (one device→host sync)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.ndim < 2 or mask.numel() == 0:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name}: its noise_mask is {got}; expected a MASK (frames, height, width) "
+                         "(SetLatentNoiseMask)")
+    if not mask.is_floating_point():
+        raise ValueError(f"{name}: its noise_mask holds {mask.dtype} values; expected floats in [0, 1]")
+    low, high = torch.aminmax(mask.float())
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = int((~torch.isfinite(mask)).sum())
+        raise ValueError(f"{name}: its noise_mask has {bad} of {mask.numel()} values NaN or infinite; expected "
+                         "values in [0, 1] (1 = edit, 0 = keep)")
+    if low < 0 or high > 1:
+        raise ValueError(f"{name}: its noise_mask holds values from {low:.4g} to {high:.4g}; expected values in "
+                         "[0, 1] (1 = edit, 0 = keep)")
 
 
 # ---------------------------------------------------------------------------------------------- model identity
