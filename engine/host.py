@@ -8,6 +8,8 @@ host mirrors this surface.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -816,3 +818,155 @@ def control_hint_counts(control: Any) -> list[int]:
             counts.append(int(hint.shape[0]))
         control = control.previous_controlnet
     return counts
+
+
+# ==============================================================================================================
+# Model identity (issue 24): what identifies the weights a sampler runs, for checks that a MODEL is the one an
+# inversion or a temporal adapter was made with. New functions only; the nodes compare fingerprints through
+# ``validation.weights_difference``.
+# ==============================================================================================================
+FINGERPRINT_PER_TENSOR = 8           # strided samples of every weight and of every patch tensor
+
+
+@dataclass(frozen=True, eq=False)
+class WeightsFingerprint:
+    """The UNet's weights as the sampler will run them, cheaply: the base weights and everything that patches them
+    (LoRA and other ``add_patches`` patches with their strengths, hook patches, weight wrappers). Device- and
+    dtype-agnostic: the samples are float32 on the CPU, so a clone on another device or the same checkpoint cast to
+    fp16/bf16 compares equal within ``validation.WEIGHTS_RTOL``. Attention patches, wrappers, attachments and
+    object patches (what TVE adds) are not weights and are not part of it."""
+    layout: str                  # sha256 of every UNet weight's name and shape: the architecture
+    base: torch.Tensor           # (n,) float32 CPU: FINGERPRINT_PER_TENSOR strided values of every base weight
+    patches: str                 # sha256 of what patches the weights: keys, kinds, strengths, offsets, functions
+    patch_values: torch.Tensor   # (m,) float32 CPU: strided values of every tensor those patches hold
+    summary: str                 # e.g. "686 UNet weights, weight patches on 64" (for messages)
+
+
+def weights_fingerprint(model: Any) -> WeightsFingerprint:
+    """The ``WeightsFingerprint`` of ``model`` (a ModelPatcher).
+
+    Base weights are read where comfy keeps the unpatched ones: a key whose patched copy is loaded in the UNet has
+    its original in ``backup`` (or ``hook_backup`` while hook patches are applied); clones share the UNet and these
+    backups, so every clone reads the same base. Per device one concatenation and one transfer to the host."""
+    unet = model.model.diffusion_model
+    backup, hook_backup = getattr(model, "backup", {}), getattr(model, "hook_backup", {})
+    names, shapes, samples = [], [], []
+    for name, tensor in unet.state_dict(keep_vars=True).items():
+        key = f"diffusion_model.{name}"
+        if key in backup:
+            tensor = backup[key].weight
+        elif key in hook_backup:
+            tensor = hook_backup[key][0]
+        names.append(key)
+        shapes.append(tuple(tensor.shape))
+        samples.append(_strided(tensor))
+    layout = hashlib.sha256(";".join(f"{n}:{s}" for n, s in zip(names, shapes)).encode()).hexdigest()
+
+    text: list[str] = []
+    tensors: list[torch.Tensor] = []
+    patches = getattr(model, "patches", {})
+    for key in sorted(patches):
+        text.append(f"patch {key}")
+        _describe(patches[key], text, tensors)
+    hooks = []
+    for hook_patches in getattr(model, "hook_patches", {}).values():        # keyed by hook objects: sort by content
+        hook_text, hook_tensors = [], []
+        for key in sorted(hook_patches):
+            hook_text.append(f"hook patch {key}")
+            _describe(hook_patches[key], hook_text, hook_tensors)
+        hooks.append(("\n".join(hook_text), hook_tensors))
+    for hook_text, hook_tensors in sorted(hooks, key=lambda h: h[0]):
+        text.append(hook_text)
+        tensors.extend(hook_tensors)
+    wrappers = getattr(model, "weight_wrapper_patches", {})
+    for key in sorted(wrappers):
+        text.append(f"wrapper {key}")
+        _describe(wrappers[key], text, tensors)
+
+    parts = [f"{len(names)} UNet weights"]
+    if patches:
+        parts.append(f"weight patches (LoRA, tuning, merges) on {len(patches)}")
+    if hooks:
+        parts.append(f"{len(hooks)} hook patch group(s)")
+    if wrappers:
+        parts.append(f"weight wrappers on {len(wrappers)}")
+    return WeightsFingerprint(layout=layout, base=_to_host(samples),
+                              patches=hashlib.sha256("\n".join(text).encode()).hexdigest(),
+                              patch_values=_to_host([_strided(t) for t in tensors]), summary=", ".join(parts))
+
+
+def _strided(tensor: torch.Tensor) -> torch.Tensor:
+    """FINGERPRINT_PER_TENSOR evenly strided values of ``tensor`` (a view where it is contiguous: no copy)."""
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // FINGERPRINT_PER_TENSOR)
+    return flat[::step][:FINGERPRINT_PER_TENSOR]
+
+
+def _to_host(samples: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``samples`` concatenated in order as float32 on the CPU: per device one ``cat`` and one transfer."""
+    if not samples:
+        return torch.zeros(0)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_device.setdefault(s.device, []).append(i)
+    pieces: dict[int, torch.Tensor] = {}
+    for device, index in by_device.items():
+        values = torch.cat([samples[i] if samples[i].is_floating_point() and samples[i].element_size() >= 2
+                            else samples[i].float() for i in index])            # fp16/bf16/fp32 promote
+        for i, piece in zip(index, values.float().cpu().split([samples[i].numel() for i in index])):
+            pieces[i] = piece
+    return torch.cat([pieces[i] for i in range(len(samples))])
+
+
+_SCALARS = (bool, int, float, str, bytes, type(None))
+
+
+def _describe(value: Any, text: list[str], tensors: list[torch.Tensor], depth: int = 0) -> None:
+    """Append a deterministic description of a patch value to ``text`` and its tensors to ``tensors``: containers
+    item by item, tensors by shape (their values are sampled), functions by qualified name, adapter objects (comfy's
+    LoRAAdapter, ...) by type and attributes, modules (weight wrappers) by type and state."""
+    if isinstance(value, torch.Tensor):
+        text.append(f"tensor{tuple(value.shape)}")
+        tensors.append(value)
+    elif isinstance(value, _SCALARS):
+        text.append(repr(value))
+    elif isinstance(value, (list, tuple)):
+        text.append(f"{type(value).__name__}[")
+        for item in value:
+            _describe(item, text, tensors, depth + 1)
+        text.append("]")
+    elif isinstance(value, (set, frozenset)):        # names (LoRAAdapter.loaded_keys: every key of its file, shared)
+        text.append(f"set({len(value)})")
+    elif isinstance(value, dict):
+        text.append("{")
+        for k in sorted(value, key=repr):
+            text.append(repr(k))
+            _describe(value[k], text, tensors, depth + 1)
+        text.append("}")
+    elif isinstance(value, torch.nn.Module):
+        text.append(_qualified(type(value)))
+        _describe(dict(value.state_dict(keep_vars=True)), text, tensors, depth + 1)
+    elif isinstance(value, functools.partial):
+        text.append("partial")
+        _describe((value.func, value.args, value.keywords), text, tensors, depth + 1)
+    elif hasattr(value, "__func__") and hasattr(value, "__self__"):             # a bound method: its object counts
+        text.append(_qualified(value.__func__))
+        _describe(value.__self__, text, tensors, depth + 1)
+    elif callable(value) and hasattr(value, "__qualname__"):                      # a function or a class
+        text.append(_qualified(value))
+    else:
+        text.append(_qualified(type(value)))
+        if depth < 4:
+            _describe({k: v for k, v in vars(value).items() if not k.startswith("_")} if hasattr(value, "__dict__")
+                      else {}, text, tensors, depth + 1)
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def weight_shapes(model: Any, keys: Iterable[str]) -> dict[str, tuple[int, ...] | None]:
+    """The shape of each weight ``key`` of ``model``'s BaseModel (e.g. 'diffusion_model.….to_q.weight'), None for a
+    key the model does not have."""
+    state = model.model_state_dict()
+    return {key: tuple(state[key].shape) if key in state else None for key in keys}

@@ -175,3 +175,12 @@ def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, sc
     return x_T, Inversion(sigmas=sigmas, latents=latents, conditioning=conditioning, family=host.model_family(model),
                           sampling=host.effective_sampling(model), source=validation.fingerprint(samples),
                           trace=trace)
+
+
+def invert_latent(model: Any, latent: dict, conditioning: list, steps: int, scheduler: str, multiple: int = 1
+                  ) -> tuple[torch.Tensor, Inversion]:
+    """DDIM Inversion (TVE) of a LATENT: its samples and, where set, its noise_mask (a masked edit samples x_T with
+    it) checked first."""
+    samples = validation.latent(latent, "latent")
+    validation.noise_mask(latent.get("noise_mask"), samples.shape, "latent")
+    return invert(model, samples, conditioning, steps, scheduler, multiple)

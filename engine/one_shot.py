@@ -18,9 +18,10 @@ import torch
 from ..attention.temporal import CONVERGED_ITERATIONS, KINDS, TemporalAttention
 from . import host, validation
 from .loss_graph import loss_graph
-from .temporal_adapter import TemporalAdapter, TemporalPatch, apply_adapter, block_name, check_unadapted
+from .temporal_adapter import (TRAINABLE, TemporalAdapter, TemporalPatch, apply_adapter, block_name,
+                               check_unadapted)
 
-TRAINABLE = ["temporal+queries", "temporal"]    # Tune-A-Video: attn_temp, attn1.to_q, attn2.to_q; or temporal only
+CATEGORY = "video editing/TVE"
 WEIGHT_DECAY = 1e-2                              # Tune-A-Video's AdamW
 
 
@@ -82,6 +83,7 @@ def tune(model: Any, samples: torch.Tensor, conditioning: list, steps: int, lear
     """Tune a temporal adapter on the clip ``samples`` (raw-space latents (F, C, h, w)); ``on_step(step, loss)``
     after each step. Deterministic for a seed on a given device."""
     check_inputs(model, samples, conditioning, steps, learning_rate, kind, trainable)
+    identity = host.weights_fingerprint(model)          # the weights it is tuned on, before any tuning patch
     blocks = host.attention_blocks(model)
     device = host.torch_device()
     generator = torch.Generator().manual_seed(seed)
@@ -129,7 +131,7 @@ def tune(model: Any, samples: torch.Tensor, conditioning: list, steps: int, lear
     return TemporalAdapter(kind=kind, family=host.model_family(model),
                            blocks={block_name(b.key): (b.channels, host.attention_heads(model, b)) for b in blocks},
                            temporal=temporal, query_diffs=query_diffs, trainable=trainable, steps=steps,
-                           losses=tuple(losses))
+                           losses=tuple(losses), identity=identity)
 
 
 def one_shot_tune(model: Any, latent: dict, conditioning: list, steps: int, learning_rate: float, seed: int,

@@ -136,6 +136,7 @@ def outer_sample(executor: Callable, noise: torch.Tensor, latent_image: torch.Te
         validation.inversion_schedule(inversion, sigmas)
     validation.sampling_run(patcher, noise, latent_image, sigmas, inversion,
                             [s for s in stack.sources() if s is not inversion], stack.inverting)
+    validation.sampled_noise_mask(args[0] if args else kwargs.get("denoise_mask"), latent_image.shape, "latent_image")
     run = SamplingRun(stack=stack, sigma_floor=host.sigma_min(patcher))
     host.set_sampling_run(executor, run)
     hooks = {} if stack.inverting else {module: fn for m in stack.methods

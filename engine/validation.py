@@ -16,9 +16,14 @@ traceback or a silently wrong result.
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Sequence
+import os
+import re
+import struct
+from typing import Any, Callable, Mapping, Sequence
 
+import safetensors
 import torch
 
 from typing import TYPE_CHECKING
@@ -349,3 +354,317 @@ def sampling_run(patcher: Any, noise: torch.Tensor, latent_image: torch.Tensor, 
     latent({"samples": latent_image}, "latent_image", channels=host.latent_channels(patcher))
     if inversion is not None:
         inversion_start(inversion, patcher, noise, latent_image, sigmas)
+
+
+# ==============================================================================================================
+# Files, masks and model identity (issue 24). New functions only.
+# ==============================================================================================================
+# ---------------------------------------------------------------------------------------------- safetensors files
+_PICKLE_START = b"\x80"                    # pickle protocol 2+ (torch.save before 1.6, plain pickles)
+_ZIP_START = b"PK\x03\x04"                 # torch.save since 1.6 (a zip archive)
+
+
+def read_safetensors(path: str, name: str, what: str, remedy: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of the safetensors file ``path``, given on input ``name``; one ValueError saying what
+    the file is instead (empty, a pickle or torch zip renamed, truncated, extended, an unreadable header) when it
+    cannot be read. ``what`` names the file type expected, ``remedy`` says what to do."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        return metadata, tensors
+    except Exception as e:                 # safetensors' SafetensorError, OSError, ...
+        raise ValueError(f"{name}: {path} {_unreadable(path, e)}; expected {what}; {remedy}") from e
+
+
+def _unreadable(path: str, error: Exception) -> str:
+    """What a file safetensors could not open is, from its first bytes and its header."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            header = f.read(n) if n is not None and 8 + n <= size else None
+    except OSError as e:
+        return f"could not be read ({e})"
+    if size == 0:
+        return "is an empty file (0 bytes)"
+    if head.startswith(_ZIP_START):
+        return "is a PyTorch zip checkpoint (torch.save), not a safetensors file"
+    if head.startswith(_PICKLE_START):
+        return "is a Python pickle (an old torch.save checkpoint?), not a safetensors file"
+    if n is None:
+        return f"is {size} bytes long, shorter than a safetensors header"
+    if header is None:
+        if n > 100_000_000:
+            return "is not a safetensors file (its first 8 bytes are no header length)"
+        return f"is truncated: {size} bytes, but its header alone says {8 + n}"
+    try:
+        entries = json.loads(header.decode("utf-8"))
+        end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+    except Exception:
+        return "is not a safetensors file (its header is not safetensors JSON)"
+    expected = 8 + n + end
+    if size < expected:
+        return f"is truncated: {size} bytes, but its header describes {expected}"
+    if size > expected:
+        return f"is damaged: {size - expected} bytes follow its last tensor ({expected} expected)"
+    detail = str(error).splitlines()[0] if str(error) else "no message"
+    return f"could not be read as safetensors ({type(error).__name__}: {detail})"
+
+
+# ---------------------------------------------------------------------------------------------- temporal adapter files
+_BLOCK_NAME = re.compile(r"^(input|middle|output)\.\d+\.\d+$")
+_QUERY_KEY = re.compile(r"^diffusion_model\..+\.attn[12]\.to_q\.weight$")
+
+
+def metadata_field(metadata: Mapping[str, str], field: str, prefix: str, expected: str) -> str:
+    """A metadata string that must be there; ``prefix`` names the input and file."""
+    if field not in metadata:
+        raise ValueError(f"{prefix}: its metadata has no '{field}'; expected {expected}")
+    return metadata[field]
+
+
+def bad_metadata(prefix: str, field: str, value: str, expected: str) -> ValueError:
+    """The error for a metadata field that is there but wrong."""
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    return ValueError(f"{prefix}: its metadata '{field}' is {shown!r}; expected {expected}")
+
+
+def metadata_choice(metadata: Mapping[str, str], field: str, prefix: str, choices: Sequence[str]) -> str:
+    value = metadata_field(metadata, field, prefix, f"one of {list(choices)}")
+    if value not in choices:
+        raise bad_metadata(prefix, field, value, f"one of {list(choices)}")
+    return value
+
+
+def metadata_count(metadata: Mapping[str, str], field: str, prefix: str) -> int:
+    """A whole number ≥ 0 written as decimal digits."""
+    value = metadata_field(metadata, field, prefix, "a whole number (decimal digits)")
+    if not value.isascii() or not value.isdigit():
+        raise bad_metadata(prefix, field, value, "a whole number (decimal digits)")
+    return int(value)
+
+
+def metadata_json(metadata: Mapping[str, str], field: str, prefix: str, expected: str) -> Any:
+    value = metadata_field(metadata, field, prefix, expected)
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise bad_metadata(prefix, field, value, f"{expected} (it is not valid JSON)") from None
+
+
+def metadata_numbers(metadata: Mapping[str, str], field: str, prefix: str) -> tuple[float, ...]:
+    """A JSON list of finite numbers."""
+    expected = "a JSON list of finite numbers"
+    values = metadata_json(metadata, field, prefix, expected)
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               and math.isfinite(v) for v in values):
+        raise bad_metadata(prefix, field, metadata[field], expected)
+    return tuple(float(v) for v in values)
+
+
+def metadata_blocks(metadata: Mapping[str, str], field: str, prefix: str) -> dict[str, tuple[int, int]]:
+    """``{block name: [channels, heads]}``: one entry or more, names like 'input.1.0', positive channels divisible
+    by a positive number of heads."""
+    expected = "a JSON object {block name: [channels, heads]}, e.g. {\"input.1.0\": [320, 8]}"
+    raw = metadata_json(metadata, field, prefix, expected)
+    if not isinstance(raw, dict) or not raw:
+        raise bad_metadata(prefix, field, metadata[field], expected)
+    blocks = {}
+    for name, entry in raw.items():
+        if not _BLOCK_NAME.match(name):
+            raise ValueError(f"{prefix}: its metadata '{field}' names a block {name!r}; expected transformer block "
+                             "names <input|middle|output>.<block>.<index>, e.g. 'input.1.0'")
+        if (not isinstance(entry, list) or len(entry) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in entry)
+                or entry[0] % entry[1]):
+            raise ValueError(f"{prefix}: its metadata '{field}' gives block {name} {entry!r}; expected [channels, "
+                             "heads]: positive whole numbers, the channels a multiple of the heads")
+        blocks[name] = (entry[0], entry[1])
+    return blocks
+
+
+def adapter_tensor(t: torch.Tensor, key: str, shape: tuple[int, ...], prefix: str, why: str) -> torch.Tensor:
+    """One tensor of an adapter file as float32: of ``shape`` (``why`` says where it comes from), floating point,
+    finite."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{prefix}: its tensor '{key}' has shape {tuple(t.shape)}; expected {tuple(shape)} ({why})")
+    if not t.is_floating_point():
+        raise ValueError(f"{prefix}: its tensor '{key}' holds {t.dtype} values; expected floating-point weights")
+    t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{prefix}: its tensor '{key}' has {bad} of {t.numel()} values NaN or infinite; expected "
+                         "finite weights (a damaged file, or tuning that diverged: tune again with a lower "
+                         "learning_rate)")
+    return t
+
+
+def adapter_tensor_names(tensors: Mapping[str, torch.Tensor], prefix: str, groups: Sequence[str]) -> None:
+    """Every tensor name starts with one of ``groups`` (e.g. 'temporal.', 'query.')."""
+    for key in tensors:
+        if not any(key.startswith(g) for g in groups):
+            raise ValueError(f"{prefix}: holds a tensor '{key}' that is not part of a temporal adapter; expected "
+                             f"only tensors named {', '.join(g + '…' for g in groups)}")
+
+
+def temporal_tensors(tensors: Mapping[str, torch.Tensor], blocks: Mapping[str, tuple[int, int]], kind: str,
+                     expected: Callable[[int], Mapping[str, tuple[int, ...]]], prefix: str
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+    """The ``temporal.<block>.<parameter>`` tensors: for every listed block exactly the parameters ``expected``
+    (channels) of a ``kind`` temporal attention, of their shapes; nothing for unlisted blocks."""
+    temporal: dict[str, dict[str, torch.Tensor]] = {name: {} for name in blocks}
+    for key, t in tensors.items():
+        if not key.startswith("temporal."):
+            continue
+        name, _, param = key[len("temporal."):].rpartition(".")
+        if name not in blocks:
+            listed = ", ".join(list(blocks)[:4]) + (", …" if len(blocks) > 4 else "")
+            raise ValueError(f"{prefix}: holds '{key}' for a block {name!r} its 'blocks' metadata does not list "
+                             f"(it lists {listed}); expected temporal.<listed block>.<parameter>")
+        channels, heads = blocks[name]
+        shapes = expected(channels)
+        if param not in shapes:
+            raise ValueError(f"{prefix}: holds '{key}', a parameter a '{kind}' temporal attention does not have; "
+                             f"expected {sorted(shapes)}")
+        temporal[name][param] = adapter_tensor(t, key, shapes[param], prefix,
+                                               f"a '{kind}' temporal attention of {channels} channels")
+    for name, (channels, _) in blocks.items():
+        missing = sorted(set(expected(channels)) - set(temporal[name]))
+        if missing:
+            raise ValueError(f"{prefix}: lacks {', '.join(f'temporal.{name}.{p}' for p in missing[:3])}"
+                             f"{' …' if len(missing) > 3 else ''}; a '{kind}' temporal attention of block {name} "
+                             f"needs {sorted(expected(channels))}")
+    return temporal
+
+
+def query_tensors(tensors: Mapping[str, torch.Tensor], blocks: Mapping[str, tuple[int, int]], trainable: str,
+                  prefix: str) -> dict[str, torch.Tensor]:
+    """The ``query.<weight key>`` tensors: none when only the temporal attention was tuned; else one 2-D delta per
+    self- and cross-attention query projection of every block (Tune-A-Video's trainable set). Whether they fit a
+    model is ``query_diffs_fit``'s question."""
+    diffs = {}
+    for key, t in tensors.items():
+        if not key.startswith("query."):
+            continue
+        weight_key = key[len("query."):]
+        if not _QUERY_KEY.match(weight_key):
+            raise ValueError(f"{prefix}: holds '{key}', which is not a query projection weight; expected "
+                             "query.diffusion_model.<block path>.attn1|attn2.to_q.weight")
+        if t.ndim != 2:
+            raise ValueError(f"{prefix}: its tensor '{key}' has shape {tuple(t.shape)}; expected a 2-D weight delta")
+        diffs[weight_key] = adapter_tensor(t, key, tuple(t.shape), prefix, "")
+    if trainable == "temporal" and diffs:
+        raise ValueError(f"{prefix}: is marked trainable 'temporal' but holds {len(diffs)} query deltas; expected "
+                         "none (or trainable 'temporal+queries')")
+    if trainable != "temporal" and len(diffs) != 2 * len(blocks):
+        raise ValueError(f"{prefix}: holds {len(diffs)} query deltas; a '{trainable}' adapter of {len(blocks)} "
+                         f"blocks has {2 * len(blocks)} (attn1 and attn2 of each)")
+    return diffs
+
+
+def query_diffs_fit(diffs: Mapping[str, torch.Tensor], blocks: Sequence[str], shapes: Mapping[str, Any],
+                    prefix: str) -> None:
+    """Before anything is patched: the query deltas are those of the model's query projections ``blocks`` (their
+    weight keys), of the shapes ``shapes`` (host.weight_shapes) of its weights; otherwise comfy would drop a delta
+    of another shape at load time with only a console line."""
+    unknown = [key for key in diffs if key not in blocks]
+    if unknown:
+        raise ValueError(f"{prefix}: holds a query delta for {unknown[0]}, which is not a query projection of this "
+                         "model's transformer blocks; load it onto the model it was tuned on")
+    for key, diff in diffs.items():
+        if shapes.get(key) != tuple(diff.shape):
+            raise ValueError(f"{prefix}: its query delta for {key} is {tuple(diff.shape)} but this model's weight is "
+                             f"{shapes.get(key)}; load it onto the model it was tuned on")
+
+
+# ---------------------------------------------------------------------------------------------- noise masks
+MASK_ASPECT_RTOL = 0.02             # VAEEncode crops < 8 px a side: a mask of the uncropped frames is kept
+
+
+def noise_mask(mask: Any, latent_shape: Sequence[int], name: str) -> None:
+    """A LATENT's ``noise_mask`` (SetLatentNoiseMask: (N, 1, H, W) or (N, H, W)) core samplers can use as meant:
+    finite values in [0, 1] (``noise_mask_values``), one mask for all frames or one per frame (core repeats or cuts
+    N masks to the frame count without a word: 4 masks on 6 frames give frames 4–5 the masks of frames 0–1), and
+    the frames' aspect (core stretches the mask to the latent). ``name`` is the LATENT input; None (no mask)
+    passes."""
+    if mask is None:
+        return
+    noise_mask_values(mask, name)
+    frames_, h, w = int(latent_shape[0]), int(latent_shape[-2]), int(latent_shape[-1])
+    height, width = mask.shape[-2:]
+    count = mask.numel() // (height * width)
+    if count not in (1, frames_):
+        raise ValueError(f"{name}: its noise_mask has {count} masks but the latent has {frames_} frames; expected "
+                         f"one mask per frame ({frames_}) or one for all frames (core would "
+                         f"{'repeat' if count < frames_ else 'cut'} them without a word)")
+    ratio = (width / height) / (w / h)
+    if abs(ratio - 1) > max(MASK_ASPECT_RTOL, 1 / min(h, w)):
+        raise ValueError(f"{name}: its noise_mask is {width}x{height} but the frames are {w}x{h} latent cells "
+                         f"({w * LATENT_CELL}x{h * LATENT_CELL} px); core would stretch it; expected a mask of the "
+                         "frames' aspect (made at the frames' size)")
+
+
+def sampled_noise_mask(mask: Any, latent_shape: Sequence[int], name: str) -> None:
+    """The ``denoise_mask`` a sampling run's OUTER_SAMPLE wrapper is given: the LATENT's mask as it is (ComfyUI
+    0.3.x: checked as ``noise_mask``) or already resized and repeated to the latent's shape by the sampler (later
+    releases: its frame count tells nothing more, its values are checked)."""
+    if mask is not None and isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(latent_shape):
+        noise_mask_values(mask, name)
+    else:
+        noise_mask(mask, latent_shape, name)
+
+
+def noise_mask_values(mask: Any, name: str) -> None:
+    """A noise mask (as given, or as core prepared it for sampling: resized and repeated to the latent, so its
+    frame count tells nothing) is a float tensor of finite values in [0, 1]; None (no mask) passes. One min/max
+    reduction (one device→host sync)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.ndim < 2 or mask.numel() == 0:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name}: its noise_mask is {got}; expected a MASK (frames, height, width) "
+                         "(SetLatentNoiseMask)")
+    if not mask.is_floating_point():
+        raise ValueError(f"{name}: its noise_mask holds {mask.dtype} values; expected floats in [0, 1]")
+    low, high = torch.aminmax(mask.float())
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = int((~torch.isfinite(mask)).sum())
+        raise ValueError(f"{name}: its noise_mask has {bad} of {mask.numel()} values NaN or infinite; expected "
+                         "values in [0, 1] (1 = edit, 0 = keep)")
+    if low < 0 or high > 1:
+        raise ValueError(f"{name}: its noise_mask holds values from {low:.4g} to {high:.4g}; expected values in "
+                         "[0, 1] (1 = edit, 0 = keep)")
+
+
+# ---------------------------------------------------------------------------------------------- model identity
+WEIGHTS_RTOL = 2.0 ** -7            # 4× bf16's largest rounding (2^-9): fp16/bf16 casts pass, fp8's 2^-4 does not
+WEIGHTS_ATOL = 1e-7                 # fp16's subnormal spacing is 6e-8
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(((a - b).abs() <= WEIGHTS_RTOL * b.abs() + WEIGHTS_ATOL).all())
+
+
+def weights_difference(recorded: Any, current: Any) -> str | None:
+    """None when two ``host.WeightsFingerprint`` are of the same weights (up to a cast to fp16/bf16 and back),
+    else what differs, in words."""
+    if recorded.layout != current.layout:
+        return "a UNet of another layout (another architecture or block layout)"
+    if not _close(current.base, recorded.base):
+        return "other base weights (another checkpoint of the same layout: a fine-tune, merge or fp8 load)"
+    if recorded.patches != current.patches or not _close(current.patch_values, recorded.patch_values):
+        return "other weight patches (a LoRA or other patch added, removed, or at another strength)"
+    return None
+
+
+def same_weights(recorded: Any, current: Any, name: str, made: str, remedy: str) -> None:
+    """One error naming the input ``name`` when ``current`` (the model here) runs other weights than ``recorded``
+    (``made``: what was made with it, e.g. "was made with a model"); ``remedy`` says what to do."""
+    difference = weights_difference(recorded, current)
+    if difference is not None:
+        counts = "" if recorded.summary == current.summary else \
+            f" (there: {recorded.summary}; here: {current.summary})"
+        raise ValueError(f"{name}: {made} whose weights differ from this model's: {difference}{counts}; {remedy}")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..engine import host, identity, sockets, validation
-from ..engine.inversion import invert
+from ..engine.inversion import invert_latent
 
 CATEGORY = "video editing/TVE"
 
@@ -37,8 +37,7 @@ class DDIMInversion:
     CATEGORY = CATEGORY
 
     def invert(self, model, latent: dict, conditioning: list, steps: int, scheduler: str, inversion_multiple: int = 1):
-        x_T, inversion = invert(model, validation.latent(latent, "latent"), conditioning, steps, scheduler,
-                                inversion_multiple)
+        x_T, inversion = invert_latent(model, latent, conditioning, steps, scheduler, inversion_multiple)
         # noise_mask and batch_index stay on the LATENT: a masked edit samples x_T with the source's mask.
         return {**latent, "samples": x_T}, inversion, inversion.sigmas.clone()
 

@@ -82,13 +82,19 @@ class SaveTemporalAdapter:
 class LoadTemporalAdapter:
     DESCRIPTION = ("Loads a temporal adapter from models/tve_adapters and applies it to the model (a patched "
                    "clone): temporal attention after every self-attention and the tuned query projections. "
-                   "Refuses an adapter tuned on another model family.")
+                   "Refuses an adapter tuned on another model family, and one tuned on other weights (another "
+                   "checkpoint of the family, other LoRAs) unless allow_other_checkpoint is on.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model the adapter was tuned on."}),
             "adapter_name": (host.adapter_files(), {"tooltip": "A .safetensors file in models/tve_adapters."}),
+        }, "optional": {
+            "allow_other_checkpoint": ("BOOLEAN", {"default": False, "tooltip": (
+                "Off: refuse a model whose weights differ from those the adapter was tuned on (another checkpoint "
+                "of the family, other LoRAs). On: load it anyway; the tuned deltas were learnt for the other "
+                "weights.")}),
         }}
 
     RETURN_TYPES = ("MODEL", sockets.TEMPORAL_ADAPTER)
@@ -96,9 +102,8 @@ class LoadTemporalAdapter:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, model, adapter_name: str):
-        return load_from_adapter_folder(model, adapter_name)
-
+    def load(self, model, adapter_name: str, allow_other_checkpoint: bool = False):
+        return load_from_adapter_folder(model, adapter_name, allow_other_checkpoint)
 
 
 NODES = {identity.ONE_SHOT_TUNE: OneShotTune, identity.SAVE_TEMPORAL_ADAPTER: SaveTemporalAdapter,

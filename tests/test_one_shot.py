@@ -1,5 +1,8 @@
 """One-shot tuning (Tune-A-Video + EI²'s STAM) on the real host: identity before tuning, the loss it lowers, base
-weights untouched, save/load round trip, clear errors with nothing half-patched, progress and cancel."""
+weights untouched, save/load round trip, clear errors with nothing half-patched, progress and cancel; an adapter loads
+only onto the weights it was tuned on (or when allowed); query deltas that do not fit are refused."""
+import re
+
 import pytest
 import torch
 
@@ -260,3 +263,73 @@ def test_inside_core_context_windows_the_temporal_attention_sees_the_windows_fra
     whole = sample(adapted, slice(0, 8))
     assert torch.allclose(windowed, apart, atol=1e-4 * apart.abs().max())
     assert not torch.allclose(whole, apart, atol=1e-2 * apart.abs().max())     # it does mix frames otherwise
+
+
+# ---------------------------------------------------------------------------------------------- adapter identity (issue 24)
+@pytest.fixture
+def adapter_folder(tmp_path, monkeypatch):
+    import folder_paths
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, host.ADAPTER_FOLDER, ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
+
+
+def saved(adapter, name="a"):
+    SaveTemporalAdapter().save(adapter, name)
+    return f"{name}_00001.safetensors"
+
+
+def with_lora(model, strength):
+    from tve.tests.test_model_identity import lora
+    return lora(model, strength)
+
+
+def test_an_adapter_records_the_weights_it_was_tuned_on_and_loads_only_onto_them_unless_allowed(adapter_folder):
+    model, samples, cond = make_tiny_model("sd15"), make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
+    tuned, adapter, _ = OneShotTune().tune(model, {"samples": samples}, cond, 1, 1e-2, 0, "stam", "temporal+queries",
+                                           False)
+    name = saved(adapter)
+    path = host.adapter_path(name)
+    loaded_model, _ = LoadTemporalAdapter().load(model.clone(), name)
+    assert torch.equal(denoised(loaded_model, samples, cond), denoised(tuned, samples, cond))
+    for other, what in [(make_tiny_model("sd15", seed=1), "other base weights"),
+                        (with_lora(model, 0.05), "other weight patches")]:
+        state = patch_state(other)
+        with pytest.raises(ValueError, match=rf"^adapter_name: {re.escape(path)}: was tuned on a model whose weights "
+                                             rf"differ from this model's: {what} .*set allow_other_checkpoint"):
+            LoadTemporalAdapter().load(other, name)
+        assert patch_state(other) == state                                       # nothing patched
+        allowed, _ = LoadTemporalAdapter().load(other, name, allow_other_checkpoint=True)
+        assert len(allowed.model_options["transformer_options"]["patches"]["middle_patch"]) == 1
+
+
+def test_a_format_1_adapter_without_identity_loads_only_when_allowed(adapter_folder):
+    import dataclasses
+    model = make_tiny_model("sd15")
+    name = saved(dataclasses.replace(untrained_adapter(model, "stam"), identity=None), "old")
+    with pytest.raises(ValueError, match=r"^adapter_name: .*old_00001.safetensors: records no identity of the model "
+                                         r"it was tuned on \(saved in format tve_temporal_adapter/1\)"):
+        LoadTemporalAdapter().load(model, name)
+    LoadTemporalAdapter().load(model, name, allow_other_checkpoint=True)
+
+
+@pytest.mark.parametrize("case, error", [
+    ("wrong_shape", r"its query delta for diffusion_model\.\S+\.attn1\.to_q\.weight is \(32, 16\) but this model's "
+                    r"weight is \(32, 32\); load it onto the model it was tuned on"),
+    ("unknown_block", r"holds a query delta for diffusion_model\.input_blocks\.9\.1\.transformer_blocks\.0\.attn1\.to_q"
+                      r"\.weight, which is not a query projection of this model's transformer blocks"),
+])
+def test_a_query_delta_that_does_not_fit_the_model_is_refused_before_anything_is_patched(adapter_folder, case, error):
+    model = make_tiny_model("sd15")
+    adapter = untrained_adapter(model, "stam")
+    key = next(k for k in adapter.query_diffs if k.endswith("attn1.to_q.weight"))
+    if case == "wrong_shape":
+        adapter.query_diffs[key] = torch.zeros(32, 16)
+    else:
+        adapter.query_diffs["diffusion_model.input_blocks.9.1.transformer_blocks.0.attn1.to_q.weight"] = \
+            adapter.query_diffs.pop(key)
+    name = saved(adapter, case)
+    state = patch_state(model)
+    for allow in (False, True):
+        with pytest.raises(ValueError, match=rf"^adapter_name: .*{case}_00001.safetensors: {error}"):
+            LoadTemporalAdapter().load(model, name, allow_other_checkpoint=allow)
+    assert patch_state(model) == state

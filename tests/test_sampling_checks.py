@@ -305,3 +305,32 @@ def test_an_inversion_whose_model_gives_nan_stops_naming_the_model():
     model.add_object_patch("diffusion_model", NaNUNet())
     with pytest.raises(ValueError, match=r"^model: .* NaN or infinite in the latent it inverted to at step 1 of 3"):
         invert(model, make_latent(2, 8, 8)["samples"], make_conditioning(), 3, "ddim_uniform")
+
+
+def _nan_square():
+    """A 64x48 mask with an 8x8 square of NaN: 64 of 3072 values."""
+    mask = torch.ones(1, 48, 64)
+    mask[:, 8:16, 8:16] = float("nan")
+    return mask
+
+
+@pytest.mark.parametrize("mask, error", [
+    (torch.full((1, 48, 64), float("nan")), r"^latent: its noise_mask has 3072 of 3072 values NaN or infinite"),
+    (_nan_square(), r"^latent: its noise_mask has 64 of 3072 values NaN or infinite"),
+    (torch.ones(4, 48, 64), r"^latent: its noise_mask has 4 masks but the latent has 6 frames; expected one mask per "
+                            r"frame \(6\) or one for all frames"),
+], ids=["nan", "nan_64_of_3072", "4_masks_6_frames"])
+def test_ddim_inversion_refuses_a_noise_mask_the_edit_could_not_use_naming_its_latent(mask, error):
+    from tve.nodes.inversion_node import DDIMInversion
+    latent = {**make_latent(6, 6, 8), "noise_mask": mask}
+    with pytest.raises(ValueError, match=error):
+        DDIMInversion().invert(make_tiny_model("sd15"), latent, make_conditioning(), 2, "ddim_uniform")
+
+
+def test_an_edit_refuses_a_nan_noise_mask_set_after_the_inversion_naming_latent_image():
+    model, latent, x_T, inversion = inverted(frames=3, steps=2)
+    patched = injected(model, inversion)
+    mask = torch.ones(1, 8, 8)
+    mask[0, 0, :4] = float("nan")
+    with pytest.raises(ValueError, match=r"^latent_image: its noise_mask has \d+ of \d+ values NaN or infinite"):
+        sample(patched, x_T, inversion.sigmas, noise_mask=mask)
