@@ -235,6 +235,31 @@ def test_inversion_keys_are_the_sampling_grid_sigmas_and_float32_latents_are_kep
 
 
 @real_host
+@pytest.mark.parametrize("family", FAMILIES)
+def test_next_sigma_shows_the_unet_each_latent_as_it_is_at_its_own_sigma(family):
+    """TokenFlow's step, through the host's sampling: the diffusion model's input at step i is the latent x_i as
+    the model would see it at σ_i (x_0 itself first), while its timestep is that of σ_{i+1}."""
+    from comfy.patcher_extension import WrappersMP
+    from tve.nodes import host
+    from tve.nodes.inversion import invert
+    model = make_tiny_model(family)
+    calls = []
+    spy = model.clone()
+    spy.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
+        calls.append((args[0].clone(), float(args[5]["sigmas"].reshape(-1)[0]))), executor(*args, **kw))[1])
+    latent = make_latent(2, 8, 8)["samples"]
+    _, inversion = invert(spy, latent, make_conditioning(family), 3, "ddim_uniform", formula="next_sigma")
+    ascending = inversion.sigmas.flip(0)                                     # 0, σ_1, σ_2, σ_3
+    latents = inversion.latents.flip(0)                                      # x_0 … x_3 (model space)
+    assert [sigma for _, sigma in calls] == pytest.approx(ascending[1:].tolist(), rel=1e-5)
+    c_in = host.input_scale(model)
+    for i, (unet_input, _) in enumerate(calls):
+        expected = latents[i].float() * c_in(ascending[i])
+        assert torch.allclose(unet_input.float(), expected, rtol=1e-5, atol=1e-5), i
+    assert torch.equal(calls[0][0].float(), latents[0].float())              # c_in(0) = 1: x_0 as it is
+
+
+@real_host
 def test_inversion_rejects_too_few_steps_and_leaves_the_artists_model_unpatched():
     from tve.nodes.inversion import invert
     model = make_tiny_model("sd15")
