@@ -587,6 +587,19 @@ def sigma_min(model: Any) -> float:
     return float(model.get_model_object("model_sampling").sigma_min)
 
 
+def input_scale(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """σ -> c_in(σ), the factor ``model``'s sampling multiplies a model-space latent at σ by before its diffusion
+    model sees it: 1/√(σ² + σ_data²) for EPS and V-prediction (so the UNet sees DDPM's √ᾱ·x), 1 for flow models.
+    Takes σ of any shape, returns the same shape."""
+    sampling = model.get_model_object("model_sampling")
+
+    def scale(sigma: torch.Tensor) -> torch.Tensor:
+        flat = sigma.reshape(-1)
+        return sampling.calculate_input(flat, torch.ones_like(flat)).reshape(sigma.shape)
+
+    return scale
+
+
 @dataclass(frozen=True)
 class Sampling:
     """What a model's sampling does to a latent: prediction type and σ range, read from the *patched*

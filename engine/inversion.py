@@ -1,8 +1,10 @@
 """DDIM inversion of the frames with the artist's own model, and the ``Inversion`` it makes (DDIM Inversion (TVE)).
 
 DDIM with η = 0 is Euler on the probability-flow ODE in σ-space (Song et al. 2021, Eq. 13; Karras et al. 2022,
-Alg. 1): ``x_{i+1} = x_i + (σ_{i+1} − σ_i)·ε̂(x_i, σ_i)`` with ``ε̂ = (x − D(x; σ))/σ``. Walking the grid upwards
-inverts the sampler that walks it downwards (TokenFlow §4 / FLATTEN §4: inversion with guidance 1).
+Alg. 1): ``x_{i+1} = x_i + (σ_{i+1} − σ_i)·ε̂`` with ``ε̂ = (x − D(x; σ))/σ``. Walking the grid upwards
+inverts the sampler that walks it downwards (TokenFlow §4 / FLATTEN §4: inversion with guidance 1). Where ε̂ is
+evaluated is a choice (``FORMULAS``): at (x_i, σ_i), as FLATTEN's code does, or at σ_{i+1} on x_i, as TokenFlow's
+code does (``sample_ddim_inversion``).
 """
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ import torch
 
 from . import host, validation
 from .stack import for_inversion
+
 SIGMA_RTOL = 1e-4
 REMEMBERED_ENDS = 8              # per grid index: the last runs that ended there
+FORMULAS = ("current_sigma", "next_sigma")   # where an inversion step evaluates ε̂ (sample_ddim_inversion)
+DEFAULT_FORMULA = "next_sigma"               # TokenFlow's: reconstructs 1.9–2.7× better at 1× (bench/inversion.py)
 
 
 def storage_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -114,21 +119,41 @@ class Inversion:
 
 def sample_ddim_inversion(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                           callback: Callable | None = None, disable: bool | None = None, *,
-                          sigma_floor: float, record: Callable[[int, torch.Tensor], None] | None = None
-                          ) -> torch.Tensor:
+                          sigma_floor: float, record: Callable[[int, torch.Tensor], None] | None = None,
+                          formula: str = "current_sigma",
+                          input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """DDIM (η = 0) over an ascending σ grid, k-diffusion sampler signature. ``model(x, σ)`` returns D(x; σ).
 
-    The first step starts at σ = 0 and evaluates the model at ``sigma_floor`` (the model's σ_min), the smallest
-    noise level it was trained on. ``record(i, x)`` receives the latent reached at ``sigmas[i]``.
+    Every step is ``x_{i+1} = x_i + (σ_{i+1} − σ_i)·ε̂``; ``formula`` (``FORMULAS``) says where ε̂ is evaluated:
+
+    * ``current_sigma``: ε̂(x_i, σ_i), where the latent is. The first step starts at σ = 0 and evaluates the model
+      at ``sigma_floor`` (the model's σ_min), the smallest noise level it was trained on. FLATTEN's inversion
+      (diffusers' DDIMInverseScheduler) evaluates here too.
+    * ``next_sigma``: ε̂ at σ_{i+1}, the next, noisier level, with the diffusion model seeing x_i exactly as it
+      would at σ_i (``input_scale``(σ_i)·x_i; ``input_scale`` is c_in(σ), e.g. ``host.input_scale(model)``):
+      TokenFlow's inversion (preprocess.py ``ddim_inversion``: DDPM's x_{t_i} fed at timestep t_{i+1}). The step
+      σ_{i+1} → σ_i of DDIM sampling is undone exactly by ε̂(x_{i+1}, σ_{i+1}); ``next_sigma`` stands in x_i for
+      x_{i+1} only, ``current_sigma`` also σ_i for σ_{i+1}.
+
+    ``record(i, x)`` receives the latent reached at ``sigmas[i]``.
     """
+    if formula not in FORMULAS:
+        raise ValueError(f"formula: expected one of {list(FORMULAS)}, got {formula!r}")
+    if formula == "next_sigma" and input_scale is None:
+        raise ValueError("input_scale: the next_sigma formula needs the model's c_in(σ) (host.input_scale)")
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     if record is not None:
         record(0, x)
     for i in range(len(sigmas) - 1):
-        sigma = torch.clamp(sigmas[i], min=sigma_floor)
-        denoised = model(x, sigma * s_in, **extra_args)
-        eps = (x - denoised) / sigma
+        if formula == "current_sigma":
+            sigma = torch.clamp(sigmas[i], min=sigma_floor)
+            x_in = x
+        else:
+            sigma = torch.clamp(sigmas[i + 1], min=sigma_floor)
+            x_in = x * (input_scale(sigmas[i]) / input_scale(sigma)).reshape(())   # 0-dim: keeps x's dtype
+        denoised = model(x_in, sigma * s_in, **extra_args)
+        eps = (x_in - denoised) / sigma
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma, "denoised": denoised})
         x = x + (sigmas[i + 1] - sigmas[i]) * eps
@@ -137,18 +162,20 @@ def sample_ddim_inversion(model: Callable, x: torch.Tensor, sigmas: torch.Tensor
     return x
 
 
-def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, scheduler: str, multiple: int = 1
-           ) -> tuple[torch.Tensor, Inversion]:
+def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, scheduler: str, multiple: int = 1,
+           formula: str = DEFAULT_FORMULA) -> tuple[torch.Tensor, Inversion]:
     """Invert raw-space latents ``samples`` (F, C, h, w); returns raw-space x_T and the INVERSION.
 
     Exactly ``steps`` sampling steps on ``host.inversion_sigma_grid`` (ddim_uniform: diffusers' DDIM timesteps).
     With ``multiple`` > 1 the inversion walks ``steps·multiple`` steps (each sampling step split evenly in the model's
     timestep: the papers invert with more steps than they sample, TokenFlow 500 for 50) and keeps the source only
     at the ``steps``-step sampling grid's σ; x_T is at that grid's top σ, so the edit samples the same grid.
+    ``formula`` (``FORMULAS``): where each step evaluates ε̂, see ``sample_ddim_inversion``.
     """
     validation.integer(steps, "steps", 2)
     validation.integer(multiple, "inversion_multiple", 1)
     validation.choice(scheduler, "scheduler", host.scheduler_names())
+    validation.choice(formula, "formula", FORMULAS)
     validation.model(model, patched=False)
     validation.latent({"samples": samples}, "latent")
     validation.latent_for_model(samples, model, "latent")
@@ -170,17 +197,19 @@ def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, sc
             trace[grid_index] = validation.fingerprint(x)
 
     m = for_inversion(model)
-    x_T = host.sample_with(m, sample_ddim_inversion, {"sigma_floor": host.sigma_min(model), "record": record},
-                           ascending, conditioning, samples, callback=host.step_callback(len(fine) - 1))
+    options = {"sigma_floor": host.sigma_min(model), "record": record, "formula": formula,
+               "input_scale": host.input_scale(model)}
+    x_T = host.sample_with(m, sample_ddim_inversion, options, ascending, conditioning, samples,
+                           callback=host.step_callback(len(fine) - 1))
     return x_T, Inversion(sigmas=sigmas, latents=latents, conditioning=conditioning, family=host.model_family(model),
                           sampling=host.effective_sampling(model), source=validation.fingerprint(samples),
                           trace=trace)
 
 
-def invert_latent(model: Any, latent: dict, conditioning: list, steps: int, scheduler: str, multiple: int = 1
-                  ) -> tuple[torch.Tensor, Inversion]:
+def invert_latent(model: Any, latent: dict, conditioning: list, steps: int, scheduler: str, multiple: int = 1,
+                  formula: str = DEFAULT_FORMULA) -> tuple[torch.Tensor, Inversion]:
     """DDIM Inversion (TVE) of a LATENT: its samples and, where set, its noise_mask (a masked edit samples x_T with
     it) checked first."""
     samples = validation.latent(latent, "latent")
     validation.noise_mask(latent.get("noise_mask"), samples.shape, "latent")
-    return invert(model, samples, conditioning, steps, scheduler, multiple)
+    return invert(model, samples, conditioning, steps, scheduler, multiple, formula)

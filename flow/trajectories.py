@@ -1,11 +1,20 @@
 """FLATTEN's patch trajectories: grid cells chained along the optical flow (FLATTEN §3.2).
 
-Per consecutive pair, each cell's flow is the area mean of the image-resolution forward flow over the cell,
-in cells; the cell links to the cell it lands in, if that lies inside the grid and (optionally) the cell is at
-most half occluded. When several cells land on one, a seeded random priority picks the one that continues; the
-others end. Cells of the next frame that nothing reached start new trajectories, so every cell of every frame
-lies on exactly one trajectory. Vectorised over cells: the only loop is over frames (the official code and its
-ports loop over every cell in Python and seed with ``x // H, x % H``, which is wrong for non-square grids).
+Per consecutive pair, each cell links to the cell its motion lands it in, if that lies inside the grid and
+(optionally) the cell is at most half occluded. The cell's motion (``MOTION_RULES``):
+
+* ``cell_mean`` — the area mean of the image-resolution forward flow over the cell, in cells, from the cell's
+  centre: landing ⌊cell + ½ + mean⌋ (the nearest cell, a half rounding up);
+* ``top_left`` — the official FLATTEN code's rule (``models/util.py`` ``sample_trajectories``): the flow at ONE
+  pixel, the cell's top-left image pixel (⌊i·H/h⌋, ⌊j·W/w⌋, what ``nearest`` down-sampling reads), in cells,
+  rounded half to even: landing cell + round(flow). One pixel decides, so on a motion boundary that crosses a
+  cell its top-left corner's side wins.
+
+The occlusion cut (area mean of the occlusion mask) is TVE's; the official code has none. When several cells land
+on one, a seeded random priority picks the one that continues (the official code draws unseeded); the others
+end. Cells of the next frame that nothing reached start new trajectories, so every cell of every frame lies on
+exactly one trajectory. Vectorised over cells: the only loop is over frames (the official code and its ports loop
+over every cell in Python and seed with ``x // H, x % H``, which is wrong for non-square grids).
 """
 from __future__ import annotations
 
@@ -16,6 +25,8 @@ import torch.nn.functional as F
 
 from .estimate import FlowField
 from .latent_crop import LatentCrop
+
+MOTION_RULES = ("cell_mean", "top_left")        # how a cell's motion is read from the flow (module doc)
 
 
 @dataclass(frozen=True)
@@ -56,16 +67,17 @@ def unet_token_grids(latent_hw: tuple[int, int], levels: int = 4) -> list[tuple[
 
 
 def build_trajectories(flow: FlowField, latent_hw: tuple[int, int], seed: int = 0, cut_occluded: bool = True,
-                       levels: int = 4) -> Trajectories:
+                       levels: int = 4, motion: str = "cell_mean") -> Trajectories:
     """Trajectories at every grid of :func:`unet_token_grids` of ``latent_hw`` (the same seed for each)."""
-    grids = {hw: build_trajectory_grid(flow, hw, seed, cut_occluded)
+    grids = {hw: build_trajectory_grid(flow, hw, seed, cut_occluded, motion)
              for hw in dict.fromkeys(unet_token_grids(latent_hw, levels))}
     return Trajectories(frames=flow.frames, latent_hw=tuple(int(s) for s in latent_hw), grids=grids, crop=flow.crop)
 
 
 def build_trajectory_grid(flow: FlowField, grid_hw: tuple[int, int], seed: int = 0,
-                          cut_occluded: bool = True) -> TrajectoryGrid:
-    """Chain the cells of an (h, w) grid along ``flow`` over all frames (FLATTEN §3.2); see the module doc.
+                          cut_occluded: bool = True, motion: str = "cell_mean") -> TrajectoryGrid:
+    """Chain the cells of an (h, w) grid along ``flow`` over all frames (FLATTEN §3.2); see the module doc for
+    ``motion`` (``MOTION_RULES``).
 
     Links and collisions are resolved for all frames at once; the chaining then follows each cell's
     predecessor frame by frame. Trajectory ids are numbered by (first frame, first cell).
@@ -73,8 +85,10 @@ def build_trajectory_grid(flow: FlowField, grid_hw: tuple[int, int], seed: int =
     h, w = (int(s) for s in grid_hw)
     if h < 1 or w < 1:
         raise ValueError(f"grid_hw: expected a positive (h, w), got {grid_hw}")
+    if motion not in MOTION_RULES:
+        raise ValueError(f"motion: expected one of {list(MOTION_RULES)}, got {motion!r}")
     frames, cells = flow.frames, h * w
-    slot = _landing_slots(flow, h, w, cut_occluded)                          # (F-1, h·w)
+    slot = _landing_slots(flow, h, w, cut_occluded, motion)                          # (F-1, h·w)
     predecessor, reached = _collision_winners(slot, cells, seed)             # (F-1, h·w) each
     device = slot.device
     starts = torch.cat([torch.ones(1, cells, dtype=torch.bool, device=device), ~reached])    # (F, h·w)
@@ -90,17 +104,21 @@ def build_trajectory_grid(flow: FlowField, grid_hw: tuple[int, int], seed: int =
     return TrajectoryGrid(grid_hw=(h, w), tracks=tracks, track_of=track_of)
 
 
-def _landing_slots(flow: FlowField, h: int, w: int, cut_occluded: bool) -> torch.Tensor:
+def _landing_slots(flow: FlowField, h: int, w: int, cut_occluded: bool, motion: str) -> torch.Tensor:
     """(F-1, h·w) long: t·h·w + the cell of frame t+1 that each cell of frame t lands in, or (F-1)·h·w (a spare
     slot) where it does not link: landing outside the grid, or (``cut_occluded``) more than half occluded."""
     pairs, cells = flow.frames - 1, h * w
-    mean = _area_mean(flow.forward.float(), h, w)                           # (F-1, 2, h, w) px
-    device = mean.device
+    device = flow.forward.device
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    centre = torch.stack([xs, ys]).float() + 0.5                            # (2, h, w) in cells
+    cell = torch.stack([xs, ys]).float()                                     # (2, h, w) in cells
     scale = torch.tensor([w / flow.width, h / flow.height], device=device).view(2, 1, 1)
     size = torch.tensor([w, h], device=device).view(2, 1, 1)
-    landing = torch.addcmul(centre, mean, scale).floor_()                  # (F-1, 2, h, w) nearest cell (x, y)
+    if motion == "cell_mean":
+        mean = _area_mean(flow.forward.float(), h, w)                       # (F-1, 2, h, w) px
+        landing = torch.addcmul(cell + 0.5, mean, scale).floor_()           # (F-1, 2, h, w) nearest cell (x, y)
+    else:
+        corner = _top_left(flow.forward, h, w).float()                      # (F-1, 2, h, w) px
+        landing = cell + torch.round(corner * scale)                        # half to even, like the official code
     inside = (landing >= 0) & (landing < size)
     linked = inside[:, 0] & inside[:, 1]                                    # (F-1, h, w)
     if cut_occluded:
@@ -128,6 +146,15 @@ def _collision_winners(slot: torch.Tensor, cells: int, seed: int) -> tuple[torch
     best.scatter_reduce_(0, slot.view(-1), priority.view(-1), reduce="amax")
     best = best[:-1].view(pairs, cells)
     return best & ((1 << bits) - 1), best >= 0
+
+
+def _top_left(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, h, w): each cell's top-left pixel, row ⌊i·H/h⌋ and column ⌊j·W/w⌋ (integer
+    arithmetic: the first pixel of the cell's span [i·H/h, (i+1)·H/h))."""
+    height, width = x.shape[-2:]
+    rows = torch.arange(h, device=x.device) * height // h                  # (h,)
+    cols = torch.arange(w, device=x.device) * width // w                   # (w,)
+    return x.index_select(-2, rows).index_select(-1, cols)
 
 
 def _area_mean(x: torch.Tensor, h: int, w: int) -> torch.Tensor:

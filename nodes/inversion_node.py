@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..engine import host, identity, sockets, validation
-from ..engine.inversion import invert_latent
+from ..engine.inversion import DEFAULT_FORMULA, FORMULAS, invert_latent
 
 CATEGORY = "video editing/TVE"
 
@@ -29,6 +29,13 @@ class DDIMInversion:
                 "Inversion steps per sampling step: the inversion walks steps × this many steps (the papers invert "
                 "with 10×: TokenFlow 500 for 50) for a more faithful x_T, and keeps the source only at the sampling "
                 "grid's σ, so the edit still samples the SIGMAS output (steps steps).")}),
+        }, "optional": {
+            "formula": (list(FORMULAS), {"default": DEFAULT_FORMULA, "tooltip": (
+                "Where each inversion step evaluates the model's noise estimate ε. next_sigma (default): at the next, "
+                "noisier level σ_{i+1} the step goes to, on the same latent (TokenFlow's code); closer to the exact "
+                "inverse of a DDIM step: the frames reconstruct about 2× more faithfully at the same steps. "
+                "current_sigma: at the latent's own level σ_i (FLATTEN's code; the first step at the model's "
+                "smallest σ).")}),
         }}
 
     RETURN_TYPES = ("LATENT", sockets.INVERSION, "SIGMAS")
@@ -36,8 +43,9 @@ class DDIMInversion:
     FUNCTION = "invert"
     CATEGORY = CATEGORY
 
-    def invert(self, model, latent: dict, conditioning: list, steps: int, scheduler: str, inversion_multiple: int = 1):
-        x_T, inversion = invert_latent(model, latent, conditioning, steps, scheduler, inversion_multiple)
+    def invert(self, model, latent: dict, conditioning: list, steps: int, scheduler: str, inversion_multiple: int = 1,
+               formula: str = DEFAULT_FORMULA):
+        x_T, inversion = invert_latent(model, latent, conditioning, steps, scheduler, inversion_multiple, formula)
         # noise_mask and batch_index stay on the LATENT: a masked edit samples x_T with the source's mask.
         return {**latent, "samples": x_T}, inversion, inversion.sigmas.clone()
 

@@ -1,10 +1,11 @@
 """DDIM inversion: the host-free sampler function, and the node inside the real ComfyUI sampling stack."""
 import math
+from typing import Sequence
 
 import pytest
 import torch
 
-from tve.engine.inversion import sample_ddim_inversion
+from tve.engine.inversion import FORMULAS, sample_ddim_inversion
 from tve.tests.hosts import FAMILIES, make_conditioning, make_latent, make_tiny_model
 
 real_host = pytest.mark.real_host
@@ -50,6 +51,103 @@ def test_inversion_sampler_first_step_evaluates_at_the_floor_not_zero():
     assert seen == pytest.approx([0.0292, 1.0])
 
 
+# ---------------------------------------------------------------------------------------------- next_sigma
+# The toy below is an EPS 'UNet' of Gaussian data N(0, s²) that sees DDPM's latent u = √ᾱ·x (ᾱ = 1/(1+σ²)):
+# its noise estimate is known in closed form, so the inversion can be written out in DDPM's own variables.
+def c_in(sigma):
+    """DDPM's √ᾱ as a function of σ (σ_data = 1): what the UNet of an EPS model sees of a latent x at σ."""
+    return 1 / (sigma * sigma + 1) ** 0.5
+
+
+def toy_eps(u, sigma, s: float):
+    """ε̂ of the toy UNet for input u at noise level σ: x = u/√ᾱ, posterior ε = x·σ/(s²+σ²)."""
+    return u / c_in(sigma) * sigma / (s * s + sigma * sigma)
+
+
+def toy_denoiser(s: float, seen: list | None = None):
+    """D(x; σ) of the toy as a k-diffusion model (what comfy's EPS sampling makes of the UNet)."""
+    def model(x, sigma):
+        sig = sigma.reshape(-1, *[1] * (x.ndim - 1))
+        if seen is not None:
+            seen.append((x * c_in(sig), float(sigma[0])))
+        return x - sig * toy_eps(x * c_in(sig), sig, s)
+    return model
+
+
+def ddpm_next_timestep_inversion(x0: torch.Tensor, sigmas: Sequence[float], s: float) -> torch.Tensor:
+    """TokenFlow's inversion step restated in DDPM's variables, float64: from x_{t_i} (ᾱ_i) to x_{t_{i+1}} with the
+    UNet's ε at the NEXT timestep, x̂_0 = (x_{t_i} − √(1−ᾱ_i)·ε)/√ᾱ_i, x_{t_{i+1}} = √ᾱ_{i+1}·x̂_0 + √(1−ᾱ_{i+1})·ε.
+    Starts at σ = 0 (ᾱ = 1); returns the k-diffusion latent x_T = x_{t_T}/√ᾱ_T."""
+    alphas = [1 / (1 + sg * sg) for sg in sigmas]
+    x = x0.double()
+    for i in range(len(sigmas) - 1):
+        eps = toy_eps(x, torch.tensor(sigmas[i + 1], dtype=torch.float64), s)
+        x0_hat = (x - (1 - alphas[i]) ** 0.5 * eps) / alphas[i] ** 0.5
+        x = alphas[i + 1] ** 0.5 * x0_hat + (1 - alphas[i + 1]) ** 0.5 * eps
+    return x / alphas[-1] ** 0.5
+
+
+def sd_sigmas(steps: int) -> torch.Tensor:
+    """Ascending σ of SD's DDIM timesteps 1 + i·⌊1000/steps⌋ (scaled-linear β 0.00085…0.012), from 0."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0)[torch.arange(steps) * (1000 // steps) + 1]
+    return torch.cat([torch.zeros(1, dtype=torch.float64), ((1 - alphas) / alphas).sqrt()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_sigma_inversion_is_ddpm_inversion_with_the_next_timesteps_noise(dtype):
+    sigmas = sd_sigmas(10)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    recorded = {}
+    x_T = sample_ddim_inversion(toy_denoiser(0.8), x0.to(dtype), sigmas.to(dtype), sigma_floor=0.0292,
+                                formula="next_sigma", input_scale=c_in, record=recorded.__setitem__)
+    expected = ddpm_next_timestep_inversion(x0.to(dtype), sigmas.to(dtype).tolist(), 0.8)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert x_T.dtype == dtype
+    assert torch.allclose(x_T.double(), expected, rtol=tol, atol=tol * expected.abs().max())
+    assert sorted(recorded) == list(range(len(sigmas))) and torch.equal(recorded[len(sigmas) - 1], x_T)
+
+
+def test_next_sigma_feeds_the_unet_the_current_latent_at_the_next_sigma():
+    sigmas = torch.tensor([0.0, 0.03, 0.5, 2.0, 9.0])
+    seen, recorded = [], {}
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    sample_ddim_inversion(toy_denoiser(1.0, seen), x0, sigmas, sigma_floor=0.0292, formula="next_sigma",
+                          input_scale=c_in, record=recorded.__setitem__)
+    assert [sigma for _, sigma in seen] == pytest.approx(sigmas[1:].tolist())     # never σ_min, never σ_i
+    for i, (unet_input, _) in enumerate(seen):                                     # √ᾱ_i·x_i: x_i as it is at σ_i
+        assert torch.allclose(unet_input, recorded[i] * c_in(sigmas[i]), rtol=1e-6, atol=1e-6)
+
+
+def euler_sampling(x: torch.Tensor, descending: torch.Tensor, model) -> torch.Tensor:
+    """DDIM (Euler) sampling down ``descending`` to 0."""
+    for hi, lo in zip(descending[:-1], descending[1:]):
+        x = x + (lo - hi) * (x - model(x, hi.reshape(1))) / hi
+    return x
+
+
+@pytest.mark.parametrize("s", [0.5, 1.0, 2.0])
+def test_next_sigma_reconstructs_gaussian_data_better_at_every_step_count(s):
+    x0 = s * torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    model = toy_denoiser(s)
+    for steps in (10, 25, 50):
+        sigmas = sd_sigmas(steps)
+        errors = {}
+        for formula in FORMULAS:
+            x_T = sample_ddim_inversion(model, x0, sigmas, sigma_floor=float(sigmas[1]) * 0.5, formula=formula,
+                                        input_scale=c_in)
+            errors[formula] = float((euler_sampling(x_T, sigmas.flip(0), model) - x0).norm() / x0.norm())
+        assert errors["next_sigma"] < 0.6 * errors["current_sigma"], (steps, errors)
+
+
+def test_inversion_formula_is_checked():
+    x, sigmas = torch.ones(1, 4, 2, 2), torch.tensor([0.0, 1.0])
+    with pytest.raises(ValueError, match="formula"):
+        sample_ddim_inversion(toy_denoiser(1.0), x, sigmas, sigma_floor=0.03, formula="previous_sigma")
+    with pytest.raises(ValueError, match="input_scale"):
+        sample_ddim_inversion(toy_denoiser(1.0), x, sigmas, sigma_floor=0.03, formula="next_sigma")
+
+
 # ---------------------------------------------------------------------------------------------- real host
 class AnalyticUNet(torch.nn.Module):
     """EPS 'UNet' of Gaussian data N(0, s²): returns ε̂ = x·σ/(s²+σ²) for the host's scaled input."""
@@ -81,6 +179,7 @@ def reconstruct(model, x_T, conditioning, sigmas):
 
 @real_host
 def test_node_inversion_and_reconstruction_match_float64_euler_and_improve_with_steps():
+    """The current_sigma formula is Euler in σ written out in float64."""
     from tve.engine.inversion import invert
     s = 1.0
     model = analytic_model(s)
@@ -88,7 +187,7 @@ def test_node_inversion_and_reconstruction_match_float64_euler_and_improve_with_
     latent = make_latent(3, 8, 8)["samples"] / 0.18215 * s          # model space: data ~ N(0, s²)
     errors = []
     for steps in (10, 50):
-        x_T, inversion = invert(model, latent, cond, steps, "ddim_uniform")
+        x_T, inversion = invert(model, latent, cond, steps, "ddim_uniform", formula="current_sigma")
         floor = float(model.get_model_object("model_sampling").sigma_min)
         x0 = latent * 0.18215
         expected_T = euler_float64(x0, inversion.sigmas.flip(0), s, floor)
@@ -98,6 +197,23 @@ def test_node_inversion_and_reconstruction_match_float64_euler_and_improve_with_
         assert torch.allclose(recon.double(), expected_recon, rtol=1e-3, atol=1e-3 * expected_recon.abs().max())
         errors.append(float((recon - latent).norm() / latent.norm()))
     assert errors[1] < errors[0] * 0.5, errors
+
+
+@real_host
+def test_node_next_sigma_inversion_is_ddpm_inversion_with_the_next_timesteps_noise():
+    from tve.nodes.inversion_node import DDIMInversion
+    s = 0.8
+    model = analytic_model(s)
+    latent = make_latent(2, 8, 8)["samples"] / 0.18215 * s          # model space: data ~ N(0, s²)
+    x_T, inversion, sigmas = DDIMInversion().invert(model, {"samples": latent}, make_conditioning("sd15"), 10,
+                                                    "ddim_uniform", 1, "next_sigma")
+    expected = ddpm_next_timestep_inversion(latent * 0.18215, sigmas.flip(0).tolist(), s)
+    assert torch.allclose((x_T["samples"] * 0.18215).double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+    current, _ = DDIMInversion().invert(model, {"samples": latent}, make_conditioning("sd15"), 10, "ddim_uniform", 1,
+                                        "current_sigma")[:2]
+    assert not torch.allclose(current["samples"], x_T["samples"], rtol=1e-3)
+    with pytest.raises(ValueError, match="formula"):
+        DDIMInversion().invert(model, {"samples": latent}, make_conditioning("sd15"), 10, "ddim_uniform", 1, "tve")
 
 
 @real_host
@@ -118,6 +234,31 @@ def test_inversion_keys_are_the_sampling_grid_sigmas_and_float32_latents_are_kep
     assert torch.allclose(inversion.latents[0], model.model.process_latent_in(x_T["samples"]), atol=1e-5)
     assert inversion.family == host.model_family(model) and inversion.frames == 4
     assert float(ms.sigma_min) > 0
+
+
+@real_host
+@pytest.mark.parametrize("family", FAMILIES)
+def test_next_sigma_shows_the_unet_each_latent_as_it_is_at_its_own_sigma(family):
+    """TokenFlow's step, through the host's sampling: the diffusion model's input at step i is the latent x_i as
+    the model would see it at σ_i (x_0 itself first), while its timestep is that of σ_{i+1}."""
+    from comfy.patcher_extension import WrappersMP
+    from tve.engine import host
+    from tve.engine.inversion import invert
+    model = make_tiny_model(family)
+    calls = []
+    spy = model.clone()
+    spy.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
+        calls.append((args[0].clone(), float(args[5]["sigmas"].reshape(-1)[0]))), executor(*args, **kw))[1])
+    latent = make_latent(2, 8, 8)["samples"]
+    _, inversion = invert(spy, latent, make_conditioning(family), 3, "ddim_uniform", formula="next_sigma")
+    ascending = inversion.sigmas.flip(0)                                     # 0, σ_1, σ_2, σ_3
+    latents = inversion.latents.flip(0)                                      # x_0 … x_3 (model space)
+    assert [sigma for _, sigma in calls] == pytest.approx(ascending[1:].tolist(), rel=1e-5)
+    c_in = host.input_scale(model)
+    for i, (unet_input, _) in enumerate(calls):
+        expected = latents[i].float() * c_in(ascending[i])
+        assert torch.allclose(unet_input.float(), expected, rtol=1e-5, atol=1e-5), i
+    assert torch.equal(calls[0][0].float(), latents[0].float())              # c_in(0) = 1: x_0 as it is
 
 
 @real_host
@@ -172,7 +313,7 @@ def test_finer_inversion_keeps_the_source_on_the_sampling_grid_and_x_T_at_its_to
     spy.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
         calls.append(float(args[5]["sigmas"].reshape(-1)[0])), executor(*args, **kw))[1])
     latent = make_latent(2, 8, 8)["samples"]
-    x_T, inversion = invert(spy, latent, make_conditioning(), 4, "ddim_uniform", multiple=5)
+    x_T, inversion = invert(spy, latent, make_conditioning(), 4, "ddim_uniform", multiple=5, formula="current_sigma")
     grid = host.sigma_grid(model, "ddim_uniform", 4)
     assert torch.equal(inversion.sigmas, grid)
     assert inversion.latents.shape[0] == len(grid)
@@ -195,8 +336,8 @@ def test_finer_inversion_reconstructs_the_trained_models_clip_more_faithfully():
     cond = trained_conditioning("source")
     raw = render_frames(1, 2, HELD_OUT_SEED + 3)
     errors = []
-    for multiple in (1, 5):
-        x_T, inversion = invert(model, raw, cond, 10, "ddim_uniform", multiple)
+    for multiple in (1, 5):       # current_sigma: next_sigma at 1x is already as close (bench/inversion.py)
+        x_T, inversion = invert(model, raw, cond, 10, "ddim_uniform", multiple, formula="current_sigma")
         recon = comfy.sample.sample_custom(model, torch.zeros_like(x_T), 1.0, comfy.samplers.sampler_object("euler"),
                                            inversion.sigmas, cond, cond, x_T, disable_pbar=True)
         errors.append(float((recon - raw).norm() / raw.norm()))
