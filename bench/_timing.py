@@ -53,8 +53,14 @@ def host_release() -> str:
 
 
 def header(what: str) -> None:
+    """One line: what is timed, the host release and its default attention backend, torch, threads, load."""
+    import sys
+
     import torch
-    print(f"# {what}; {host_release()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), "
+    host = "no ComfyUI host (torch SDPA)"
+    if "comfy.ldm.modules.attention" in sys.modules:
+        host = f"{host_release()}, default attention {backend_label(default_backend())}"
+    print(f"# {what}; {host}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), "
           f"{load_average()} (absolute times are not comparable across runs; ratios come from one interleaved run)",
           flush=True)
 
