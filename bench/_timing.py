@@ -58,7 +58,7 @@ def header(what: str) -> None:
 
     import torch
     host = "no ComfyUI host (torch SDPA)"
-    if "comfy.ldm.modules.attention" in sys.modules:
+    if "comfy.model_management" in sys.modules:             # the host is imported (_tve.real_host)
         host = f"{host_release()}, default attention {backend_label(default_backend())}"
     print(f"# {what}; {host}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), "
           f"{load_average()} (absolute times are not comparable across runs; ratios come from one interleaved run)",
