@@ -1,4 +1,4 @@
-"""Cross-frame self-attention, one function per mode, and TokenFlow's keyframe draw.
+"""Cross-frame self-attention, one function per mode.
 
 Every mode takes the block's projected q, k, v ``(chunks·F, T, C)`` (``chunks`` conditioning chunks, each holding
 the call's F frames in order) and returns ``(chunks·F, T, C)``; a frame attends to frames of its own chunk only.
@@ -23,7 +23,6 @@ from .frames import ATTENTION_BUDGET, batch_view, frames_view, query_frame_chunk
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 KeysValues = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-_GOLDEN = 0x9E3779B97F4A7C15      # odd 64-bit constant: (seed, step) -> generator seed, a bijection per step
 
 
 def keyframe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, chunks: int,
@@ -53,7 +52,8 @@ def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     its own. The anchor frame itself is plain self-attention either way (its keys are never duplicated)."""
     q4, k4, v4 = _frames(q, k, v, heads, chunks)
     frames, tokens = q4.shape[1], q4.shape[2]
-    assert 0 <= anchor < frames, f"anchor {anchor!r} is not a local frame index in [0, {frames})"
+    if not (0 <= anchor < frames):
+        raise ValueError(f"anchor {anchor!r} is not a local frame index in [0, {frames})")
     k_anchor, v_anchor = k4[:, anchor], v4[:, anchor]                                # (chunks, T, C)
     if not include_self or frames == 1:
         return batch_view(_attend_shared(q4, k_anchor, v_anchor, heads, attention, budget))
@@ -80,7 +80,8 @@ def fine_coarse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     q4, k4, v4 = _frames(q, k, v, heads, chunks)
     frames, tokens = q4.shape[1], q4.shape[2]
     h, w = _check_grid(grid_hw, tokens)
-    assert factor >= 1, f"pooling factor {factor!r} < 1"
+    if not (factor >= 1):
+        raise ValueError(f"pooling factor {factor!r} < 1")
     coarse_k, coarse_v = (_average_pool(t, h, w, factor) for t in (k4, v4))       # (chunks, F, T', C)
     others_of = torch.arange(frames - 1, device=q.device)
 
@@ -93,28 +94,6 @@ def fine_coarse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     _attend_per_frame(q4, torch.arange(frames, device=q.device), keys_values,
                       tokens + (frames - 1) * coarse_k.shape[2], heads, attention, budget, out)
     return batch_view(out)
-
-
-def pick_keyframes(frame_ids: Sequence[int] | torch.Tensor, interval: int, seed: int, step: int) -> torch.Tensor:
-    """One random keyframe per window of ``interval`` frames, re-drawn every step (TokenFlow's keyframe sampling;
-    the official code draws ``randint(interval) + arange(0, F, interval)``).
-
-    frame_ids: the GLOBAL ids of the call's frames, in call order (a context window may start mid-window or wrap).
-    Windows are ``id // interval`` of the whole video; each window present gets one keyframe, uniform among its
-    frames present in the call: every global frame gets a priority drawn from a CPU ``torch.Generator`` seeded by
-    (seed, step), and a window's keyframe is its present frame of highest priority — so two calls holding the same
-    frames of a window pick the same keyframe. Returns the keyframes' LOCAL indices (positions in frame_ids),
-    ascending, (K,) long on the CPU. Interval 1 gives every frame.
-    """
-    ids = _check_frame_ids(frame_ids)
-    assert interval >= 1, f"keyframe interval {interval!r} < 1"
-    generator = torch.Generator().manual_seed((int(seed) * _GOLDEN + int(step)) % (1 << 64))
-    priority = torch.rand(int(ids.max()) + 1, generator=generator)[ids]              # (F,) by global id
-    window = ids // interval
-    order = torch.argsort(priority, descending=True)
-    order = order[torch.argsort(window[order], stable=True)]                         # by window, best first
-    _, counts = torch.unique_consecutive(window[order], return_counts=True)
-    return order[counts.cumsum(0) - counts].sort().values
 
 
 # ---------------------------------------------------------------------------------------------- shared steps
@@ -160,33 +139,28 @@ def _frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
         raise ValueError(f"q, k, v: expected three (chunks*frames, tokens, channels) tensors of one shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     batch, _, channels = q.shape
-    assert chunks >= 1 and batch % chunks == 0, f"{chunks!r} chunks do not divide the batch of {batch} rows"
-    assert heads >= 1 and channels % heads == 0, f"{heads!r} heads do not divide {channels} channels"
+    if not (chunks >= 1 and batch % chunks == 0):
+        raise ValueError(f"{chunks!r} chunks do not divide the batch of {batch} rows")
+    if not (heads >= 1 and channels % heads == 0):
+        raise ValueError(f"{heads!r} heads do not divide {channels} channels")
     return frames_view(q, chunks), frames_view(k, chunks), frames_view(v, chunks)
 
 
 def _check_keyframes(keyframes: torch.Tensor | Sequence[int], frames: int) -> torch.Tensor:
     """Keyframes (K,) long on the CPU: distinct local indices in [0, frames) (pick_keyframes makes them)."""
     index = torch.as_tensor(keyframes)
-    assert not index.dtype.is_floating_point and index.dtype != torch.bool, f"keyframes {keyframes!r} are not indices"
+    if not (not index.dtype.is_floating_point and index.dtype != torch.bool):
+        raise ValueError(f"keyframes {keyframes!r} are not indices")
     index = index.to("cpu", torch.long).reshape(-1)
-    assert index.numel() and 0 <= int(index.min()) and int(index.max()) < frames, \
-        f"keyframes {index.tolist()} are not local frame indices in [0, {frames})"
-    assert index.unique().numel() == index.numel(), f"keyframes {index.tolist()} repeat a frame"
+    if not (index.numel() and 0 <= int(index.min()) and int(index.max()) < frames):
+        raise ValueError(f"keyframes {index.tolist()} are not local frame indices in [0, {frames})")
+    if not (index.unique().numel() == index.numel()):
+        raise ValueError(f"keyframes {index.tolist()} repeat a frame")
     return index
 
 
 def _check_grid(grid_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
     h, w = (int(s) for s in grid_hw)
-    assert h * w == tokens, f"the {h}x{w} token grid has {h * w} cells but each frame has {tokens} tokens"
+    if not (h * w == tokens):
+        raise ValueError(f"the {h}x{w} token grid has {h * w} cells but each frame has {tokens} tokens")
     return h, w
-
-
-def _check_frame_ids(frame_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Global frame ids (F,) long on the CPU: distinct and non-negative (host.call_frame_ids makes them)."""
-    ids = torch.as_tensor(frame_ids if isinstance(frame_ids, torch.Tensor) else list(frame_ids))
-    assert not ids.dtype.is_floating_point and ids.dtype != torch.bool, f"frame ids {frame_ids!r} are not ids"
-    ids = ids.to("cpu", torch.long).reshape(-1)
-    assert ids.numel() and int(ids.min()) >= 0, f"frame ids {ids.tolist()} are empty or negative"
-    assert ids.unique().numel() == ids.numel(), f"frame ids {ids.tolist()} repeat a frame"
-    return ids

@@ -143,9 +143,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, head
 
 def _check_grid(tracks: torch.Tensor, track_of: torch.Tensor) -> tuple[int, int]:
     """(frames, tokens) of a trajectory grid: tracks (n_traj, frames) and track_of (frames, h·w), integer."""
-    assert not tracks.dtype.is_floating_point and not track_of.dtype.is_floating_point, "integer indices expected"
-    assert tracks.ndim == track_of.ndim == 2 and tracks.shape[1] == track_of.shape[0] and track_of.shape[1], \
-        f"tracks {tuple(tracks.shape)} and track_of {tuple(track_of.shape)} are not (n_traj, F) and (F, h·w)"
+    if tracks.dtype.is_floating_point or track_of.dtype.is_floating_point:
+        raise ValueError("integer indices expected")
+    if not (tracks.ndim == track_of.ndim == 2 and tracks.shape[1] == track_of.shape[0] and track_of.shape[1]):
+        raise ValueError(f"tracks {tuple(tracks.shape)} and track_of {tuple(track_of.shape)} are not (n_traj, F) "
+                         "and (F, h·w)")
     return track_of.shape[0], track_of.shape[1]
 
 
@@ -154,9 +156,10 @@ def _check_frame_ids(frame_ids: Sequence[int] | torch.Tensor | None, all_frames:
     if frame_ids is None:
         return torch.arange(all_frames)
     ids = torch.as_tensor(frame_ids).to("cpu", torch.long).reshape(-1)
-    assert ids.numel() and 0 <= int(ids.min()) and int(ids.max()) < all_frames, \
-        f"frame ids {ids.tolist()} are not indices into the trajectories' {all_frames} frames"
-    assert ids.unique().numel() == ids.numel(), f"frame ids {ids.tolist()} repeat a frame"
+    if not (ids.numel() and 0 <= int(ids.min()) and int(ids.max()) < all_frames):
+        raise ValueError(f"frame ids {ids.tolist()} are not indices into the trajectories' {all_frames} frames")
+    if not (ids.unique().numel() == ids.numel()):
+        raise ValueError(f"frame ids {ids.tolist()} repeat a frame")
     return ids
 
 

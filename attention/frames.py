@@ -17,7 +17,8 @@ ATTENTION_BUDGET = 1 << 26      # elements per attention call: scores plus gathe
 
 def frames_view(x: torch.Tensor, chunks: int) -> torch.Tensor:
     """``(chunks·F, ...)`` -> ``(chunks, F, ...)``, a view of ``x`` (no copy)."""
-    assert chunks >= 1, f"{chunks!r} conditioning chunks"
+    if not (chunks >= 1):
+        raise ValueError(f"{chunks!r} conditioning chunks")
     if x.ndim < 1 or x.shape[0] == 0 or x.shape[0] % chunks:
         raise ValueError(f"x: expected a batch of chunks*frames rows with chunks={chunks}, got shape "
                          f"{tuple(x.shape)} ({x.shape[0] if x.ndim else 0} rows)")

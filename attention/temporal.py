@@ -138,6 +138,14 @@ class TemporalAttention(nn.Module):
             self.norm_weight = nn.Parameter(torch.ones(channels))
             self.norm_bias = nn.Parameter(torch.zeros(channels))
 
+    @staticmethod
+    def state_shapes(channels: int, kind: str) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every entry of the state dict of a ``kind`` module of ``channels`` channels."""
+        shapes = {name: (channels, channels) for name in MAPPINGS}
+        if kind == "stam":
+            return {**shapes, "gain": (), **{f"{uv}_{name}": (channels,) for name in MAPPINGS for uv in "uv"}}
+        return {**shapes, "out_bias": (channels,), "norm_weight": (channels,), "norm_bias": (channels,)}
+
     def refresh_spectral_norms(self, iterations: int = 1) -> None:
         """stam: advance the power iteration of every mapping (once per tuning step, outside the forward pass, so
         a checkpointed recomputation sees the same σ; to convergence when a module is made or finished)."""

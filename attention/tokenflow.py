@@ -1,6 +1,7 @@
-"""TokenFlow propagation: nearest-neighbour fields between source tokens and keyframe-output blending.
+"""TokenFlow's math: the keyframe draw, nearest-neighbour fields between source tokens, keyframe-output blending.
 
-TokenFlow (Geyer et al., ICLR 2024), §3.2–3.3: the keyframes are edited jointly; every other frame's
+TokenFlow (Geyer et al., ICLR 2024), §3.2–3.3: one random keyframe per window of frames is drawn every step
+(``pick_keyframes``) and the keyframes are edited jointly; every other frame's
 self-attention output tokens (after ``to_out``) are the keyframes' output tokens gathered through the
 nearest-neighbour field of the SOURCE video's tokens (cosine similarity, argmax; the official code matches the
 normed self-attention input of the source branch at the same step) and blended between two keyframes (Eq. 5).
@@ -35,9 +36,33 @@ import torch
 import torch.nn.functional as F
 
 PROPAGATION_MODES = ("paper", "official")
+_GOLDEN = 0x9E3779B97F4A7C15      # odd 64-bit constant: (seed, step) -> generator seed, a bijection per step
 
 SIMILARITY_BUDGET = 1 << 26     # float32 elements of one chunk's similarities and copies (256 MiB)
 PROPAGATION_BUDGET = 1 << 24    # float32 elements of one slice of propagate's gathered tokens (64 MiB)
+
+
+def pick_keyframes(frame_ids: Sequence[int] | torch.Tensor, interval: int, seed: int, step: int) -> torch.Tensor:
+    """One random keyframe per window of ``interval`` frames, re-drawn every step (TokenFlow's keyframe sampling;
+    the official code draws ``randint(interval) + arange(0, F, interval)``).
+
+    frame_ids: the GLOBAL ids of the call's frames, in call order (a context window may start mid-window or wrap).
+    Windows are ``id // interval`` of the whole video; each window present gets one keyframe, uniform among its
+    frames present in the call: every global frame gets a priority drawn from a CPU ``torch.Generator`` seeded by
+    (seed, step), and a window's keyframe is its present frame of highest priority — so two calls holding the same
+    frames of a window pick the same keyframe. Returns the keyframes' LOCAL indices (positions in frame_ids),
+    ascending, (K,) long on the CPU. Interval 1 gives every frame.
+    """
+    ids = _check_call_frame_ids(frame_ids)
+    if not (interval >= 1):
+        raise ValueError(f"keyframe interval {interval!r} < 1")
+    generator = torch.Generator().manual_seed((int(seed) * _GOLDEN + int(step)) % (1 << 64))
+    priority = torch.rand(int(ids.max()) + 1, generator=generator)[ids]              # (F,) by global id
+    window = ids // interval
+    order = torch.argsort(priority, descending=True)
+    order = order[torch.argsort(window[order], stable=True)]                         # by window, best first
+    _, counts = torch.unique_consecutive(window[order], return_counts=True)
+    return order[counts.cumsum(0) - counts].sort().values
 
 
 def nearest_neighbour_field(source_frames: torch.Tensor, source_keyframes: torch.Tensor,
@@ -82,13 +107,18 @@ def propagation_weights(frame_ids: Sequence[int] | torch.Tensor, keyframe_ids: S
     """
     if mode not in PROPAGATION_MODES:
         raise ValueError(f"mode: expected one of {PROPAGATION_MODES}, got {mode!r}")
-    assert interval >= 1, f"keyframe interval {interval!r} < 1"
+    if not (interval >= 1):
+        raise ValueError(f"keyframe interval {interval!r} < 1")
     f = _ids(frame_ids)                                                                # (F,)
     k = _ids(keyframe_ids)                                                             # (K,)
-    assert len(f) and len(k), f"{len(f)} frames and {len(k)} keyframes: at least one of each needed"
-    assert len(torch.unique(f)) == len(f), f"frame ids {f.tolist()} repeat a frame"
-    assert bool((k[1:] > k[:-1]).all()), f"keyframe ids {k.tolist()} are not strictly increasing"
-    assert bool(torch.isin(k, f).all()), f"keyframe ids {k.tolist()} are not among the frame ids {f.tolist()}"
+    if not (len(f) and len(k)):
+        raise ValueError(f"{len(f)} frames and {len(k)} keyframes: at least one of each needed")
+    if not (len(torch.unique(f)) == len(f)):
+        raise ValueError(f"frame ids {f.tolist()} repeat a frame")
+    if not (bool((k[1:] > k[:-1]).all())):
+        raise ValueError(f"keyframe ids {k.tolist()} are not strictly increasing")
+    if not (bool(torch.isin(k, f).all())):
+        raise ValueError(f"keyframe ids {k.tolist()} are not among the frame ids {f.tolist()}")
     if mode == "paper":
         return _paper_weights(f, k)
     return _official_weights(f, k, interval)
@@ -195,7 +225,8 @@ def _ids(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
     ids = torch.as_tensor(ids).cpu().reshape(-1)
     if ids.numel() == 0:
         return ids.to(torch.long)
-    assert not ids.dtype.is_floating_point and not bool((ids < 0).any()), f"frame ids {ids.tolist()} are not ids"
+    if not (not ids.dtype.is_floating_point and not bool((ids < 0).any())):
+        raise ValueError(f"frame ids {ids.tolist()} are not ids")
     return ids.to(torch.long)
 
 
@@ -223,3 +254,16 @@ def _check_chunk_size(chunk_size: int) -> int:
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected at least 1 frame, got {chunk_size}")
     return chunk_size
+
+
+def _check_call_frame_ids(frame_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Global frame ids (F,) long on the CPU: distinct and non-negative (host.call_frame_ids makes them)."""
+    ids = torch.as_tensor(frame_ids if isinstance(frame_ids, torch.Tensor) else list(frame_ids))
+    if not (not ids.dtype.is_floating_point and ids.dtype != torch.bool):
+        raise ValueError(f"frame ids {frame_ids!r} are not ids")
+    ids = ids.to("cpu", torch.long).reshape(-1)
+    if not (ids.numel() and int(ids.min()) >= 0):
+        raise ValueError(f"frame ids {ids.tolist()} are empty or negative")
+    if not (ids.unique().numel() == ids.numel()):
+        raise ValueError(f"frame ids {ids.tolist()} repeat a frame")
+    return ids

@@ -7,7 +7,7 @@ import torch
 
 def inverted_video(frames: int, size: int, steps: int, family: str = "sd15", model=None):
     """(model, x_T, inversion) for random latents of ``frames`` × 4 × size × size."""
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     from tve.tests.hosts import make_conditioning, make_tiny_model
     model = model if model is not None else make_tiny_model(family)
     latent = torch.randn(frames, 4, size, size, generator=torch.Generator().manual_seed(0))

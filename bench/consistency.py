@@ -48,11 +48,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from tve.flow.estimate import FlowField, estimate_flow  # noqa: E402
 from tve.flow.trajectories import build_trajectories  # noqa: E402
-from tve.nodes.cross_frame import apply_cross_frame  # noqa: E402
-from tve.nodes.flatten import apply_flatten  # noqa: E402
-from tve.nodes.injection import apply_feature_injection  # noqa: E402
-from tve.nodes.inversion import invert  # noqa: E402
-from tve.nodes.tokenflow import apply_tokenflow  # noqa: E402
+from tve.engine.cross_frame import apply_cross_frame
+from tve.engine.flatten import apply_flatten
+from tve.engine.injection import apply_feature_injection
+from tve.engine.inversion import invert
+from tve.engine.tokenflow import apply_tokenflow
 from tve.tests.trained_model import load_trained_model, trained_conditioning  # noqa: E402
 from tve.tools.demo import labelled, write_strip  # noqa: E402
 from tve.tools.edit_measures import (edit_strength, fidelity_error, latent_flow, latent_warp_error,  # noqa: E402

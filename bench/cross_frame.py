@@ -23,8 +23,8 @@ import _timing
 import _tve  # noqa: F401  (registers the pack as ``tve``)
 import torch
 
-from tve.attention.cross_frame import (anchor_attention, dense_attention, fine_coarse_attention, keyframe_attention,
-                                       pick_keyframes)
+from tve.attention.cross_frame import anchor_attention, dense_attention, fine_coarse_attention, keyframe_attention
+from tve.attention.tokenflow import pick_keyframes
 from tve.attention.frames import sdpa_attention
 
 GRID, CHANNELS, HEADS, CHUNKS, INTERVAL, FACTOR = (32, 32), 320, 8, 2, 8, 2

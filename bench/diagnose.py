@@ -36,7 +36,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tve.flow.warp import backward_warp  # noqa: E402
-from tve.nodes.passes import Pass, current_run  # noqa: E402
+from tve.engine.run import Pass
+from tve.engine.passes import current_run
 from tve.tests.trained_model import load_trained_model, trained_conditioning  # noqa: E402
 from tve.tools.train_test_model import HELD_OUT_SEED, TESTBEDS, fit_stripes  # noqa: E402
 from tve.tools.edit_measures import (latent_flow, latent_warp_error, unexplained_grey, warp_error_parts,  # noqa: E402
@@ -182,9 +183,9 @@ class Recorder:
 
 
 def edit_models(model, inversion, trajectories, seed: int, interval: int) -> dict:
-    from tve.nodes.flatten import apply_flatten
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine.flatten import apply_flatten
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.tokenflow import apply_tokenflow
     flatten = apply_flatten(model, trajectories, "highest resolution", "dense_output")
     return {
         "per-frame PnP": apply_feature_injection(model, inversion, 0.5, 0.8, "tokenflow", "sigma-matched"),
@@ -202,7 +203,7 @@ def main() -> None:
     import comfy.samplers
     from tve.flow.estimate import FlowField
     from tve.flow.trajectories import build_trajectories
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--testbed", choices=sorted(TESTBEDS), default="test_model_256")

@@ -179,8 +179,8 @@ def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repe
     import tve.nodes.flatten as flatten_node
     from tve.flow.estimate import FlowField
     from tve.flow.trajectories import build_trajectories
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.inversion import invert
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.inversion import invert
     from tve.tests.trained_model import load_trained_model, trained_conditioning
     from tve.tools.train_test_model import FRAME_SIZE, HELD_OUT_SEED
     from tve.tools.video_world import frames_to_latent, render_clip

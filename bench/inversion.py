@@ -20,8 +20,8 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import torch  # noqa: E402
 
-from tve.nodes.injection import apply_feature_injection  # noqa: E402
-from tve.nodes.inversion import invert  # noqa: E402
+from tve.engine.injection import apply_feature_injection
+from tve.engine.inversion import invert
 from tve.tools.train_test_model import HELD_OUT_SEED  # noqa: E402
 from tve.tools.video_world import frames_to_latent, render_clip  # noqa: E402
 from tve.tests.trained_model import load_trained_model, trained_conditioning  # noqa: E402

@@ -37,13 +37,13 @@ _tve.real_host()
 import torch  # noqa: E402
 from _edits import peak_rss_rise  # noqa: E402
 
-from tve.attention.windows import batches, overlapping_windows  # noqa: E402
+from tve.engine.frame_windows import batches, overlapping_windows
 from tve.flow.estimate import FlowField  # noqa: E402
 from tve.flow.trajectories import build_trajectories  # noqa: E402
-from tve.nodes.flatten import apply_flatten  # noqa: E402
-from tve.nodes.injection import apply_feature_injection  # noqa: E402
-from tve.nodes.inversion import invert  # noqa: E402
-from tve.nodes.tokenflow import apply_tokenflow  # noqa: E402
+from tve.engine.flatten import apply_flatten
+from tve.engine.injection import apply_feature_injection
+from tve.engine.inversion import invert
+from tve.engine.tokenflow import apply_tokenflow
 from tve.tools.edit_measures import latent_flow, pair_warp_errors  # noqa: E402
 
 METHODS = ["per-frame PnP", "TokenFlow", "FLATTEN", "TokenFlow+FLATTEN"]

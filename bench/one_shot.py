@@ -29,11 +29,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from _edits import peak_rss_rise  # noqa: E402
 from consistency import fidelity_error, latent_flow, latent_warp_error, procedural_clip  # noqa: E402
-from tve.nodes import host  # noqa: E402
-from tve.nodes.cross_frame import apply_cross_frame  # noqa: E402
-from tve.nodes.inversion import invert  # noqa: E402
-from tve.nodes.one_shot import evaluate_loss, tune  # noqa: E402
-from tve.nodes.temporal_adapter import apply_adapter  # noqa: E402
+from tve.engine import host
+from tve.engine.cross_frame import apply_cross_frame
+from tve.engine.inversion import invert
+from tve.engine.one_shot import evaluate_loss, tune
+from tve.engine.temporal_adapter import apply_adapter
 from tve.tests.trained_model import load_trained_model, trained_conditioning  # noqa: E402
 from tve.tools.train_test_model import recolour  # noqa: E402
 from tve.tools.video_world import LATENT_SCALE, frames_to_latent, latent_to_frames  # noqa: E402

@@ -22,8 +22,8 @@ _tve.real_host()
 
 from _edits import cfg_edit, inverted_video, peak_rss_rise  # noqa: E402
 
-from tve.nodes.injection import apply_feature_injection  # noqa: E402
-from tve.nodes.tokenflow import apply_tokenflow  # noqa: E402
+from tve.engine.injection import apply_feature_injection
+from tve.engine.tokenflow import apply_tokenflow
 
 
 def measure_memory(frames: int, size: int, steps: int) -> dict:

@@ -1,22 +1,17 @@
-"""TVE's ComfyUI nodes: thin classes that turn sockets into calls of ``attention/`` and ``flow/``."""
-from . import host
-from .cross_frame import NODES as _CROSS_FRAME_NODES
-from .flatten import NODES as _FLATTEN_NODES
+"""TVE's ComfyUI nodes: node classes only, each a thin shell over one engine call (``engine/``)."""
+from ..engine import host, identity
+from .edit_nodes import NODES as _EDIT_NODES
 from .flow_nodes import NODES as _FLOW_NODES
-from .injection import NODES as _INJECTION_NODES
-from .inversion import NODES as _INVERSION_NODES
-from .metrics import NODES as _METRICS_NODES
-from .one_shot import NODES as _ONE_SHOT_NODES
-from .temporal_adapter import NODES as _TEMPORAL_ADAPTER_NODES
-from .text2video_zero import NODES as _TEXT2VIDEO_ZERO_NODES
-from .tokenflow import NODES as _TOKENFLOW_NODES
-from .windows import NODES as _WINDOWS_NODES
+from .inversion_node import NODES as _INVERSION_NODES
+from .measure_nodes import NODES as _MEASURE_NODES
+from .one_shot_nodes import NODES as _ONE_SHOT_NODES
+from .text2video_node import NODES as _TEXT2VIDEO_NODES
 
 host.register_optical_flow_folder()
 host.register_adapter_folder()
 
-_ALL = {**_FLOW_NODES, **_INVERSION_NODES, **_INJECTION_NODES, **_CROSS_FRAME_NODES, **_TOKENFLOW_NODES,
-        **_FLATTEN_NODES, **_TEXT2VIDEO_ZERO_NODES, **_METRICS_NODES, **_ONE_SHOT_NODES,
-        **_TEMPORAL_ADAPTER_NODES, **_WINDOWS_NODES}
-NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in _ALL.items()}
-NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in _ALL.items()}
+_ALL = {**_FLOW_NODES, **_INVERSION_NODES, **_EDIT_NODES, **_TEXT2VIDEO_NODES, **_MEASURE_NODES, **_ONE_SHOT_NODES}
+if set(_ALL) != set(identity.ALL):
+    raise RuntimeError(f"TVE: nodes without a class: {sorted(n.id for n in set(identity.ALL) - set(_ALL))}")
+NODE_CLASS_MAPPINGS = {node.id: cls for node, cls in _ALL.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {node.id: node.display for node in _ALL}

@@ -1,74 +1,18 @@
-"""Optical flow, FLATTEN trajectories and their previews (FLATTEN §3.2; RAFT, Teed & Deng 2020).
-
-The flow is computed on exactly the pixels VAEEncode encodes (its centre crop to a multiple of the VAE's factor,
-``flow/latent_crop.py``), so flow, trajectories, metrics and previews line up with the latent at any frame size.
-"""
+"""Optical Flow, Flow Trajectories, Preview Flow and Preview Trajectories (TVE): node classes over
+``engine/optical_flow.py``."""
 from __future__ import annotations
 
-import dataclasses
-import os
+from typing import Any
 
 import torch
 
-from ..flow.estimate import FlowField, build_raft, estimate_flow, flow_resolution, raft_working_bytes
-from ..flow.latent_crop import LatentCrop, match_frames
-from ..flow.preview import draw_tracks, flow_to_color, occlusion_to_image
-from ..flow.trajectories import Trajectories, build_trajectories
-from . import host, sockets, validation
+from ..engine import host, identity, sockets
+from ..engine.optical_flow import (DEFAULT_MAX_RESOLUTION, FLOW_METHODS, GRID_CHOICES, NO_WEIGHTS, flow_pictures,
+                                   estimate_optical_flow, flow_trajectories, track_pictures)
+from ..flow.estimate import FlowField
+from ..flow.trajectories import Trajectories
 
 CATEGORY = "video editing/TVE"
-FLOW_METHODS = ["raft_large", "raft_small", "dis"]
-NO_WEIGHTS = "none (method dis)"
-GRID_CHOICES = ["latent", "latent/2", "latent/4", "latent/8"]
-DEFAULT_MAX_RESOLUTION = 512
-_RAFT_CACHE: dict[tuple, torch.nn.Module] = {}        # the last RAFT built, by (variant, path, mtime, size)
-
-
-def check_frames(images: torch.Tensor, method: str, ratio: int, name: str = "images") -> torch.Tensor:
-    """Frames optical flow can be computed on: 2 or more, at least one latent cell a side and, for DIS, its patch
-    after VAEEncode's crop to a multiple of the VAE's factor ``ratio``."""
-    if method == "dis":
-        size = -(-validation.DIS_MIN_SIZE // ratio) * ratio
-        return validation.frames(images, name, 2, size, f"OpenCV DIS's {validation.DIS_MIN_SIZE} px patch after "
-                                 f"VAEEncode's crop to a multiple of {ratio}; RAFT takes smaller frames")
-    return validation.frames(images, name, 2, ratio)
-
-
-def check_flow_matches_latent(flow: FlowField, samples: torch.Tensor) -> None:
-    """Frame count and size of the FLOW must be those of the LATENT it will steer (``samples`` already passed
-    ``validation.latent``: image latents (F, C, h, w))."""
-    frames, (h, w) = samples.shape[0], tuple(samples.shape[-2:])
-    if frames != flow.frames:
-        raise ValueError(f"latent: has {frames} frames but the flow was computed on {flow.frames}; "
-                         "use the same frames for both")
-    if flow.crop is not None:
-        if (h, w) != flow.crop.latent_hw:
-            lh, lw = flow.crop.latent_hw
-            raise ValueError(f"latent: {w}x{h} (w x h), but the flow's frames ({flow.crop.describe()}) encode to "
-                             f"a {lw}x{lh} latent with its VAE; compute the flow on the frames that were VAE-encoded")
-        return
-    # A flow made without a crop (in Python): h, w are H/8, W/8 rounded; allow one cell on the shorter side.
-    if abs(flow.height * w - flow.width * h) > max(flow.height, flow.width) * (1 + 0.01 * min(h, w)):
-        raise ValueError(f"latent: aspect ratio {w}x{h} does not match the flow's {flow.width}x{flow.height}; "
-                         "compute the flow on the frames that were VAE-encoded")
-
-
-def load_raft(method: str, raft_weights: str) -> torch.nn.Module:
-    """The RAFT module of ``models/optical_flow/<raft_weights>``, built once per file (kept on the offload device)."""
-    if raft_weights == NO_WEIGHTS:
-        raise ValueError(
-            f"raft_weights: {method} needs a torchvision RAFT checkpoint; put "
-            f"{'raft_large_C_T_SKHT_V2-ff5fadd5.pth' if method == 'raft_large' else 'raft_small_C_T_V2-01064c6d.pth'}"
-            f" into one of {host.optical_flow_folders()} or choose method 'dis'")
-    path = host.optical_flow_path(raft_weights)
-    status = os.stat(path)
-    key = (method, path, status.st_mtime_ns, status.st_size)
-    if key not in _RAFT_CACHE:
-        raft = build_raft(method, host.load_weights(path))
-        _RAFT_CACHE.clear()
-        _RAFT_CACHE[key] = raft
-    return _RAFT_CACHE[key]
-
 
 class OpticalFlow:
     DESCRIPTION = ("Forward and backward optical flow between consecutive frames, with an occlusion mask from "
@@ -95,6 +39,10 @@ class OpticalFlow:
                                                   "trajectories live on the latent grid (1/8 of the frame), which "
                                                   "512 resolves; RAFT's memory grows with the 4th power of this. "
                                                   "0 = full resolution."}),
+        }, "optional": {
+            "optical_flow": ("OPTICAL_FLOW", {"tooltip": (
+                "Optional (ComfyUI 0.33+): a RAFT from core's Load Optical Flow Model, run instead of raft_weights, so "
+                "a graph that loads RAFT for core nodes keeps one copy. raft_large or raft_small runs it.")}),
         }}
 
     RETURN_TYPES = (sockets.FLOW,)
@@ -103,34 +51,8 @@ class OpticalFlow:
     CATEGORY = CATEGORY
 
     def estimate(self, images: torch.Tensor, vae, method: str, raft_weights: str, batch_size: int,
-                 max_resolution: int = DEFAULT_MAX_RESOLUTION):
-        validation.choice(method, "method", FLOW_METHODS)
-        ratio = host.vae_downscale_ratio(vae)
-        check_frames(images, method, ratio)
-        validation.integer(batch_size, "batch_size", 1)
-        validation.integer(max_resolution, "max_resolution", 0)
-        crop = LatentCrop(tuple(images.shape[1:3]), ratio)
-        frames = crop.crop_frames(images)                                # the pixels VAEEncode encodes
-        raft = None
-        if method != "dis":
-            raft = load_raft(method, raft_weights)
-            device = host.torch_device()
-            dtype = host.helper_dtype(device)
-            working = raft_working_bytes(flow_resolution(crop.crop_hw, max_resolution), 2 * batch_size,
-                                         torch.finfo(dtype).bits // 8)
-            working += 4 * batch_size * frames[0].numel() * 4        # both frames of each flow, float32, pre-resize
-            raft.to(host.free_memory_for(raft, working), dtype)
-        on_batch = host.progress(images.shape[0] - 1)
-        try:
-            flow = estimate_flow(frames, method, raft=raft, batch_size=batch_size, on_batch=on_batch,
-                                 max_size=max_resolution, on_out_of_memory=host.empty_cache)
-        finally:
-            if raft is not None:
-                raft.to(host.offload_device())
-        validation.flow(flow, "flow")
-        device = host.intermediate_device()
-        return (FlowField(forward=flow.forward.to(device), backward=flow.backward.to(device),
-                          occlusion=flow.occlusion.to(device), method=flow.method, crop=crop),)
+                 max_resolution: int = DEFAULT_MAX_RESOLUTION, optical_flow: Any = None):
+        return (estimate_optical_flow(images, vae, method, raft_weights, batch_size, max_resolution, optical_flow),)
 
 
 class FlowTrajectories:
@@ -157,12 +79,7 @@ class FlowTrajectories:
 
     def build(self, flow: FlowField, latent: dict, seed: int, cut_at_occlusions: bool):
         sockets.expect(flow, FlowField, "flow", sockets.FLOW)
-        validation.flow(flow, "flow")
-        samples = validation.latent(latent, "latent")
-        validation.integer(seed, "seed", 0)
-        check_flow_matches_latent(flow, samples)
-        trajectories = build_trajectories(flow, tuple(samples.shape[-2:]), seed=seed, cut_occluded=cut_at_occlusions)
-        return (dataclasses.replace(trajectories, source=validation.fingerprint(samples)),)
+        return (flow_trajectories(flow, latent, seed, cut_at_occlusions),)
 
 
 class PreviewFlow:
@@ -181,8 +98,7 @@ class PreviewFlow:
 
     def preview(self, flow: FlowField):
         sockets.expect(flow, FlowField, "flow", sockets.FLOW)
-        validation.flow(flow, "flow")
-        colours, occlusion = flow_to_color(flow.forward), occlusion_to_image(flow.occlusion)
+        colours, occlusion = flow_pictures(flow)
         shown = host.preview_images(colours, "tve_flow") + host.preview_images(occlusion, "tve_occlusion")
         return {"ui": {"images": shown}, "result": (colours, occlusion)}
 
@@ -211,25 +127,9 @@ class PreviewTrajectories:
 
     def preview(self, trajectories: Trajectories, images: torch.Tensor, grid: str, tracks: int, seed: int):
         sockets.expect(trajectories, Trajectories, "trajectories", sockets.TRAJECTORIES)
-        validation.frames(images, "images")
-        validation.choice(grid, "grid", GRID_CHOICES)
-        validation.integer(tracks, "tracks", 1)
-        validation.integer(seed, "seed", 0)
-        if trajectories.crop is not None:
-            images = match_frames(images, trajectories.crop, trajectories.frames, "images", "trajectories")
-        else:
-            validation.frame_count(images.shape[0], trajectories.frames, "images", "the trajectories")
-        grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])
-        level = GRID_CHOICES.index(grid)
-        if level >= len(grids):
-            raise ValueError(f"grid: '{grid}' is not available; these trajectories have {len(grids)} grids")
-        drawn = draw_tracks(images, trajectories.at(grids[level]), tracks, seed)
+        drawn = track_pictures(trajectories, images, grid, tracks, seed)
         return {"ui": {"images": host.preview_images(drawn, "tve_tracks")}, "result": (drawn,)}
 
 
-NODES = {
-    "TVE_OpticalFlow": (OpticalFlow, "Optical Flow (TVE)"),
-    "TVE_FlowTrajectories": (FlowTrajectories, "Flow Trajectories (TVE)"),
-    "TVE_PreviewFlow": (PreviewFlow, "Preview Flow (TVE)"),
-    "TVE_PreviewTrajectories": (PreviewTrajectories, "Preview Trajectories (TVE)"),
-}
+NODES = {identity.OPTICAL_FLOW: OpticalFlow, identity.FLOW_TRAJECTORIES: FlowTrajectories,
+         identity.PREVIEW_FLOW: PreviewFlow, identity.PREVIEW_TRAJECTORIES: PreviewTrajectories}

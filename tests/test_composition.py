@@ -21,7 +21,7 @@ NODE_NAMES = {"FLATTEN": "Apply FLATTEN (TVE)", "injection": "Apply Feature Inje
 
 
 def outcome(first: str, second: str) -> str:
-    """The combination table (README, "Stacking TVE nodes"): 'composes' or 'refused'."""
+    """The combination table (docs/stacking.md): 'composes' or 'refused'."""
     attention = lambda item: item == "FLATTEN" or item.startswith("cross-frame") or item == "motion+anchor"  # noqa
     flatten_like = {first == "FLATTEN", second == "FLATTEN"}
     if first == "TokenFlow" and (attention(second) or second == "FLATTEN"):
@@ -39,7 +39,7 @@ def outcome(first: str, second: str) -> str:
 def world():
     from tve.flow.estimate import FlowField
     from tve.flow.trajectories import build_trajectories
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     from tve.tools.video_world import render_clip
     model = make_tiny_model("sd15")
     cond = make_conditioning("sd15", seed=1)
@@ -51,11 +51,11 @@ def world():
 
 
 def applied(world, model, item: str, motion: list):
-    from tve.nodes.cross_frame import apply_cross_frame
-    from tve.nodes.flatten import apply_flatten
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.text2video_zero import motion_dynamics
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine.cross_frame import apply_cross_frame
+    from tve.engine.flatten import apply_flatten
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.motion_dynamics import motion_dynamics
+    from tve.engine.tokenflow import apply_tokenflow
     inversion = world["inversion"]
     if item == "FLATTEN":
         return apply_flatten(model, world["trajectories"], "highest resolution", "dense_output")
@@ -80,12 +80,12 @@ class Recorder:
         model.set_model_attn1_output_patch(self.attn1_output)
 
     def unet_call(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        from tve.nodes.passes import current_pass
+        from tve.engine.run import current_pass
         self.calls.append(current_pass(transformer_options).value)
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
     def attn1_output(self, n, extra_options):
-        from tve.nodes.passes import current_pass
+        from tve.engine.run import current_pass
         key = (*extra_options["block"], extra_options["block_index"])
         chunks = n.reshape(len(extra_options["cond_or_uncond"]), -1, *n.shape[1:])      # (chunks, F, T, C)
         self.outputs.append((len(self.calls), current_pass(extra_options).value, key, chunks.detach().clone()))
@@ -95,10 +95,10 @@ class Recorder:
 def sampled(world, model, motion: list):
     import comfy.sample
     import comfy.samplers
-    from tve.nodes.passes import state_of
+    from tve.engine.stack import stack_of
     # A model that reads the inversion edits its x_T (the start latent is checked against it before the first
     # step); otherwise the motion-dynamics latents, when the pair made them, are what it samples.
-    use_motion = motion and state_of(model).inversion is None
+    use_motion = motion and stack_of(model).inversion is None
     latent, sigmas = (motion[-1].raw_latents, motion[-1].sigmas) if use_motion else (world["x_T"],
                                                                                     world["inversion"].sigmas)
     return comfy.sample.sample_custom(model, torch.zeros_like(latent), 2.0, comfy.samplers.sampler_object("euler"),
@@ -137,7 +137,7 @@ PAIRS = [(a, b) for a in ITEMS for b in ITEMS]
 
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0]}->{p[1]}".replace(" ", "_"))
 def test_each_ordered_pair_composes_or_the_second_node_refuses_naming_both(world, pair):
-    from tve.nodes.passes import Refused
+    from tve.engine.methods import Refused
     first, second = pair
     motion: list = []
     model = applied(world, world["model"], first, motion)
@@ -167,10 +167,10 @@ def test_injection_and_attention_features_commute(world):
 
 
 def test_a_feature_applied_again_is_one_feature_with_the_later_settings(world):
-    from tve.nodes.cross_frame import apply_cross_frame
-    from tve.nodes.flatten import apply_flatten
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine.cross_frame import apply_cross_frame
+    from tve.engine.flatten import apply_flatten
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.tokenflow import apply_tokenflow
     model, inversion, trajectories = world["model"], world["inversion"], world["trajectories"]
     later = {
         "injection": lambda m: apply_feature_injection(m, inversion, 1.0, 0.5, "flatten", "sigma-matched"),
@@ -204,9 +204,9 @@ def test_a_model_runs_one_source_pass_per_step_for_injection_and_tokenflow_toget
 
 
 def test_features_read_one_inversion(world):
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.inversion import invert
-    from tve.nodes.passes import Refused
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.inversion import invert
+    from tve.engine.methods import Refused
     _, other = invert(world["model"], make_latent(FRAMES, SIZE, SIZE, seed=9)["samples"],
                       make_conditioning("sd15", seed=1), STEPS, "ddim_uniform")
     model = applied(world, world["model"], "TokenFlow", [])
@@ -214,9 +214,9 @@ def test_features_read_one_inversion(world):
         apply_feature_injection(model, other, 1.0, 1.0, "tokenflow", "sigma-matched")
 
 
-def test_readme_table_is_the_tested_one():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Stacking TVE nodes", 1)[1].split("\n\n", 2)[1]
+def test_documented_stacking_table_is_the_tested_one():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "stacking.md").read_text(encoding="utf-8")
+    section = next(block for block in doc.split("\n\n") if block.startswith("| first"))
     rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in rows[0][1:]]
     assert header == list(ITEMS)

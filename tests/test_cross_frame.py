@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from tve.attention.cross_frame import (anchor_attention, dense_attention, fine_coarse_attention, keyframe_attention,
-                                       pick_keyframes)
+from tve.attention.cross_frame import anchor_attention, dense_attention, fine_coarse_attention, keyframe_attention
+from tve.attention.tokenflow import pick_keyframes
 from tve.attention.frames import sdpa_attention
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -203,24 +203,24 @@ def test_query_chunking_gives_the_result_of_a_single_call(mode, dtype):
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
-def test_mismatched_q_k_v_are_a_clear_error_and_broken_call_invariants_assert():
-    """Artist values are validated at the node (nodes/validation.py); here only the tensors' own invariants."""
+def test_mismatched_q_k_v_and_broken_call_invariants_are_clear_errors():
+    """Artist values are validated by the engine (engine/validation.py); here only the tensors' own invariants."""
     q, k, v = qkv(2, 3)
     with pytest.raises(ValueError, match="q, k, v"):
         dense_attention(q, k[:, :5], v, HEADS, 2)
-    with pytest.raises(AssertionError, match="chunks do not divide"):
+    with pytest.raises(ValueError, match="chunks do not divide"):
         dense_attention(q, k, v, HEADS, 4)
-    with pytest.raises(AssertionError, match="heads do not divide"):
+    with pytest.raises(ValueError, match="heads do not divide"):
         dense_attention(q, k, v, 3, 2)
     for bad in ([], [0, 3], [-1], [1, 1], torch.tensor([0.0])):
-        with pytest.raises(AssertionError, match="keyframes"):
+        with pytest.raises(ValueError, match="keyframes"):
             keyframe_attention(q, k, v, HEADS, 2, bad)
     for bad in (-1, 3):
-        with pytest.raises(AssertionError, match="anchor"):
+        with pytest.raises(ValueError, match="anchor"):
             anchor_attention(q, k, v, HEADS, 2, bad, False)
-    with pytest.raises(AssertionError, match="token grid"):
+    with pytest.raises(ValueError, match="token grid"):
         fine_coarse_attention(q, k, v, HEADS, 2, (3, 3), 2)
-    with pytest.raises(AssertionError, match="pooling factor"):
+    with pytest.raises(ValueError, match="pooling factor"):
         fine_coarse_attention(q, k, v, HEADS, 2, GRID, 0)
 
 
@@ -273,8 +273,8 @@ def test_pick_keyframes_at_interval_one_takes_every_frame():
 
 def test_pick_keyframes_asserts_its_call_invariants():
     for bad in (0, -2):
-        with pytest.raises(AssertionError, match="interval"):
+        with pytest.raises(ValueError, match="interval"):
             pick_keyframes(range(8), bad, seed=0, step=0)
     for bad in ([], [1, 1], [-1, 0], [0.0, 1.0]):
-        with pytest.raises(AssertionError, match="frame ids"):
+        with pytest.raises(ValueError, match="frame ids"):
             pick_keyframes(bad, 2, seed=0, step=0)

@@ -4,11 +4,15 @@ import types
 import pytest
 import torch
 
-from tve.attention.cross_frame import anchor_attention, dense_attention, keyframe_attention, pick_keyframes
-from tve.nodes import host, passes
-from tve.nodes.cross_frame import MODES, ApplyCrossFrameAttention
-from tve.tests.hosts import (FAMILIES, REAL_HOST, cond_chunks_split, make_conditioning, make_latent,
-                             make_tiny_model, with_context_windows)
+from tve.attention.cross_frame import anchor_attention, dense_attention, keyframe_attention
+from tve.attention.tokenflow import pick_keyframes
+from tve.engine import host, passes
+from tve.engine.run import SamplingRun, call_layout
+from tve.engine.stack import stack_of
+from tve.engine.cross_frame import MODES
+from tve.nodes.edit_nodes import ApplyCrossFrameAttention
+from tve.tests.hosts import (FAMILIES, REAL_HOST, cond_chunks_split, context_window_calls, make_conditioning,
+                             make_latent, make_tiny_model, with_context_windows)
 
 
 def apply(model, mode="dense", **kw):
@@ -23,8 +27,13 @@ def attn1_replaces(model):
 
 
 def attention_of(model):
-    """The cross-frame feature's attention (what the block router calls), from the model's TVE state."""
-    return next(iter(passes.state_of(model).attention.values())).attend
+    """The block router's attention, called as inside a sampling run of ``model`` at the step and frames the
+    ``extra_options`` name (what CALC_COND_BATCH reads once per call)."""
+    def attend(q, k, v, extra):
+        run = SamplingRun(stack=stack_of(model))
+        passes.begin_call(run, q.shape[0] // len(extra["cond_or_uncond"]), extra["sigmas"], extra)
+        return passes.route_attention(q, k, v, {**extra, host.RUN_KEY: run})
+    return attend
 
 
 def extra_options(chunks=2, grid=(4, 4), step_sigma=1.0, window=None, heads=2):
@@ -127,8 +136,7 @@ def test_sampling_with_each_mode_is_identical_with_cond_and_uncond_together_or_s
     patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
         layouts.append(list(args[5]["cond_or_uncond"])), executor(*args, **kw))[1])
     together = sample(patched, family)
-    with cond_chunks_split():
-        split = sample(patched, family)
+    split = sample(cond_chunks_split(patched), family)
     assert layouts == [[1, 0]] * 2 + [[1], [0]] * 2
     assert torch.isfinite(together).all()
     assert torch.allclose(together, split, atol=1e-4 * together.abs().max())
@@ -139,7 +147,7 @@ def test_core_context_windows_pick_keyframes_among_the_windows_global_frames():
     seen = []
 
     def spy(q, k, v, extra_options):
-        layout = host.call_layout(q.shape[0], extra_options)
+        layout = call_layout(q.shape[0], extra_options)
         seen.append((layout.frame_ids, tuple(pick_keyframes(layout.frame_ids, 2, 3, layout.step).tolist())))
         return inner(q, k, v, extra_options)
 
@@ -151,7 +159,7 @@ def test_core_context_windows_pick_keyframes_among_the_windows_global_frames():
     windowed = with_context_windows(patched, 4)
     sample(windowed, "sd15", frames=8)
     windows = {ids for ids, _ in seen}
-    assert windows == {(0, 1, 2, 3), (4, 5, 6, 7)}
+    assert windows == set(context_window_calls(windowed, 8))
     for ids, local in seen:
         assert all(0 <= i < len(ids) for i in local)
 

@@ -211,11 +211,11 @@ def bad_inverse():
 
 
 @pytest.mark.parametrize("tracks_track_of,frame_ids,error,match", [
-    (lambda g: (g.tracks, g.track_of), [0, 5], AssertionError, r"not indices into the trajectories' 4 frames"),
-    (lambda g: (g.tracks, g.track_of), [0, 1, 2, 3, 0], AssertionError, "repeat a frame"),
-    (lambda g: (g.tracks, g.track_of), [1, 1], AssertionError, "repeat a frame"),
-    (lambda g: (g.tracks.float(), g.track_of), None, AssertionError, "integer indices expected"),
-    (lambda g: (g.tracks, g.track_of[:3]), None, AssertionError, "are not \\(n_traj, F\\)"),
+    (lambda g: (g.tracks, g.track_of), [0, 5], ValueError, r"not indices into the trajectories' 4 frames"),
+    (lambda g: (g.tracks, g.track_of), [0, 1, 2, 3, 0], ValueError, "repeat a frame"),
+    (lambda g: (g.tracks, g.track_of), [1, 1], ValueError, "repeat a frame"),
+    (lambda g: (g.tracks.float(), g.track_of), None, ValueError, "integer indices expected"),
+    (lambda g: (g.tracks, g.track_of[:3]), None, ValueError, "are not \\(n_traj, F\\)"),
     (lambda g: bad_inverse(), None, ValueError, "exactly one trajectory"),
 ])
 def test_bad_trajectories_or_frames_are_refused(tracks_track_of, frame_ids, error, match):

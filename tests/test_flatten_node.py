@@ -4,8 +4,10 @@ import torch
 
 from tve.flow.estimate import FlowField
 from tve.flow.trajectories import build_trajectories
-from tve.nodes import host, passes
-from tve.nodes.flatten import ApplyFLATTEN
+from tve.engine import host, passes
+from tve.engine.run import SamplingRun
+from tve.engine.stack import stack_of
+from tve.nodes.edit_nodes import ApplyFLATTEN
 from tve.tests.hosts import FAMILIES, cond_chunks_split, make_conditioning, make_latent, make_tiny_model
 from tve.tools.video_world import render_clip
 
@@ -28,7 +30,7 @@ def test_every_block_gets_dense_attention_and_the_top_grid_gets_trajectories(fam
     replaces = patched.model_options["transformer_options"]["patches_replace"]["attn1"]
     assert set(replaces) == {b.key for b in host.attention_blocks(model)}
     assert set(replaces.values()) == {passes.route_attention}
-    flatten = passes.state_of(patched).attention[next(iter(replaces))]
+    flatten = stack_of(patched).attention_chain(next(iter(replaces)))[-1]
     top = min(b.level for b in host.attention_blocks(model))
     assert flatten.grids == {(-(-8 // 2 ** top), -(-8 // 2 ** top))}
     assert "patches_replace" not in model.model_options["transformer_options"]
@@ -49,10 +51,10 @@ def block_call(trajectories, chunks_pattern, dtype, grid_hw=(8, 8), channels=64,
 @pytest.mark.parametrize("qk", ["dense_output", "projections"])
 @pytest.mark.parametrize("pattern", [[0, 0], [0, 1]])
 def test_equal_cfg_chunks_are_computed_once_with_the_result_of_computing_every_chunk(monkeypatch, dtype, qk, pattern):
-    import tve.nodes.flatten as flatten_node
+    import tve.engine.flatten as flatten_node
     trajectories = trajectories_for(6)
     model = apply(make_tiny_model("sd15"), trajectories, grids="all", qk=qk)
-    flatten = next(iter(passes.state_of(model).attention.values()))
+    (flatten,) = stack_of(model).methods
     q, k, v, extra = block_call(trajectories, pattern, dtype)
     computed = []
     dense = flatten_node.dense_attention
@@ -62,10 +64,11 @@ def test_equal_cfg_chunks_are_computed_once_with_the_result_of_computing_every_c
         return dense(q_, k_, v_, heads, chunks, **kwargs)
 
     monkeypatch.setattr(flatten_node, "dense_attention", spy)
-    once = flatten.attend(q, k, v, extra)
+    run = SamplingRun(stack=stack_of(model))
+    once = flatten.attend(q, k, v, extra, run, inner=None)
     monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", lambda attend, q_, k_, v_, chunks:
                         attend(q_, k_, v_, chunks))
-    every = flatten.attend(q, k, v, extra)
+    every = flatten.attend(q, k, v, extra, run, inner=None)
     assert computed == [len(set(pattern)), len(pattern)]
     assert once.dtype == dtype and once.shape == v.shape
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
@@ -93,8 +96,8 @@ def sample(model, x, sigmas, family, cfg=4.0):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("qk", ["dense_output", "projections"])
 def test_inversion_and_edit_with_flatten_run_for_16_frames(family, qk):
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.inversion import invert
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.inversion import invert
     model = apply(make_tiny_model(family), trajectories_for(16), qk=qk)
     x_T, inversion = invert(model, make_latent(16, 8, 8)["samples"], make_conditioning(family), 3, "ddim_uniform")
     edited = sample(apply_feature_injection(model, inversion, 0.5, 0.8, "flatten", "sigma-matched"), x_T,
@@ -108,8 +111,7 @@ def test_flatten_edit_is_identical_with_cond_and_uncond_together_or_split():
     x = make_latent(8, 8, 8)["samples"]
     sigmas = host.sigma_grid(model, "ddim_uniform", 2)
     together = sample(model, x, sigmas, "sd15")
-    with cond_chunks_split():
-        split = sample(model, x, sigmas, "sd15")
+    split = sample(cond_chunks_split(model), x, sigmas, "sd15")
     assert torch.allclose(together, split, atol=1e-4 * together.abs().max())
 
 
@@ -117,9 +119,9 @@ def test_flatten_edit_is_identical_with_cond_and_uncond_together_or_split():
 def test_flatten_edit_computes_the_first_blocks_equal_cfg_chunks_once_and_is_unchanged_by_it(monkeypatch):
     """Before any text enters the UNet, cond and uncond hold the same tokens: that block is computed once per step,
     and the edit equals computing every chunk."""
-    import tve.nodes.flatten as flatten_node
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.inversion import invert
+    import tve.engine.flatten as flatten_node
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.inversion import invert
     model = apply(make_tiny_model("sd15"), trajectories_for(8))
     x_T, inversion = invert(model, make_latent(8, 8, 8)["samples"], make_conditioning("sd15"), 3, "ddim_uniform")
     edit = apply_feature_injection(model, inversion, 0.5, 0.8, "flatten", "sigma-matched")

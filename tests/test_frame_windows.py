@@ -11,28 +11,28 @@ pytestmark = pytest.mark.real_host
 
 
 def windows(model, size, overlap=0):
-    from tve.nodes.windows import ApplyFrameWindows
+    from tve.nodes.edit_nodes import ApplyFrameWindows
     return ApplyFrameWindows().apply(model, size, overlap)[0]
 
 
 def inverted(model, frames, steps=2, size=8):
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     return invert(model, make_latent(frames, size, size)["samples"], make_conditioning("sd15", seed=1), steps,
                   "ddim_uniform")
 
 
 def pnp(model, inversion):
-    from tve.nodes.injection import apply_feature_injection
+    from tve.engine.injection import apply_feature_injection
     return apply_feature_injection(model, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
 
 
 def cross_frame(model, mode, interval=4, anchor=0):
-    from tve.nodes.cross_frame import ApplyCrossFrameAttention
+    from tve.nodes.edit_nodes import ApplyCrossFrameAttention
     return ApplyCrossFrameAttention().apply(model, mode, interval, anchor, False, 2, 7, "all", 0.0, 1.0)[0]
 
 
 def tokenflow(model, inversion, interval):
-    from tve.nodes.tokenflow import ApplyTokenFlow
+    from tve.nodes.edit_nodes import ApplyTokenFlow
     return ApplyTokenFlow().apply(model, inversion, interval, 7, "paper", 0.5, 0.8)[0]
 
 
@@ -69,14 +69,14 @@ def test_attention_across_frames_runs_in_overlapping_windows_holding_the_shared_
     if mode == "dense":
         assert own == [[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 8, 9], [8, 9, 10, 11, 12, 13]]
     if mode == "keyframes":
-        from tve.attention.cross_frame import pick_keyframes
+        from tve.attention.tokenflow import pick_keyframes
         keyframes = set(pick_keyframes(range(14), 4, 7, 0).tolist())
         for ids in own:                              # each window holds the global keyframes of its frames' windows
             assert {k for k in keyframes if k // 4 in {i // 4 for i in ids}} <= set(ids)
 
 
 def test_overlapping_windows_blend_so_a_frame_in_two_windows_gets_their_mean():
-    from tve.nodes.windows import FrameWindows
+    from tve.engine.frame_windows import FrameWindows
     model = cross_frame(make_tiny_model("sd15"), "dense")
     x = make_latent(6, 8, 8)["samples"]
     import comfy.samplers
@@ -86,7 +86,7 @@ def test_overlapping_windows_blend_so_a_frame_in_two_windows_gets_their_mean():
     second = edit(model, x[2:], sigmas)
     expected = torch.cat([first[:2], (2 * first[2:3] + 1 * second[0:1]) / 3, (1 * first[3:4] + 2 * second[1:2]) / 3,
                           second[2:]])                                           # pyramid weights 1,2,2,1
-    assert FrameWindows(4, 2).fits(4) and not FrameWindows(4, 2).fits(5)
+    assert FrameWindows(4, 2).schedule(4, True) == [[0, 1, 2, 3]] and len(FrameWindows(4, 2).schedule(5, True)) == 2
     assert torch.allclose(out, expected, atol=1e-4 * float(expected.abs().max()))
 
 
@@ -131,20 +131,20 @@ def test_bad_window_settings_name_the_input():
 
 
 def test_frame_windows_compose_in_any_order_and_applied_twice_the_later_wins():
-    from tve.nodes import passes
+    from tve.engine.stack import stack_of
     model = make_tiny_model("sd15")
     x_T, inversion = inverted(windows(model, 0), 12)
     before = tokenflow(windows(model, 6), inversion, 6)
     after = windows(tokenflow(model, inversion, 6), 6)
     twice = windows(tokenflow(windows(model, 3, 1), inversion, 6), 6)
-    assert passes.state_of(twice).windows == passes.state_of(before).windows == passes.state_of(after).windows
+    assert stack_of(twice).windows == stack_of(before).windows == stack_of(after).windows
     outs = [edit(m, x_T, inversion.sigmas) for m in (before, after, twice)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    assert passes.state_of(model).windows.size == 16                 # untouched original: the default
+    assert stack_of(model).windows.size == 16                 # untouched original: the default
 
 
 def test_inversion_of_a_flatten_model_runs_in_overlapping_windows_on_global_trajectory_ids():
-    from tve.nodes.flatten import ApplyFLATTEN
+    from tve.nodes.edit_nodes import ApplyFLATTEN
     from tve.tests.test_flatten_node import trajectories_for
     model = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories_for(14), "highest resolution",
                                  "dense_output")[0]

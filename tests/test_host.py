@@ -1,11 +1,11 @@
-"""nodes/host.py against the real ComfyUI: one test per ComfyUI internal the pack touches, so that a ComfyUI update
+"""engine/host.py against the real ComfyUI: one test per ComfyUI internal the pack touches, so that a ComfyUI update
 that changes one fails here, by name, instead of deep inside sampling. (Model files, devices and progress are
 pinned in test_flow_nodes.py and test_pack_loading.py.)"""
 import pytest
 import torch
 
-from tve.tests.hosts import (FAMILIES, make_conditioning, make_latent, make_tiny_controlnet, make_tiny_model,
-                             with_context_windows)
+from tve.tests.hosts import (FAMILIES, context_window_calls, make_conditioning, make_latent, make_tiny_controlnet,
+                             make_tiny_model, with_context_windows)
 
 pytestmark = pytest.mark.real_host
 
@@ -20,12 +20,13 @@ def sample(model, frames=2, steps=2, cfg=2.0, family="sd15"):
 
 def spy_every_block(model):
     """An attn1 patch recording (block key, activations shape, step) of every self-attention call."""
-    from tve.nodes import host
+    from tve.engine import host
     seen = []
 
     def patch(n, context, value, extra_options):
-        seen.append((host.block_key(extra_options), tuple(extra_options["activations_shape"][-2:]),
-                     host.current_step(extra_options), host.schedule_percent(extra_options)))
+        step = host.current_step(extra_options["sigmas"], extra_options)
+        seen.append((host.block_key(extra_options), host.token_grid(extra_options), step,
+                     step / host.schedule_length(extra_options)))
         return n, context, value
 
     model.set_model_attn1_patch(patch)
@@ -34,7 +35,7 @@ def spy_every_block(model):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_blocks_are_the_keys_and_levels_the_unet_calls_its_self_attention_with(family):
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model(family)
     blocks = host.attention_blocks(model)
     m = model.clone()
@@ -47,7 +48,7 @@ def test_attention_blocks_are_the_keys_and_levels_the_unet_calls_its_self_attent
         assert block.channels == model.get_model_object(f"{block.path}.attn1.to_q").out_features
 
 
-def test_current_step_and_schedule_percent_count_the_sampling_schedule():
+def test_current_step_and_schedule_length_count_the_sampling_schedule():
     model = make_tiny_model("sd15").clone()
     seen = spy_every_block(model)
     sample(model, steps=3)
@@ -56,7 +57,7 @@ def test_current_step_and_schedule_percent_count_the_sampling_schedule():
 
 
 def test_decoder_stages_and_resblock_branch_hooks_see_each_output_resblocks_residual_branch():
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model("sd15")
     stages = host.decoder_stages(model)
     assert stages == [[0, 1], [2, 3]]                      # lowest resolution first, two ResBlocks per stage
@@ -69,7 +70,7 @@ def test_decoder_stages_and_resblock_branch_hooks_see_each_output_resblocks_resi
         return hook
 
     reference = sample(model.clone())
-    with host.resblock_output_hooks(model, {i: record(i) for i in (0, 3)}):
+    with host.forward_hooks({host.resblock_branch(model, i): record(i) for i in (0, 3)}):
         changed = sample(model.clone())
     assert seen[0][-2:] == (4, 4) and seen[3][-2:] == (8, 8)                 # latent/2, then latent resolution
     assert seen[3][1] == host.resblock_branch(model, 3).out_channels
@@ -79,7 +80,7 @@ def test_decoder_stages_and_resblock_branch_hooks_see_each_output_resblocks_resi
 
 
 def test_optimized_attention_is_softmax_attention_over_heads():
-    from tve.nodes import host
+    from tve.engine import host
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 16, 16, generator=g) for _ in range(3))
     out = host.optimized_attention(q, k, v, 2, {"attn_precision": None})
@@ -89,7 +90,7 @@ def test_optimized_attention_is_softmax_attention_over_heads():
 
 
 def test_attn1_patches_and_replaces_are_read_and_set_on_a_clone_only():
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model("sd15")
     m = model.clone()
     blocks = host.attention_blocks(m)[:2]
@@ -105,7 +106,7 @@ def test_attn1_patches_and_replaces_are_read_and_set_on_a_clone_only():
 
 
 def test_attachments_and_keyed_wrappers_follow_clones_and_replace_each_other():
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model("sd15")
     m = model.clone()
     marker = object()
@@ -122,18 +123,20 @@ def test_attachments_and_keyed_wrappers_follow_clones_and_replace_each_other():
 
 
 def test_call_frame_ids_follow_core_context_windows():
-    from tve.nodes import host
+    from tve.engine import host
     seen = set()
     model = make_tiny_model("sd15").clone()
-    model.set_model_attn1_patch(lambda n, c, v, extra: (seen.add(host.call_frame_ids(
-        n.shape[0] // len(extra["cond_or_uncond"]), extra)), (n, c, v))[1])
-    sample(with_context_windows(model, 2), frames=4, steps=1)
-    assert seen == {(0, 1), (2, 3)}
+    model.set_model_attn1_patch(lambda n, c, v, extra: (seen.add(host.context_window_frame_ids(
+        host.context_window(extra))), (n, c, v))[1])
+    windowed = with_context_windows(model, 2)
+    sample(windowed, frames=4, steps=1)
+    assert seen == set(context_window_calls(windowed, 4))
+    assert seen >= {(0, 1)} and ({(2, 3)} <= seen or {(1, 2, 3)} <= seen)     # 0.33+: the causal frame 1 first
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sigma_grid_sigma_min_family_and_latent_spaces(family):
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model(family)
     grid = host.sigma_grid(model, "ddim_uniform", 4)
     assert grid.dtype == torch.float32 and grid[-1] == 0 and (grid[:-1] > grid[1:]).all()
@@ -147,7 +150,7 @@ def test_sigma_grid_sigma_min_family_and_latent_spaces(family):
 
 def test_encode_conditioning_and_cond_for_frames_slice_per_frame_model_conds():
     import comfy.conds
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model("sd15")
     x = torch.randn(4, 4, 8, 8)
     conds = host.encode_conditioning(model.model, make_conditioning(), x)
@@ -163,7 +166,7 @@ def test_encode_conditioning_and_cond_for_frames_slice_per_frame_model_conds():
 
 def test_control_for_frames_copies_a_stack_with_the_frames_hints_and_its_run_state():
     from comfy.controlnet import ControlNet
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model("sd15")
     hints = torch.arange(4.0)[:, None, None, None].expand(4, 3, 64, 64)
     first = make_tiny_controlnet().copy().set_cond_hint(hints, 0.5, (0.0, 0.5))
@@ -180,12 +183,14 @@ def test_control_for_frames_copies_a_stack_with_the_frames_hints_and_its_run_sta
     assert prev.timestep_range == first.timestep_range and prev.strength == 0.5
     assert prev.model_sampling_current is first.model_sampling_current is not None
     assert first.cond_hint_original.shape[0] == 4                           # the original is untouched
+    assert host.control_hint_counts(second) == [1, 4]                       # the chain, newest first
+    from tve.engine import validation
     with pytest.raises(ValueError, match="control: .* 4 hint images but the video has 6 frames"):
-        host.check_control_hints(second, 6)
+        validation.control_hints(second, 6)
 
 
 def test_sample_with_runs_a_k_diffusion_function_through_the_whole_stack_with_guidance_one():
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model("sd15")
     seen = []
 

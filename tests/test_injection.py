@@ -21,7 +21,7 @@ class UNetInputs:
         self.calls = []
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        from tve.nodes.passes import current_pass
+        from tve.engine.run import current_pass
         sigma = transformer_options["sigmas"].reshape(-1)[0].float()
         self.calls.append((current_pass(transformer_options).value, float(sigma),
                            (x.float() * (sigma ** 2 + 1) ** 0.5).clone()))
@@ -29,7 +29,7 @@ class UNetInputs:
 
 
 def inverted(family="sd15", frames=3, steps=4):
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     model = make_tiny_model(family)
     cond = make_conditioning(family, seed=1)
     x_T, inversion = invert(model, make_latent(frames, 8, 8)["samples"], cond, steps, "ddim_uniform")
@@ -39,7 +39,7 @@ def inverted(family="sd15", frames=3, steps=4):
 @pytest.mark.parametrize("order", ["sigma-matched", "clean-first"])
 def test_source_pass_at_step_i_reads_the_latent_stored_for_its_sigma(order):
     from comfy.patcher_extension import WrappersMP
-    from tve.nodes.injection import apply_feature_injection
+    from tve.engine.injection import apply_feature_injection
     model, cond, x_T, inversion = inverted(steps=4)
     patched = apply_feature_injection(model, inversion, 1.0, 1.0, "tokenflow", order)
     spy = UNetInputs()
@@ -59,7 +59,7 @@ def test_source_pass_at_step_i_reads_the_latent_stored_for_its_sigma(order):
 
 def test_injection_stops_at_its_schedule_fraction():
     from comfy.patcher_extension import WrappersMP
-    from tve.nodes.injection import apply_feature_injection
+    from tve.engine.injection import apply_feature_injection
     model, cond, x_T, inversion = inverted(steps=4)
     patched = apply_feature_injection(model, inversion, 0.25, 0.5, "tokenflow", "sigma-matched")
     spy = UNetInputs()
@@ -73,7 +73,7 @@ def test_injecting_the_source_into_itself_is_the_identity(family):
     # At the first step the edit starts from x_T, which is the source latent at σ_0: with the source prompt the
     # source pass and the edit pass see the same input, so injecting the source's features changes nothing.
     # (Later steps differ only because a random-weight model cannot invert exactly.)
-    from tve.nodes.injection import apply_feature_injection
+    from tve.engine.injection import apply_feature_injection
     model, cond, x_T, inversion = inverted(family, steps=6)
     first = inversion.sigmas[:2]
     plain = run_edit(model, x_T, cond, cond, first)
@@ -84,7 +84,7 @@ def test_injecting_the_source_into_itself_is_the_identity(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_injection_changes_an_edit_with_another_prompt_only_while_active(family):
     # (Whether it changes it *towards the source* is a question for a trained model: see bench/consistency.py.)
-    from tve.nodes.injection import apply_feature_injection
+    from tve.engine.injection import apply_feature_injection
     model, cond, x_T, inversion = inverted(family, steps=6)
     other = make_conditioning(family, seed=9)
     free = run_edit(model, x_T, other, other, inversion.sigmas)
@@ -96,7 +96,7 @@ def test_injection_changes_an_edit_with_another_prompt_only_while_active(family)
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_presets_map_to_decoder_blocks_of_each_family(family):
-    from tve.nodes.injection import injection_targets
+    from tve.engine.injection import injection_targets
     model = make_tiny_model(family)
     for preset in ("tokenflow", "flatten"):
         attn, conv = injection_targets(model, preset)
@@ -108,8 +108,8 @@ def test_presets_map_to_decoder_blocks_of_each_family(family):
 
 
 def test_injection_refuses_an_inversion_of_another_family_and_a_foreign_sigma_grid():
-    from tve.nodes import host
-    from tve.nodes.injection import apply_feature_injection
+    from tve.engine import host
+    from tve.engine.injection import apply_feature_injection
     model, cond, x_T, inversion = inverted("sd15", steps=4)
     with pytest.raises(ValueError, match="inversion"):
         apply_feature_injection(make_tiny_model("sdxl"), inversion, 0.5, 0.8, "tokenflow", "sigma-matched")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tve.nodes.inversion import sample_ddim_inversion
+from tve.engine.inversion import sample_ddim_inversion
 from tve.tests.hosts import FAMILIES, make_conditioning, make_latent, make_tiny_model
 
 real_host = pytest.mark.real_host
@@ -81,7 +81,7 @@ def reconstruct(model, x_T, conditioning, sigmas):
 
 @real_host
 def test_node_inversion_and_reconstruction_match_float64_euler_and_improve_with_steps():
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     s = 1.0
     model = analytic_model(s)
     cond = make_conditioning("sd15")
@@ -103,8 +103,8 @@ def test_node_inversion_and_reconstruction_match_float64_euler_and_improve_with_
 @real_host
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inversion_keys_are_the_sampling_grid_sigmas_and_float32_latents_are_kept_in_float32(family):
-    from tve.nodes import host
-    from tve.nodes.inversion import DDIMInversion
+    from tve.engine import host
+    from tve.nodes.inversion_node import DDIMInversion
     model = make_tiny_model(family)
     latent = make_latent(4, 16, 16)
     x_T, inversion, sigmas = DDIMInversion().invert(model, latent, make_conditioning(family), 4, "ddim_uniform")
@@ -122,7 +122,7 @@ def test_inversion_keys_are_the_sampling_grid_sigmas_and_float32_latents_are_kep
 
 @real_host
 def test_inversion_rejects_too_few_steps_and_leaves_the_artists_model_unpatched():
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     model = make_tiny_model("sd15")
     before = repr(model.model_options)
     with pytest.raises(ValueError, match="steps"):
@@ -133,13 +133,14 @@ def test_inversion_rejects_too_few_steps_and_leaves_the_artists_model_unpatched(
 
 @real_host
 def test_inversion_from_another_family_or_grid_is_refused():
-    from tve.nodes.inversion import invert
+    from tve.engine import validation
+    from tve.engine.inversion import invert
     _, inversion = invert(make_tiny_model("sd15"), make_latent(2, 8, 8)["samples"], make_conditioning(), 3,
                           "ddim_uniform")
     with pytest.raises(ValueError, match="SD15"):
-        inversion.check_model(make_tiny_model("sdxl"))
+        validation.inversion_fits_model(inversion, make_tiny_model("sdxl"))
     with pytest.raises(ValueError, match="latent"):
-        inversion.check_latent(torch.zeros(2, 4, 8, 16))
+        validation.inversion_latent(inversion, torch.zeros(2, 4, 8, 16))
     with pytest.raises(ValueError, match="σ grid"):
         inversion.index_of(float(inversion.sigmas[1]) * 1.1)
     assert inversion.index_of(float(inversion.sigmas[1])) == 1
@@ -149,7 +150,7 @@ def test_inversion_from_another_family_or_grid_is_refused():
 @real_host
 def test_subdivided_ddim_uniform_grid_is_part_of_the_finer_ddim_uniform_grid():
     # diffusers' DDIM timesteps for n·m steps contain those of n steps and every m-th between them.
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model("sd15")
     coarse = host.sigma_grid(model, "ddim_uniform", 5)
     fine = host.subdivided_grid(model, coarse, 10)
@@ -163,8 +164,8 @@ def test_subdivided_ddim_uniform_grid_is_part_of_the_finer_ddim_uniform_grid():
 @real_host
 def test_finer_inversion_keeps_the_source_on_the_sampling_grid_and_x_T_at_its_top():
     from comfy.patcher_extension import WrappersMP
-    from tve.nodes import host
-    from tve.nodes.inversion import invert
+    from tve.engine import host
+    from tve.engine.inversion import invert
     model = make_tiny_model("sd15")
     calls = []
     spy = model.clone()
@@ -187,7 +188,7 @@ def test_finer_inversion_keeps_the_source_on_the_sampling_grid_and_x_T_at_its_to
 def test_finer_inversion_reconstructs_the_trained_models_clip_more_faithfully():
     import comfy.sample
     import comfy.samplers
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     from tve.tests.trained_model import load_trained_model, trained_conditioning
     from tve.tools.train_test_model import HELD_OUT_SEED, render_frames
     model = load_trained_model()
@@ -204,15 +205,15 @@ def test_finer_inversion_reconstructs_the_trained_models_clip_more_faithfully():
                                            (torch.bfloat16, torch.float16), (torch.float8_e4m3fn, torch.float16),
                                            (torch.float8_e5m2, torch.float16)])
 def test_source_latents_are_never_stored_below_fp16_precision(weights, kept):
-    from tve.nodes.inversion import storage_dtype
+    from tve.engine.inversion import storage_dtype
     assert storage_dtype(weights) == kept
     assert torch.finfo(storage_dtype(weights)).eps <= torch.finfo(torch.float16).eps
 
 
 @real_host
 def test_inversion_of_a_low_precision_model_keeps_the_source_to_fp16_precision(monkeypatch):
-    from tve.nodes import host
-    from tve.nodes.inversion import invert
+    from tve.engine import host
+    from tve.engine.inversion import invert
     model = make_tiny_model("sd15")
     latent = make_latent(2, 8, 8)["samples"]
     _, exact = invert(model, latent, make_conditioning(), 3, "ddim_uniform")

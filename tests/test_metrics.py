@@ -4,7 +4,8 @@ import torch
 
 from tve.flow.consistency import flicker_index, measure_consistency
 from tve.flow.estimate import FlowField
-from tve.nodes.metrics import ConsistencyMetrics, nn_field_image, pca_image
+from tve.nodes.measure_nodes import ConsistencyMetrics
+from tve.engine.feature_preview import nn_field_image, pca_image
 from tve.tests.hosts import make_conditioning, make_latent, make_tiny_model
 from tve.tools.video_world import render_clip, translation_clip
 
@@ -88,8 +89,8 @@ def test_pca_picture_is_in_range_and_a_keyframe_rebuilds_itself_through_its_own_
 
 @pytest.mark.real_host
 def test_preview_features_node_draws_both_pictures_for_the_source():
-    from tve.nodes.inversion import invert
-    from tve.nodes.metrics import PreviewFeatures
+    from tve.engine.inversion import invert
+    from tve.nodes.measure_nodes import PreviewFeatures
     model = make_tiny_model("sd15")
     _, inversion = invert(model, make_latent(4, 8, 8)["samples"], make_conditioning(), 4, "ddim_uniform")
     shown = PreviewFeatures().preview(model, inversion, 0.5, "output latent", 2, 4)

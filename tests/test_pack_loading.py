@@ -50,7 +50,7 @@ def test_root_registers_every_node_with_prefix_category_and_v1_shape(odd_folder)
 def test_optical_flow_folder_keeps_paths_from_extra_model_paths():
     import folder_paths
 
-    from tve.nodes import host
+    from tve.engine import host
     folder_paths.folder_names_and_paths["optical_flow"] = (["/artist/flow"], set())
     host.register_optical_flow_folder()
     paths = folder_paths.get_folder_paths("optical_flow")

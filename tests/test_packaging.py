@@ -136,7 +136,7 @@ def test_registry_archive_keeps_the_demo_and_what_it_uses_and_leaves_tests_bench
     needed = {p.relative_to(ROOT).as_posix() for p in pack_modules_imported_by(ROOT / "tools" / "demo.py", set())}
     needed |= {"tools/test_model/unet.safetensors", "tools/test_model/conditioning.safetensors", "__init__.py",
                "pyproject.toml", "requirements.txt", "LICENSE", "README.md"}
-    assert "tools/video_world.py" in needed and "nodes/tokenflow.py" in needed    # the closure is really walked
+    assert "tools/video_world.py" in needed and "engine/tokenflow.py" in needed    # the closure is really walked
     assert not needed - archive, f"missing from the registry archive: {sorted(needed - archive)}"
     assert not [name for name in archive if name.split("/")[0] in ("tests", "bench", ".ci")]
     assert any(name.startswith("workflows/") for name in archive) and any(name.startswith("web/") for name in archive)

@@ -21,7 +21,7 @@ def sampler_names():
 
 @pytest.fixture(scope="module")
 def inverted():
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     model = make_tiny_model("sd15")
     cond = make_conditioning("sd15", seed=1)
     x_T, inversion = invert(model, make_latent(FRAMES, SIZE, SIZE)["samples"], cond, STEPS, "ddim_uniform")
@@ -37,7 +37,7 @@ class SourceInputs:
         model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", self)
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        from tve.nodes.passes import current_pass
+        from tve.engine.run import current_pass
         sigma = float(transformer_options["sigmas"].reshape(-1)[0])
         self.calls.append((current_pass(transformer_options).value, sigma, (x.float() * (sigma ** 2 + 1) ** 0.5)))
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
@@ -63,8 +63,8 @@ def edit(model, x_T, sigmas, sampler):
 @pytest.mark.parametrize("feature", ["injection", "TokenFlow"])
 @pytest.mark.parametrize("sampler", sampler_names())
 def test_every_core_sampler_runs_with_the_source_at_each_evaluated_sigma(inverted, sampler, feature):
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.tokenflow import apply_tokenflow
     model, x_T, inversion = inverted
     patched = (apply_feature_injection(model, inversion, 1.0, 1.0, "tokenflow", "sigma-matched")
                if feature == "injection" else apply_tokenflow(model, inversion, 2, 3, "paper", 1.0, 1.0))
@@ -83,7 +83,7 @@ def test_every_core_sampler_runs_with_the_source_at_each_evaluated_sigma(inverte
 def test_samplers_that_evaluate_between_grid_points_read_the_inversions_euler_step(inverted):
     # dpm_2 evaluates at the geometric midpoint of each step: there the source must be the straight line in σ
     # that the DDIM inversion walked from the grid σ below it.
-    from tve.nodes.injection import apply_feature_injection
+    from tve.engine.injection import apply_feature_injection
     model, x_T, inversion = inverted
     patched = apply_feature_injection(model, inversion, 1.0, 1.0, "tokenflow", "sigma-matched")
     spy = SourceInputs(patched)
@@ -99,8 +99,8 @@ def test_samplers_that_evaluate_between_grid_points_read_the_inversions_euler_st
 
 
 def test_a_schedule_off_the_inversion_grid_is_refused_before_any_step(inverted):
-    from tve.nodes import host
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine import host
+    from tve.engine.tokenflow import apply_tokenflow
     model, x_T, inversion = inverted
     patched = apply_tokenflow(model, inversion, 2, 3, "paper", 1.0, 1.0)
     spy = SourceInputs(patched)

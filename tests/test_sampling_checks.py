@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tve.nodes import passes
+from tve.engine.run import Pass, current_pass
 from tve.tests.hosts import make_conditioning, make_latent, make_tiny_model
 
 pytestmark = pytest.mark.real_host
@@ -18,7 +18,7 @@ def sample(model, latent, sigmas, noise=None, noise_mask=None, seed=5, cfg=4.0):
 
 
 def inverted(frames=3, size=8, steps=4, seed=2):
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     model = make_tiny_model("sd15")
     latent = make_latent(frames, size, size, seed=seed)["samples"]
     x_T, inversion = invert(model, latent, make_conditioning(seed=1), steps, "ddim_uniform")
@@ -26,7 +26,7 @@ def inverted(frames=3, size=8, steps=4, seed=2):
 
 
 def injected(model, inversion):
-    from tve.nodes.injection import apply_feature_injection
+    from tve.engine.injection import apply_feature_injection
     return apply_feature_injection(model, inversion, 1.0, 1.0, "tokenflow", "sigma-matched")
 
 
@@ -37,7 +37,7 @@ def v_prediction(model):
 
 # ---------------------------------------------------------------------------------------------- host pins
 def test_effective_sampling_reads_the_patched_model_sampling():
-    from tve.nodes import host
+    from tve.engine import host
     base = host.effective_sampling(make_tiny_model("sd15"))
     assert base.prediction == "EPS" and base.sigma_min < 0.1 < 10 < base.sigma_max
     assert host.effective_sampling(make_tiny_model("sd2")).prediction == "V_PREDICTION"
@@ -49,7 +49,7 @@ def test_effective_sampling_reads_the_patched_model_sampling():
 
 @pytest.mark.parametrize("steps", [2, 6, 7, 30, 50, 400])
 def test_ddim_uniform_inversion_grid_has_exactly_the_steps_asked_at_diffusers_timesteps(steps):
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model("sd15")
     ms = model.get_model_object("model_sampling")
     grid = host.inversion_sigma_grid(model, "ddim_uniform", steps)
@@ -65,7 +65,7 @@ def test_ddim_uniform_inversion_grid_has_exactly_the_steps_asked_at_diffusers_ti
 
 def test_inversion_of_6_steps_runs_6_model_evaluations():
     from comfy.patcher_extension import WrappersMP
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     model = make_tiny_model("sd15").clone()
     calls = []
     model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "count",
@@ -75,7 +75,7 @@ def test_inversion_of_6_steps_runs_6_model_evaluations():
 
 
 def test_set_inpaint_latent_is_what_a_masked_run_puts_outside_the_mask():
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model("sd15").clone()
     seen = []
 
@@ -93,7 +93,7 @@ def test_set_inpaint_latent_is_what_a_masked_run_puts_outside_the_mask():
 
 # ---------------------------------------------------------------------------------------------- start latent, noise, model
 def test_the_inverted_latent_and_a_partial_start_down_the_grid_are_accepted():
-    from tve.nodes import host
+    from tve.engine import host
     model, latent, x_T, inversion = inverted(steps=4)
     patched = injected(model, inversion)
     sample(patched, x_T, inversion.sigmas)
@@ -105,7 +105,7 @@ def test_the_inverted_latent_and_a_partial_start_down_the_grid_are_accepted():
 @pytest.mark.parametrize("storage", [torch.float16, torch.bfloat16])
 def test_a_partial_start_from_latents_stored_in_half_precision_is_accepted(storage):
     import dataclasses
-    from tve.nodes import host
+    from tve.engine import host
     model, latent, x_T, inversion = inverted(steps=4)
     stored = dataclasses.replace(inversion, latents=inversion.latents.to(storage))    # an fp16/bf16 model's storage
     patched = injected(model, stored)
@@ -148,7 +148,7 @@ def test_new_noise_on_the_inverted_latent_is_refused():
 
 
 def test_a_model_whose_sampling_was_patched_is_refused_at_apply_time_and_at_the_first_step():
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine.tokenflow import apply_tokenflow
     model, latent, x_T, inversion = inverted(steps=3)
     with pytest.raises(ValueError, match=r"^model: samples V_PREDICTION .* inversion was made with a model that "
                                          r"samples EPS"):
@@ -160,9 +160,9 @@ def test_a_model_whose_sampling_was_patched_is_refused_at_apply_time_and_at_the_
 
 def test_trajectories_of_another_latent_than_the_inverted_one_are_refused():
     from tve.flow.estimate import estimate_flow
-    from tve.nodes.flatten import apply_flatten
+    from tve.engine.flatten import apply_flatten
     from tve.nodes.flow_nodes import FlowTrajectories
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     flow = estimate_flow(torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0)), "dis")
     latent, other = make_latent(3, 8, 8, seed=2), make_latent(3, 8, 8, seed=3)
     trajectories, = FlowTrajectories().build(flow, latent, 0, True)
@@ -178,7 +178,7 @@ def test_trajectories_of_another_latent_than_the_inverted_one_are_refused():
 
 # ---------------------------------------------------------------------------------------------- masks
 def test_ddim_inversion_keeps_noise_mask_and_batch_index_on_its_latent():
-    from tve.nodes.inversion import DDIMInversion
+    from tve.nodes.inversion_node import DDIMInversion
     latent = {**make_latent(2, 8, 8), "noise_mask": torch.ones(1, 64, 64), "batch_index": [4, 5]}
     out, inversion, _ = DDIMInversion().invert(make_tiny_model("sd15"), latent, make_conditioning(), 2,
                                                "ddim_uniform")
@@ -197,7 +197,7 @@ def masked_edit_outputs(apply, frames=4):
 
 @pytest.mark.parametrize("method", ["injection", "tokenflow"])
 def test_a_masked_edit_changes_only_the_masked_region(method):
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine.tokenflow import apply_tokenflow
     apply = injected if method == "injection" else (
         lambda model, inversion: apply_tokenflow(model, inversion, 2, 0, "paper", 0.5, 0.8))
     source, masked, unmasked, mask = masked_edit_outputs(apply)
@@ -216,7 +216,7 @@ def test_outside_the_mask_every_edit_step_sees_the_source_at_its_sigma():
 
     def spy(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         sigma = transformer_options["sigmas"].reshape(-1)[0].float()
-        if passes.current_pass(transformer_options) is passes.Pass.EDIT:
+        if current_pass(transformer_options) is Pass.EDIT:
             seen.append((x.float() * (sigma ** 2 + 1) ** 0.5)[..., 4:].clone())
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
@@ -231,7 +231,7 @@ def test_outside_the_mask_every_edit_step_sees_the_source_at_its_sigma():
 
 def test_an_outer_sample_wrapper_sees_the_sampled_patcher():
     from comfy.patcher_extension import WrappersMP
-    from tve.nodes import host
+    from tve.engine import host
     model = make_tiny_model("sd15").clone()
     seen = {}
 
@@ -251,16 +251,39 @@ def test_an_outer_sample_wrapper_sees_the_sampled_patcher():
     (torch.zeros(2, 16, 8, 8), r"^latent_image: has 16-channel latents"),
 ])
 def test_a_cross_frame_model_refuses_an_empty_nan_or_foreign_latent_before_the_first_step(bad, message):
-    from tve.nodes import host
-    from tve.nodes.cross_frame import ApplyCrossFrameAttention
+    from tve.engine import host
+    from tve.nodes.edit_nodes import ApplyCrossFrameAttention
     model, = ApplyCrossFrameAttention().apply(make_tiny_model("sd15"), "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0)
     with pytest.raises(ValueError, match=message):
         sample(model, bad, host.sigma_grid(model, "ddim_uniform", 2))
 
 
+@pytest.mark.parametrize("applied", ["injection", "cross_frame"])
+def test_multigpu_cfg_split_on_a_tve_model_is_refused_before_the_first_step(applied):
+    """core 0.33's MultiGPU CFG Split (``MultiGPU_WorkUnits``) adds a clone of the model per extra GPU under the
+    additional-model key ``multigpu``; on this CPU host there is no second device, so the clone is added as the
+    node does on a two-GPU machine. TVE refuses before any UNet call, naming the model."""
+    from tve.engine import host
+    from tve.nodes.edit_nodes import ApplyCrossFrameAttention
+    from tve.tests.test_tokenflow_node import recorded
+    model, latent, x_T, inversion = inverted(steps=2)
+    if applied == "injection":
+        patched, start, sigmas = injected(model, inversion), x_T, inversion.sigmas
+    else:
+        (patched,) = ApplyCrossFrameAttention().apply(model, "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0)
+        start, sigmas = latent, host.sigma_grid(model, "ddim_uniform", 2)
+    split = patched.clone()
+    split.set_additional_models("multigpu", [patched.clone()])
+    spy = recorded(split)
+    with pytest.raises(ValueError, match="^model: MultiGPU CFG Split spreads each step's conds over several GPUs"):
+        sample(split, start, sigmas)
+    assert spy.calls == []
+    assert torch.isfinite(sample(patched, start, sigmas)).all()              # without it the model samples
+
+
 def test_preview_features_refuses_non_finite_features_naming_the_model():
     import dataclasses
-    from tve.nodes.metrics import PreviewFeatures
+    from tve.nodes.measure_nodes import PreviewFeatures
     model, latent, x_T, inversion = inverted(frames=2, steps=2)
     broken = dataclasses.replace(inversion, latents=torch.full_like(inversion.latents, float("nan")))
     with pytest.raises(ValueError, match="^model: .* NaN or infinite in its features of the source at step 1"):
@@ -270,7 +293,7 @@ def test_preview_features_refuses_non_finite_features_naming_the_model():
 
 
 def test_an_inversion_whose_model_gives_nan_stops_naming_the_model():
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
 
     class NaNUNet(torch.nn.Module):
         dtype = torch.float32
@@ -282,3 +305,32 @@ def test_an_inversion_whose_model_gives_nan_stops_naming_the_model():
     model.add_object_patch("diffusion_model", NaNUNet())
     with pytest.raises(ValueError, match=r"^model: .* NaN or infinite in the latent it inverted to at step 1 of 3"):
         invert(model, make_latent(2, 8, 8)["samples"], make_conditioning(), 3, "ddim_uniform")
+
+
+def _nan_square():
+    """A 64x48 mask with an 8x8 square of NaN: 64 of 3072 values."""
+    mask = torch.ones(1, 48, 64)
+    mask[:, 8:16, 8:16] = float("nan")
+    return mask
+
+
+@pytest.mark.parametrize("mask, error", [
+    (torch.full((1, 48, 64), float("nan")), r"^latent: its noise_mask has 3072 of 3072 values NaN or infinite"),
+    (_nan_square(), r"^latent: its noise_mask has 64 of 3072 values NaN or infinite"),
+    (torch.ones(4, 48, 64), r"^latent: its noise_mask has 4 masks but the latent has 6 frames; expected one mask per "
+                            r"frame \(6\) or one for all frames"),
+], ids=["nan", "nan_64_of_3072", "4_masks_6_frames"])
+def test_ddim_inversion_refuses_a_noise_mask_the_edit_could_not_use_naming_its_latent(mask, error):
+    from tve.nodes.inversion_node import DDIMInversion
+    latent = {**make_latent(6, 6, 8), "noise_mask": mask}
+    with pytest.raises(ValueError, match=error):
+        DDIMInversion().invert(make_tiny_model("sd15"), latent, make_conditioning(), 2, "ddim_uniform")
+
+
+def test_an_edit_refuses_a_nan_noise_mask_set_after_the_inversion_naming_latent_image():
+    model, latent, x_T, inversion = inverted(frames=3, steps=2)
+    patched = injected(model, inversion)
+    mask = torch.ones(1, 8, 8)
+    mask[0, 0, :4] = float("nan")
+    with pytest.raises(ValueError, match=r"^latent_image: its noise_mask has \d+ of \d+ values NaN or infinite"):
+        sample(patched, x_T, inversion.sigmas, noise_mask=mask)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from tve.nodes.text2video_zero import (MotionDynamicsLatents, forward_noise, frame_shifts, grid_positions,
-                                       motion_dynamics, translated_frames)
+from tve.nodes.text2video_node import MotionDynamicsLatents
+from tve.engine.motion_dynamics import forward_noise, frame_shifts, grid_positions, motion_dynamics, translated_frames
 from tve.tests.hosts import FAMILIES, make_conditioning, make_latent, make_tiny_model
 
 real_host = pytest.mark.real_host

@@ -4,8 +4,8 @@ comfy's own classes."""
 import pytest
 import torch
 
-from tve.tests.hosts import (make_conditioning, make_latent, make_tiny_controlnet, make_tiny_model,
-                             make_tiny_t2i_adapter, with_context_windows)
+from tve.tests.hosts import (context_window_calls, make_conditioning, make_latent, make_tiny_controlnet,
+                             make_tiny_model, make_tiny_t2i_adapter, with_context_windows)
 
 pytestmark = pytest.mark.real_host
 
@@ -23,19 +23,18 @@ class ControlRecorder:
         model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", self)
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        from tve.nodes import host
-        from tve.nodes.passes import current_pass
+        from tve.engine.run import call_frame_ids, current_pass
         frames = x.shape[0] // len(transformer_options["cond_or_uncond"])
         copied = None if control is None else {
             name: [None if t is None else t.detach().clone() for t in tensors] for name, tensors in control.items()}
-        self.calls.append((current_pass(transformer_options).value, host.call_frame_ids(frames, transformer_options),
+        self.calls.append((current_pass(transformer_options).value, call_frame_ids(frames, transformer_options),
                            len(transformer_options["cond_or_uncond"]), copied))
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     model = make_tiny_model("sd15", **LAYOUT)
     cond = make_conditioning("sd15", seed=1)
     x_T, inversion = invert(model, make_latent(FRAMES, SIZE, SIZE)["samples"], cond, STEPS, "ddim_uniform")
@@ -90,7 +89,7 @@ def assert_keyframe_residuals_are_their_own_frames(recorder):
 
 @pytest.mark.parametrize("stack", ["controlnet", "t2i_adapter", "controlnet+t2i_adapter"])
 def test_keyframe_pass_sees_the_control_residuals_of_the_keyframes_own_hints(setup, stack):
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine.tokenflow import apply_tokenflow
     model, x_T, inversion, hints = setup
     controls = {"controlnet": [make_tiny_controlnet(**LAYOUT)], "t2i_adapter": [make_tiny_t2i_adapter()],
                 "controlnet+t2i_adapter": [make_tiny_controlnet(**LAYOUT), make_tiny_t2i_adapter()]}[stack]
@@ -104,7 +103,7 @@ def test_keyframe_pass_sees_the_control_residuals_of_the_keyframes_own_hints(set
 
 
 def test_context_windows_give_each_window_its_own_hints(setup):
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine.tokenflow import apply_tokenflow
     model, x_T, inversion, hints = setup
     positive, negative = controlled(hints, [make_tiny_controlnet(**LAYOUT)])
     plain = apply_tokenflow(model, inversion, INTERVAL, 7, "paper", 0.5, 0.8)
@@ -115,7 +114,7 @@ def test_context_windows_give_each_window_its_own_hints(setup):
     edit(windowed, x_T, inversion.sigmas[:2], positive, negative)
     full = next(c for c in whole.calls if c[0] == "edit")
     windows = [c for c in per_window.calls if c[0] == "edit"]
-    assert [c[1] for c in windows] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert [c[1] for c in windows] == context_window_calls(windowed, 8)
     for _, ids, chunks, control in windows:
         for t, reference in zip(control["output"], full[3]["output"]):
             if t is not None:
@@ -125,7 +124,7 @@ def test_context_windows_give_each_window_its_own_hints(setup):
 
 
 def test_a_hint_batch_that_is_not_one_image_per_frame_is_refused_before_any_step(setup):
-    from tve.nodes.tokenflow import apply_tokenflow
+    from tve.engine.tokenflow import apply_tokenflow
     model, x_T, inversion, hints = setup
     patched = apply_tokenflow(model, inversion, INTERVAL, 7, "paper", 0.5, 0.8)
     recorder = ControlRecorder(patched)

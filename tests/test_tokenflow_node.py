@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from tve.tests.hosts import (FAMILIES, cond_chunks_split, make_conditioning, make_latent, make_tiny_model,
-                             with_context_windows)
+from tve.tests.hosts import (FAMILIES, cond_chunks_split, context_window_calls, make_conditioning, make_latent,
+                             make_tiny_model, with_context_windows)
 
 pytestmark = pytest.mark.real_host
 
@@ -15,16 +15,15 @@ class PassRecorder:
         self.calls = []
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        from tve.nodes import host
-        from tve.nodes.passes import current_pass
+        from tve.engine.run import call_frame_ids, current_pass
         frames = x.shape[0] // len(transformer_options["cond_or_uncond"])
         self.calls.append((current_pass(transformer_options).value, float(transformer_options["sigmas"][0]),
-                           host.call_frame_ids(frames, transformer_options)))
+                           call_frame_ids(frames, transformer_options)))
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
 def inverted(family="sd15", frames=16, steps=3, size=8):
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
     model = make_tiny_model(family)
     cond = make_conditioning(family, seed=1)
     x_T, inversion = invert(model, make_latent(frames, size, size)["samples"], cond, steps, "ddim_uniform")
@@ -40,7 +39,7 @@ def edit(model, x_T, sigmas, family="sd15", cfg=4.0):
 
 
 def tokenflow(model, inversion, interval=4, seed=7, mode="paper", attn=0.5, conv=0.8):
-    from tve.nodes.tokenflow import ApplyTokenFlow
+    from tve.nodes.edit_nodes import ApplyTokenFlow
     return ApplyTokenFlow().apply(model, inversion, interval, seed, mode, attn, conv)[0]
 
 
@@ -83,8 +82,8 @@ def test_keyframes_change_between_steps_and_repeat_with_the_same_seed():
 
 
 def test_interval_one_equals_keyframe_attention_plus_injection():
-    from tve.nodes.cross_frame import ApplyCrossFrameAttention
-    from tve.nodes.injection import apply_feature_injection
+    from tve.nodes.edit_nodes import ApplyCrossFrameAttention
+    from tve.engine.injection import apply_feature_injection
     model, cond, x_T, inversion = inverted(frames=4, steps=3)
     via_tokenflow = edit(tokenflow(model, inversion, interval=1), x_T, inversion.sigmas)
     extended = ApplyCrossFrameAttention().apply(model, "keyframes", 1, 0, False, 2, 7, "all", 0.0, 1.0)[0]
@@ -97,8 +96,7 @@ def test_cond_and_uncond_split_by_memory_give_the_same_edit():
     model, cond, x_T, inversion = inverted(frames=8, steps=3)
     patched = tokenflow(model, inversion)
     together = edit(patched, x_T, inversion.sigmas)
-    with cond_chunks_split():
-        split = edit(patched, x_T, inversion.sigmas)
+    split = edit(cond_chunks_split(patched), x_T, inversion.sigmas)
     assert torch.allclose(together, split, atol=1e-4 * together.abs().max())
 
 
@@ -116,10 +114,14 @@ def test_core_context_windows_draw_keyframes_inside_each_window():
     spy = recorded(windowed)
     out = edit(windowed, x_T, inversion.sigmas)
     assert torch.isfinite(out).all()
+    windows = context_window_calls(windowed, 16)                      # with core 0.33+'s causal frame first
+    edit_calls = [ids for name, _, ids in spy.calls if name == "edit"]
     keyframe_calls = [ids for name, _, ids in spy.calls if name == "keyframes"]
-    assert len(keyframe_calls) == 4                                   # 2 steps × 2 windows
-    for ids in keyframe_calls:
-        assert len(ids) == 2 and (all(i < 8 for i in ids) or all(i >= 8 for i in ids))
+    assert edit_calls == windows * 2                                  # 2 steps, every window's frames
+    assert len(keyframe_calls) == 2 * len(windows)
+    for ids, window in zip(keyframe_calls, windows * 2):
+        # one keyframe per interval of global ids among the frames the call holds, the causal frame included
+        assert set(ids) <= set(window) and sorted(i // 4 for i in ids) == sorted({i // 4 for i in window})
 
 
 def test_bad_inputs_are_refused_before_sampling():

@@ -44,7 +44,7 @@ def test_committed_weights_are_small_fp16_and_load_into_comfys_sd15_unet():
 def test_inversion_then_reconstruction_of_a_held_out_clip_is_faithful():
     import comfy.sample
     import comfy.samplers
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
 
     model = load_trained_model()
     cond = trained_conditioning("source")
@@ -81,8 +81,8 @@ def test_full_injection_with_the_source_prompt_reproduces_the_reconstruction():
     import comfy.sample
     import comfy.samplers
 
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.inversion import invert
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.inversion import invert
     from tve.tests.trained_model import load_trained_model, trained_conditioning
     from tve.tools.train_test_model import HELD_OUT_SEED
     from tve.tools.video_world import frames_to_latent, render_clip

@@ -55,7 +55,7 @@ def test_weights_are_fp16_under_10_mb_with_sd15s_four_levels_and_attention_on_th
 def test_inversion_then_reconstruction_of_a_held_out_clip_is_faithful():
     import comfy.sample
     import comfy.samplers
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
 
     model, cond = load_trained_model(NAME), trained_conditioning("source", NAME)
     raw = frames_to_latent(_clip(3).frames)  # (3, 4, 32, 32), a world seed never trained on
@@ -67,8 +67,8 @@ def test_inversion_then_reconstruction_of_a_held_out_clip_is_faithful():
 
 
 def test_per_frame_pnp_edit_applies_the_stripes_and_flickers():
-    from tve.nodes.injection import apply_feature_injection
-    from tve.nodes.inversion import invert
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.inversion import invert
 
     clip = _clip(4)
     raw = frames_to_latent(clip.frames)

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from tve.nodes import validation
-from tve.nodes.cross_frame import ApplyCrossFrameAttention
-from tve.nodes.flatten import ApplyFLATTEN
+from tve.engine import validation
+from tve.nodes.edit_nodes import ApplyCrossFrameAttention
+from tve.nodes.edit_nodes import ApplyFLATTEN
 from tve.nodes.flow_nodes import FlowTrajectories, OpticalFlow, PreviewFlow, PreviewTrajectories
-from tve.nodes.metrics import ConsistencyMetrics, pca_image
+from tve.nodes.measure_nodes import ConsistencyMetrics
+from tve.engine.feature_preview import pca_image
 from tve.flow.estimate import estimate_flow
 from tve.tests.hosts import make_latent, make_tiny_model, make_vae
 
@@ -141,9 +142,11 @@ def test_trajectories_carry_the_fingerprint_of_their_latent_and_sources_of_two_l
         validation.same_sources([trajectories, other])
     # FLATTEN applied again is one FLATTEN with the later settings (issue 15): its trajectories replace the first.
     model, = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories, "highest resolution", "dense_output")
-    again, = ApplyFLATTEN().apply(model, other, "highest resolution", "dense_output")
-    from tve.nodes import passes
-    assert passes.state_of(again).trajectories == [other]
+    shown = ApplyFLATTEN().apply(model, other, "highest resolution", "dense_output")
+    again, = shown["result"]
+    assert shown["ui"]["text"] == ["Apply FLATTEN (TVE): applied again; these settings replace the earlier ones"]
+    from tve.engine.stack import stack_of
+    assert stack_of(again).sources() == [other]
 
 
 def test_pca_preview_of_a_single_token_grid_gives_a_picture():
@@ -151,3 +154,52 @@ def test_pca_preview_of_a_single_token_grid_gives_a_picture():
     picture = pca_image(features, (1, 1))
     assert picture.shape == (2, 1, 1, 3) and bool(torch.isfinite(picture).all())
     assert pca_image(torch.ones(1, 1, 8), (1, 1)).abs().max() == 0
+
+
+# ---------------------------------------------------------------------------------------------- noise masks
+LATENT_6 = (6, 4, 6, 8)                      # 6 frames of 64x48 px
+
+
+@pytest.mark.parametrize("mask", [None, torch.ones(1, 48, 64), torch.rand(6, 48, 64), torch.rand(6, 1, 48, 64),
+                                  torch.zeros(48, 64), torch.rand(6, 6, 8), torch.rand(6, 51, 66)],
+                         ids=["none", "one", "per_frame", "per_frame_with_channel", "2d", "latent_size", "uncropped"])
+def test_a_noise_mask_of_one_or_every_frame_finite_in_0_1_at_the_frames_aspect_passes(mask):
+    validation.noise_mask(mask, LATENT_6, "latent")
+
+
+def _nan_patch(mask, count):
+    mask = mask.clone()
+    mask.reshape(-1)[:count] = float("nan")
+    return mask
+
+
+@pytest.mark.parametrize("mask, error", [
+    (torch.full((1, 48, 64), float("nan")), r"its noise_mask has 3072 of 3072 values NaN or infinite; expected values "
+                                            r"in \[0, 1\]"),
+    (_nan_patch(torch.ones(1, 48, 64), 64), r"its noise_mask has 64 of 3072 values NaN or infinite"),
+    (torch.full((6, 48, 64), float("inf")), r"its noise_mask has 18432 of 18432 values NaN or infinite"),
+    (torch.ones(4, 48, 64), r"its noise_mask has 4 masks but the latent has 6 frames; expected one mask per frame \(6\) "
+                            r"or one for all frames \(core would repeat them without a word\)"),
+    (torch.ones(8, 1, 48, 64), r"its noise_mask has 8 masks but the latent has 6 frames; .*\(core would cut them"),
+    (torch.full((1, 48, 64), 255.0), r"its noise_mask holds values from 255 to 255; expected values in \[0, 1\]"),
+    (torch.full((1, 48, 64), -0.5), r"its noise_mask holds values from -0.5 to -0.5; expected values in \[0, 1\]"),
+    (torch.ones(1, 64, 64), r"its noise_mask is 64x64 but the frames are 8x6 latent cells \(64x48 px\); core would "
+                            r"stretch it"),
+    (torch.ones(1, 48, 64, dtype=torch.uint8), r"its noise_mask holds torch.uint8 values; expected floats in \[0, 1\]"),
+    (torch.ones(64), r"its noise_mask is \(64,\); expected a MASK \(frames, height, width\)"),
+    ([[1.0]], r"its noise_mask is list; expected a MASK"),
+], ids=["nan", "nan_64_of_3072", "inf", "4_masks_6_frames", "8_masks_6_frames", "0_255", "negative", "stretched",
+        "uint8", "1d", "list"])
+def test_a_bad_noise_mask_is_one_error_naming_the_latent_and_what_was_expected(mask, error):
+    with pytest.raises(ValueError, match="^latent: " + error):
+        validation.noise_mask(mask, LATENT_6, "latent")
+
+
+def test_a_mask_core_already_fitted_to_the_latent_is_checked_for_its_values_only():
+    prepared = torch.rand(LATENT_6)                        # what a 0.33 sampler hands its OUTER_SAMPLE wrappers
+    validation.sampled_noise_mask(prepared, LATENT_6, "latent_image")
+    with pytest.raises(ValueError, match=r"^latent_image: its noise_mask has 1 of 1152 values NaN"):
+        validation.sampled_noise_mask(_nan_patch(prepared, 1), LATENT_6, "latent_image")
+    with pytest.raises(ValueError, match=r"^latent_image: its noise_mask has 4 masks but the latent has 6 frames"):
+        validation.sampled_noise_mask(torch.ones(4, 1, 48, 64), LATENT_6, "latent_image")     # as 0.3.x gives it
+    validation.sampled_noise_mask(None, LATENT_6, "latent_image")

@@ -1,9 +1,8 @@
-"""Frame-window schedules and blending (attention/windows.py): coverage, weights, exact batches; pinned to core."""
+"""Frame-window schedules and blending (engine/frame_windows.py): coverage, weights, exact batches; pinned to core."""
 import pytest
 import torch
 
-from tve.attention.windows import (Blend, Window, batches, overlapping_windows, pyramid_weights,
-                                   windows_with_shared)
+from tve.engine.frame_windows import Blend, Window, batches, overlapping_windows, pyramid_weights, windows_with_shared
 
 
 @pytest.mark.parametrize("frames,size,overlap", [(1, 4, 0), (16, 16, 4), (17, 16, 4), (240, 16, 4), (37, 8, 7),

@@ -330,7 +330,7 @@ def check(model_dir: Path, png: Path, testbed: Testbed = TESTBEDS["test_model"])
     import comfy.samplers
     from PIL import Image
 
-    from tve.nodes.inversion import invert
+    from tve.engine.inversion import invert
 
     patcher, cond = load(model_dir)
     model = patcher.model

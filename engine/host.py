@@ -1,11 +1,15 @@
 """The one adapter between TVE and ComfyUI: everything host-specific that the nodes need.
 
-Nothing outside ``nodes/`` imports comfy. The node modules use only what this file exposes, which keeps the
-host surface small enough for the test suite's stand-in host to mirror it faithfully.
+Nothing else in the pack imports comfy internals (the node classes import only ComfyUI's public node API). The engine
+and the nodes use only what this file exposes, one named function per internal, each pinned by a real-host test on
+every tested release (``tests/test_host.py`` and the tests of the code that calls it); the test suite's stand-in
+host mirrors this surface.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 OPTICAL_FLOW_FOLDER = "optical_flow"
 ADAPTER_FOLDER = "tve_adapters"
 WRAPPER_KEY = "text_video_edit"      # keyed wrappers and the model attachment of TVE's per-model state
-RUN_KEY = "text_video_edit_run"      # transformer_options entry: the sampling run's pass state (passes.Run)
+RUN_KEY = "text_video_edit_run"      # transformer_options entry: the sampling call's state (run.SamplingRun)
 APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
 OUTER_SAMPLE = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 CALC_COND_BATCH = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
@@ -137,12 +141,38 @@ def intermediate_device() -> torch.device:
     return comfy.model_management.intermediate_device()
 
 
-def free_memory_for(module: torch.nn.Module, working_bytes: int) -> torch.device:
-    """Make room on the torch device for a helper ``module`` (its weights) and ``working_bytes`` of activations,
-    offloading loaded models as comfy's own helper nodes do (``ImageUpscaleWithModel``); returns the device."""
-    device = torch_device()
-    comfy.model_management.free_memory(comfy.model_management.module_size(module) + working_bytes, device)
-    return device
+def helper_model(module: torch.nn.Module) -> Any:
+    """A ModelPatcher around a helper ``module`` (RAFT), made once per module: what core's own loaders wrap such a
+    module in (core's Load Optical Flow Model, its upscale-model loader), so core's model management loads it."""
+    patcher = _HELPER_PATCHERS.get(id(module))
+    if patcher is None or patcher.model is not module:
+        import comfy.model_patcher
+        patcher = comfy.model_patcher.ModelPatcher(module, load_device=torch_device(), offload_device=offload_device())
+        _HELPER_PATCHERS.clear()                          # the last helper only: it holds its module's weights
+        _HELPER_PATCHERS[id(module)] = patcher
+    return patcher
+
+
+_HELPER_PATCHERS: dict[int, Any] = {}
+
+
+def helper_module(value: Any) -> torch.nn.Module | None:
+    """The module of a helper MODEL socket value (a ModelPatcher from a core loader, e.g. OPTICAL_FLOW), or None."""
+    module = getattr(value, "model", None)
+    return module if isinstance(module, torch.nn.Module) and hasattr(value, "load_device") else None
+
+
+def load_helper(patcher: Any, working_bytes: int) -> torch.nn.Module:
+    """Load a helper's ModelPatcher onto the torch device the way core's helper nodes do (``load_models_gpu`` with
+    its working memory: core frees what it needs, offloading other models, and offloads this one when it needs the
+    room later); its module, on its load device."""
+    comfy.model_management.load_models_gpu([patcher], memory_required=working_bytes, force_full_load=True)
+    return patcher.model
+
+
+def helper_loaded(patcher: Any) -> bool:
+    """Whether core's model management holds ``patcher`` loaded."""
+    return any(loaded is patcher for loaded in comfy.model_management.loaded_models())
 
 
 def helper_dtype(device: torch.device) -> torch.dtype:
@@ -206,6 +236,41 @@ def _executing_node_id() -> str | None:
     return context.node_id
 
 
+# ---------------------------------------------------------------------------------------------- core nodes
+def core_node_class(node_id: str) -> type:
+    """The class of a core node by its id (``NODE_CLASS_MAPPINGS``, the registry the graph editor uses), loading
+    core's ``comfy_extras`` nodes first where the process has not (a script or test outside the server)."""
+    import nodes
+    if node_id not in nodes.NODE_CLASS_MAPPINGS:
+        import asyncio
+        import inspect
+        loading = nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+        if inspect.iscoroutine(loading):              # async since 0.3.4x
+            asyncio.run(loading)
+    if node_id not in nodes.NODE_CLASS_MAPPINGS:
+        raise ValueError(f"ComfyUI has no core node '{node_id}'")
+    return nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+def run_core_node(node_id: str, **inputs: Any) -> tuple:
+    """Run a core node as the executor runs a freshly added one: the ``inputs`` given, every other widget at the
+    default the node declares (so a release that adds an input runs it at its default); its output tuple."""
+    cls = core_node_class(node_id)
+    declared = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, spec in declared.get(section, {}).items():
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            choices = spec[0] if isinstance(spec[0], list) else options.get("options")
+            if name in inputs:
+                continue
+            if "default" in options:
+                inputs[name] = options["default"]
+            elif choices:                                 # a combo without a default starts on its first choice
+                inputs[name] = choices[0]
+    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    return tuple(getattr(out, "result", out))         # a V3 node's NodeOutput, or a V1 node's tuple
+
+
 # ---------------------------------------------------------------------------------------------- attention blocks
 @dataclass(frozen=True)
 class AttentionBlock:
@@ -265,59 +330,48 @@ def optimized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
                                                transformer_options=extra_options)
 
 
-# ---------------------------------------------------------------------------------------------- batch layout
-@dataclass(frozen=True)
-class CallLayout:
-    """How one UNet call's batch is laid out: ``chunks`` conds, each holding the same ``frame_ids``."""
-    chunks: int
-    frame_ids: tuple[int, ...]       # global frame index of each local frame of a chunk
-    grid_hw: tuple[int, int]         # token grid of the current block
-    step: int                        # index of the current σ in the sampling schedule (-1 if unknown)
+# ---------------------------------------------------------------------------------------------- calls and steps
+def context_window(transformer_options: Mapping[str, Any]) -> Any:
+    """The core context window a UNet call runs in (Context Windows nodes), or None."""
+    return transformer_options.get("context_window")
 
 
-def call_layout(batch: int, extra_options: Mapping[str, Any]) -> CallLayout:
-    """Read chunks, global frame ids, token grid and step from an attention patch's ``extra_options``."""
-    chunks = len(extra_options["cond_or_uncond"])
-    if batch % chunks:
-        raise ValueError(f"attention batch {batch} is not a multiple of {chunks} cond chunks")
-    frames = batch // chunks
-    frame_ids = call_frame_ids(frames, extra_options)
-    if len(frame_ids) != frames:
-        raise ValueError(f"context window lists {len(frame_ids)} frames but the call holds {frames} per chunk")
-    h, w = (int(s) for s in extra_options["activations_shape"][-2:])
-    return CallLayout(chunks=chunks, frame_ids=frame_ids, grid_hw=(h, w), step=current_step(extra_options))
+def context_window_frame_ids(window: Any) -> tuple[int, ...]:
+    """Global frame ids of the frames a core context window's call holds, in call order: its ``index_list``,
+    preceded by the causal frame core 0.33+ prepends (``causal_window_fix``, on by default: the frame before the
+    window, whose output core drops after the call)."""
+    ids = tuple(int(i) for i in window.index_list)
+    anchor = getattr(window, "causal_anchor_index", None)
+    if anchor is not None and anchor >= 0:
+        ids = (int(anchor),) + ids
+    return ids
 
 
-def call_frame_ids(frames: int, transformer_options: Mapping[str, Any]) -> tuple[int, ...]:
-    """Global frame ids of a call's frames: those of the TVE pass now running (``passes.Run.pass_frame_ids``, which
-    the pass wrapper puts under ``RUN_KEY``), else the core context window's, else 0..frames-1."""
-    run = transformer_options.get(RUN_KEY)
-    ids = getattr(run, "pass_frame_ids", None)
-    if ids is not None:
-        return tuple(ids)
-    window = transformer_options.get("context_window")
-    if window is not None:
-        return tuple(int(i) for i in window.index_list)
-    return tuple(range(frames))
-
-
-def current_step(extra_options: Mapping[str, Any]) -> int:
-    """Index of the σ being evaluated in ``sample_sigmas`` (nearest match), or -1 outside a sampling run."""
-    sigmas = extra_options.get("sigmas")
-    schedule = extra_options.get("sample_sigmas")
-    if sigmas is None or schedule is None:
+def current_step(timestep: torch.Tensor, transformer_options: Mapping[str, Any]) -> int:
+    """Index of the σ being evaluated (``timestep``, one σ per frame) in the sampler's schedule (nearest match), or
+    -1 outside a sampling run. Reads a device value: call it once per step, not per block."""
+    schedule = transformer_options.get("sample_sigmas")
+    if schedule is None:
         return -1
-    sigma = sigmas.reshape(-1)[0].float().cpu()
+    sigma = timestep.reshape(-1)[0].float().cpu()
     return int(torch.argmin((schedule.float().cpu() - sigma).abs()))
 
 
-def schedule_percent(extra_options: Mapping[str, Any]) -> float:
-    """Fraction of the sampling schedule reached at the current step (0 at the first step)."""
-    schedule = extra_options.get("sample_sigmas")
-    step = current_step(extra_options)
-    if step < 0 or schedule is None:
-        return 0.0
-    return step / max(1, len(schedule) - 1)
+def schedule_length(transformer_options: Mapping[str, Any]) -> int:
+    """Steps of the sampler's schedule (its σ count minus one), or 0 outside a sampling run."""
+    schedule = transformer_options.get("sample_sigmas")
+    return 0 if schedule is None else max(1, len(schedule) - 1)
+
+
+def cond_chunks(extra_options: Mapping[str, Any]) -> int:
+    """How many cond chunks (uncond, cond, ...) an attention call's batch holds."""
+    return len(extra_options["cond_or_uncond"])
+
+
+def token_grid(extra_options: Mapping[str, Any]) -> tuple[int, int]:
+    """The (h, w) token grid of the block an attention patch is called from."""
+    h, w = (int(s) for s in extra_options["activations_shape"][-2:])
+    return h, w
 
 
 def attn1_replaces(model: Any) -> dict[tuple, Callable]:
@@ -654,12 +708,10 @@ def resblock_branch(model: Any, output_block: int) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def resblock_output_hooks(model: Any, hooks: Mapping[int, Callable[[torch.Tensor], torch.Tensor | None]]
-                          ) -> Iterator[None]:
-    """While the context is open, ``hooks[i](h)`` sees (and may replace) the residual-branch output ``h`` of
-    output block ``i``'s ResBlock (``resblock_branch``); nothing stays on the shared UNet afterwards."""
-    handles = [resblock_branch(model, i).register_forward_hook(lambda module, inputs, out, fn=fn: fn(out))
-               for i, fn in hooks.items()]
+def forward_hooks(hooks: Mapping[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+    """While the context is open, ``hooks[module](out)`` sees (and may replace) each module's output; nothing stays
+    on the shared UNet afterwards (hooks for one sampling run)."""
+    handles = [module.register_forward_hook(lambda m, inputs, out, fn=fn: fn(out)) for module, fn in hooks.items()]
     try:
         yield
     finally:
@@ -667,7 +719,7 @@ def resblock_output_hooks(model: Any, hooks: Mapping[int, Callable[[torch.Tensor
             handle.remove()
 
 
-# ---------------------------------------------------------------------------------------------- the TVE state
+# ---------------------------------------------------------------------------------------------- the TVE method stack
 def get_attachment(model: Any, key: str = WRAPPER_KEY) -> Any:
     return model.get_attachment(key)
 
@@ -693,23 +745,35 @@ def prepare_mask(noise_mask: torch.Tensor, shape: Sequence[int], device: torch.d
     """A LATENT's ``noise_mask`` resized to ``shape`` (F, C, h, w) as core samplers resize it."""
     import comfy.sampler_helpers
     return comfy.sampler_helpers.prepare_mask(noise_mask, tuple(shape), device)
+def multigpu_clones(model: Any) -> list:
+    """The per-device clones core's MultiGPU CFG Split (``MultiGPU_WorkUnits``, 0.33+) added to ``model`` (its
+    additional models under the key ``multigpu``): core then spreads a step's conds over them in threads."""
+    return list(model.get_additional_models_with_key("multigpu"))
+
+
 def sampling_model(outer_sample_executor: Any) -> Any:
     """The ModelPatcher an OUTER_SAMPLE wrapper's executor samples with (its guider's model)."""
     return outer_sample_executor.class_obj.model_patcher
 
 
+def set_sampling_run(outer_sample_executor: Any, run: Any) -> None:
+    """Make ``run`` this sampling call's state: its ``transformer_options`` (the guider's own copy for this call,
+    ``create_model_options_clone``) carry it under ``RUN_KEY`` to every UNet call, patch and wrapper of the call."""
+    outer_sample_executor.class_obj.model_options["transformer_options"][RUN_KEY] = run
+
+
 # ---------------------------------------------------------------------------------------------- conds of some frames
-def cond_for_frames(cond: dict, local: torch.Tensor, frames: int, frame_ids: Sequence[int], video_frames: int,
+def cond_for_frames(cond: dict, positions: torch.Tensor, frames: int, frame_ids: Sequence[int], video_frames: int,
                     cache: dict | None = None) -> dict:
-    """One cond dict of a call over ``frames`` frames, restricted to the call's frames ``local`` (indices into the
-    call) whose global ids are ``frame_ids``: per-frame model conds (batch == frames) follow the frames, and every
-    ControlNet / T2I-Adapter of its control chain gets the hint images of those global frames."""
+    """One cond dict of a call over ``frames`` frames, restricted to the call ``positions`` whose frame ids are
+    ``frame_ids``: per-frame model conds (batch == frames) follow the frames, and every ControlNet / T2I-Adapter
+    of its control chain gets the hint images of those frames (checked by ``validation.control_hints``)."""
     sliced = dict(cond)
     model_conds = {}
     for name, value in cond.get("model_conds", {}).items():
         tensor = getattr(value, "cond", None)
         if isinstance(tensor, torch.Tensor) and tensor.ndim > 0 and tensor.shape[0] == frames > 1:
-            value = value._copy_with(tensor[local.to(tensor.device)])
+            value = value._copy_with(tensor[positions.to(tensor.device)])
         model_conds[name] = value
     sliced["model_conds"] = model_conds
     if cond.get("control") is not None:
@@ -735,7 +799,6 @@ def control_for_frames(control: Any, frame_ids: Sequence[int], video_frames: int
             setattr(c, name, getattr(control, name))
     hint = control.cond_hint_original
     if hint is not None and hint.shape[0] > 1:
-        check_control_hints(control, video_frames)
         c.cond_hint_original = hint[list(frame_ids)]
     c.extra_concat_orig = [t[list(frame_ids)] if t.shape[0] == video_frames > 1 else t
                            for t in control.extra_concat_orig]
@@ -746,11 +809,164 @@ def control_for_frames(control: Any, frame_ids: Sequence[int], video_frames: int
     return c
 
 
-def check_control_hints(control: Any, video_frames: int) -> None:
-    """Every control of a chain has one hint image per video frame, or one for all of them."""
+def control_hint_counts(control: Any) -> list[int]:
+    """Hint images of every control of a chain (ControlNet, T2I-Adapter, ... through ``previous_controlnet``)."""
+    counts = []
     while control is not None:
         hint = control.cond_hint_original
-        if hint is not None and hint.shape[0] not in (1, video_frames):
-            raise ValueError(f"control: a ControlNet / T2I-Adapter has {hint.shape[0]} hint images but the video has "
-                             f"{video_frames} frames; give it one image per frame (or a single image)")
+        if hint is not None:
+            counts.append(int(hint.shape[0]))
         control = control.previous_controlnet
+    return counts
+
+
+# ==============================================================================================================
+# Model identity (issue 24): what identifies the weights a sampler runs, for checks that a MODEL is the one an
+# inversion or a temporal adapter was made with. New functions only; the nodes compare fingerprints through
+# ``validation.weights_difference``.
+# ==============================================================================================================
+FINGERPRINT_PER_TENSOR = 8           # strided samples of every weight and of every patch tensor
+
+
+@dataclass(frozen=True, eq=False)
+class WeightsFingerprint:
+    """The UNet's weights as the sampler will run them, cheaply: the base weights and everything that patches them
+    (LoRA and other ``add_patches`` patches with their strengths, hook patches, weight wrappers). Device- and
+    dtype-agnostic: the samples are float32 on the CPU, so a clone on another device or the same checkpoint cast to
+    fp16/bf16 compares equal within ``validation.WEIGHTS_RTOL``. Attention patches, wrappers, attachments and
+    object patches (what TVE adds) are not weights and are not part of it."""
+    layout: str                  # sha256 of every UNet weight's name and shape: the architecture
+    base: torch.Tensor           # (n,) float32 CPU: FINGERPRINT_PER_TENSOR strided values of every base weight
+    patches: str                 # sha256 of what patches the weights: keys, kinds, strengths, offsets, functions
+    patch_values: torch.Tensor   # (m,) float32 CPU: strided values of every tensor those patches hold
+    summary: str                 # e.g. "686 UNet weights, weight patches on 64" (for messages)
+
+
+def weights_fingerprint(model: Any) -> WeightsFingerprint:
+    """The ``WeightsFingerprint`` of ``model`` (a ModelPatcher).
+
+    Base weights are read where comfy keeps the unpatched ones: a key whose patched copy is loaded in the UNet has
+    its original in ``backup`` (or ``hook_backup`` while hook patches are applied); clones share the UNet and these
+    backups, so every clone reads the same base. Per device one concatenation and one transfer to the host."""
+    unet = model.model.diffusion_model
+    backup, hook_backup = getattr(model, "backup", {}), getattr(model, "hook_backup", {})
+    names, shapes, samples = [], [], []
+    for name, tensor in unet.state_dict(keep_vars=True).items():
+        key = f"diffusion_model.{name}"
+        if key in backup:
+            tensor = backup[key].weight
+        elif key in hook_backup:
+            tensor = hook_backup[key][0]
+        names.append(key)
+        shapes.append(tuple(tensor.shape))
+        samples.append(_strided(tensor))
+    layout = hashlib.sha256(";".join(f"{n}:{s}" for n, s in zip(names, shapes)).encode()).hexdigest()
+
+    text: list[str] = []
+    tensors: list[torch.Tensor] = []
+    patches = getattr(model, "patches", {})
+    for key in sorted(patches):
+        text.append(f"patch {key}")
+        _describe(patches[key], text, tensors)
+    hooks = []
+    for hook_patches in getattr(model, "hook_patches", {}).values():        # keyed by hook objects: sort by content
+        hook_text, hook_tensors = [], []
+        for key in sorted(hook_patches):
+            hook_text.append(f"hook patch {key}")
+            _describe(hook_patches[key], hook_text, hook_tensors)
+        hooks.append(("\n".join(hook_text), hook_tensors))
+    for hook_text, hook_tensors in sorted(hooks, key=lambda h: h[0]):
+        text.append(hook_text)
+        tensors.extend(hook_tensors)
+    wrappers = getattr(model, "weight_wrapper_patches", {})
+    for key in sorted(wrappers):
+        text.append(f"wrapper {key}")
+        _describe(wrappers[key], text, tensors)
+
+    parts = [f"{len(names)} UNet weights"]
+    if patches:
+        parts.append(f"weight patches (LoRA, tuning, merges) on {len(patches)}")
+    if hooks:
+        parts.append(f"{len(hooks)} hook patch group(s)")
+    if wrappers:
+        parts.append(f"weight wrappers on {len(wrappers)}")
+    return WeightsFingerprint(layout=layout, base=_to_host(samples),
+                              patches=hashlib.sha256("\n".join(text).encode()).hexdigest(),
+                              patch_values=_to_host([_strided(t) for t in tensors]), summary=", ".join(parts))
+
+
+def _strided(tensor: torch.Tensor) -> torch.Tensor:
+    """FINGERPRINT_PER_TENSOR evenly strided values of ``tensor`` (a view where it is contiguous: no copy)."""
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // FINGERPRINT_PER_TENSOR)
+    return flat[::step][:FINGERPRINT_PER_TENSOR]
+
+
+def _to_host(samples: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``samples`` concatenated in order as float32 on the CPU: per device one ``cat`` and one transfer."""
+    if not samples:
+        return torch.zeros(0)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_device.setdefault(s.device, []).append(i)
+    pieces: dict[int, torch.Tensor] = {}
+    for device, index in by_device.items():
+        values = torch.cat([samples[i] if samples[i].is_floating_point() and samples[i].element_size() >= 2
+                            else samples[i].float() for i in index])            # fp16/bf16/fp32 promote
+        for i, piece in zip(index, values.float().cpu().split([samples[i].numel() for i in index])):
+            pieces[i] = piece
+    return torch.cat([pieces[i] for i in range(len(samples))])
+
+
+_SCALARS = (bool, int, float, str, bytes, type(None))
+
+
+def _describe(value: Any, text: list[str], tensors: list[torch.Tensor], depth: int = 0) -> None:
+    """Append a deterministic description of a patch value to ``text`` and its tensors to ``tensors``: containers
+    item by item, tensors by shape (their values are sampled), functions by qualified name, adapter objects (comfy's
+    LoRAAdapter, ...) by type and attributes, modules (weight wrappers) by type and state."""
+    if isinstance(value, torch.Tensor):
+        text.append(f"tensor{tuple(value.shape)}")
+        tensors.append(value)
+    elif isinstance(value, _SCALARS):
+        text.append(repr(value))
+    elif isinstance(value, (list, tuple)):
+        text.append(f"{type(value).__name__}[")
+        for item in value:
+            _describe(item, text, tensors, depth + 1)
+        text.append("]")
+    elif isinstance(value, (set, frozenset)):        # names (LoRAAdapter.loaded_keys: every key of its file, shared)
+        text.append(f"set({len(value)})")
+    elif isinstance(value, dict):
+        text.append("{")
+        for k in sorted(value, key=repr):
+            text.append(repr(k))
+            _describe(value[k], text, tensors, depth + 1)
+        text.append("}")
+    elif isinstance(value, torch.nn.Module):
+        text.append(_qualified(type(value)))
+        _describe(dict(value.state_dict(keep_vars=True)), text, tensors, depth + 1)
+    elif isinstance(value, functools.partial):
+        text.append("partial")
+        _describe((value.func, value.args, value.keywords), text, tensors, depth + 1)
+    elif hasattr(value, "__func__") and hasattr(value, "__self__"):             # a bound method: its object counts
+        text.append(_qualified(value.__func__))
+        _describe(value.__self__, text, tensors, depth + 1)
+    elif callable(value) and hasattr(value, "__qualname__"):                      # a function or a class
+        text.append(_qualified(value))
+    else:
+        text.append(_qualified(type(value)))
+        if depth < 4:
+            _describe({k: v for k, v in vars(value).items() if not k.startswith("_")} if hasattr(value, "__dict__")
+                      else {}, text, tensors, depth + 1)
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def weight_shapes(model: Any, keys: Iterable[str]) -> dict[str, tuple[int, ...] | None]:
+    """The shape of each weight ``key`` of ``model``'s BaseModel (e.g. 'diffusion_model.….to_q.weight'), None for a
+    key the model does not have."""
+    state = model.model_state_dict()
+    return {key: tuple(state[key].shape) if key in state else None for key in keys}

@@ -1,4 +1,4 @@
-"""TVE_OneShotTune: one-shot tuning on the source clip (Tune-A-Video, Wu et al., ICCV 2023) with EI²'s
+"""One-Shot Tune (TVE): one-shot tuning on the source clip (Tune-A-Video, Wu et al., ICCV 2023) with EI²'s
 shift-restricted temporal attention (STAM; Zhang et al., NeurIPS 2023).
 
 Every transformer block of a clone of the artist's MODEL gets a temporal attention (``stam`` or Tune-A-Video's
@@ -16,12 +16,12 @@ from typing import Any, Callable
 import torch
 
 from ..attention.temporal import CONVERGED_ITERATIONS, KINDS, TemporalAttention
-from . import host, sockets, validation
+from . import host, validation
 from .loss_graph import loss_graph
-from .temporal_adapter import TemporalAdapter, TemporalPatch, apply_adapter, block_name, check_unadapted
+from .temporal_adapter import (TRAINABLE, TemporalAdapter, TemporalPatch, apply_adapter, block_name,
+                               check_unadapted)
 
 CATEGORY = "video editing/TVE"
-TRAINABLE = ["temporal+queries", "temporal"]    # Tune-A-Video: attn_temp, attn1.to_q, attn2.to_q; or temporal only
 WEIGHT_DECAY = 1e-2                              # Tune-A-Video's AdamW
 
 
@@ -83,6 +83,7 @@ def tune(model: Any, samples: torch.Tensor, conditioning: list, steps: int, lear
     """Tune a temporal adapter on the clip ``samples`` (raw-space latents (F, C, h, w)); ``on_step(step, loss)``
     after each step. Deterministic for a seed on a given device."""
     check_inputs(model, samples, conditioning, steps, learning_rate, kind, trainable)
+    identity = host.weights_fingerprint(model)          # the weights it is tuned on, before any tuning patch
     blocks = host.attention_blocks(model)
     device = host.torch_device()
     generator = torch.Generator().manual_seed(seed)
@@ -130,53 +131,13 @@ def tune(model: Any, samples: torch.Tensor, conditioning: list, steps: int, lear
     return TemporalAdapter(kind=kind, family=host.model_family(model),
                            blocks={block_name(b.key): (b.channels, host.attention_heads(model, b)) for b in blocks},
                            temporal=temporal, query_diffs=query_diffs, trainable=trainable, steps=steps,
-                           losses=tuple(losses))
+                           losses=tuple(losses), identity=identity)
 
 
-class OneShotTune:
-    DESCRIPTION = ("One-shot tuning on the source clip (Tune-A-Video + EI²): adds a temporal attention to every "
-                   "transformer block ('stam': EI²'s shift-restricted module; 'layernorm': Tune-A-Video's) and "
-                   "tunes it, with the query projections, on the clip's diffusion loss. Returns the tuned model "
-                   "(a patched clone: invert and edit with it), the adapter (to save) and the loss curve. "
-                   "Connect Apply Cross-Frame Attention 'fine_coarse' before it for EI²'s FFAM.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to tune (with its cross-frame attention, e.g. fine_coarse)."}),
-            "latent": ("LATENT", {"tooltip": "The VAE-encoded source clip (at least 2 frames)."}),
-            "conditioning": ("CONDITIONING", {"tooltip": "The prompt describing the source clip."}),
-            "steps": ("INT", {"default": 300, "min": 1, "max": 100000,
-                              "tooltip": "Tuning steps, one noisy copy of the whole clip each (Tune-A-Video: 500)."}),
-            "learning_rate": ("FLOAT", {"default": 3e-5, "min": 1e-7, "max": 1.0, "step": 1e-6,
-                                        "tooltip": "AdamW learning rate (Tune-A-Video: 3e-5)."}),
-            # A real RNG seed (module init, timesteps, noise), but tuning takes minutes and ComfyUI caches its
-            # result while the inputs stay the same: a seed re-randomised on every queue would re-tune each time.
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
-                             "tooltip": "Seed of the module initialisation and the noise and timestep draws."}),
-            "kind": (list(KINDS), {"default": "stam",
-                                   "tooltip": "'stam': EI²'s Instance Centering + normalised mappings; "
-                                              "'layernorm': Tune-A-Video's temporal attention (the baseline)."}),
-            "trainable": (TRAINABLE, {"default": "temporal+queries",
-                                      "tooltip": "'temporal+queries': temporal attention and the self/cross-"
-                                                 "attention query projections (Tune-A-Video); 'temporal': only "
-                                                 "the temporal attention."}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": True,
-                                                   "tooltip": "Recompute activations in the backward pass: "
-                                                              "much less memory, about a third slower."}),
-        }}
-
-    RETURN_TYPES = ("MODEL", sockets.TEMPORAL_ADAPTER, "IMAGE")
-    RETURN_NAMES = ("model", "adapter", "loss_graph")
-    FUNCTION = "tune"
-    CATEGORY = CATEGORY
-
-    def tune(self, model, latent: dict, conditioning: list, steps: int, learning_rate: float, seed: int, kind: str,
-             trainable: str, gradient_checkpointing: bool):
-        adapter = tune(model, latent["samples"], conditioning, steps, learning_rate, seed, kind, trainable,
-                       gradient_checkpointing)
-        graph = loss_graph(adapter.losses, f"{kind} tuning loss, {steps} steps")
-        return apply_adapter(model, adapter), adapter, graph
-
-
-NODES = {"TVE_OneShotTune": (OneShotTune, "One-Shot Tune (TVE)")}
+def one_shot_tune(model: Any, latent: dict, conditioning: list, steps: int, learning_rate: float, seed: int,
+                  kind: str, trainable: str, gradient_checkpointing: bool) -> tuple[Any, TemporalAdapter, torch.Tensor]:
+    """One-Shot Tune (TVE): the tuned model (a patched clone), its adapter and the loss graph (1, H, W, 3)."""
+    adapter = tune(model, validation.latent(latent, "latent"), conditioning, steps, learning_rate, seed, kind,
+                   trainable, gradient_checkpointing)
+    graph = loss_graph(adapter.losses, f"{kind} tuning loss, {steps} steps")
+    return apply_adapter(model, adapter), adapter, graph

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import identity
+
 FLOW = "TVE_FLOW"                    # flow.estimate.FlowField
 TRAJECTORIES = "TVE_TRAJECTORIES"    # flow.trajectories.Trajectories
-INVERSION = "TVE_INVERSION"          # nodes.inversion.Inversion
-TEMPORAL_ADAPTER = "TVE_TEMPORAL_ADAPTER"  # nodes.temporal_adapter.TemporalAdapter
+INVERSION = "TVE_INVERSION"          # engine.inversion.Inversion
+TEMPORAL_ADAPTER = "TVE_TEMPORAL_ADAPTER"  # engine.temporal_adapter.TemporalAdapter
 
-PRODUCERS = {FLOW: "Optical Flow (TVE)", TRAJECTORIES: "Flow Trajectories (TVE)", INVERSION: "DDIM Inversion (TVE)",
-             TEMPORAL_ADAPTER: "One-Shot Tune (TVE)"}
+PRODUCERS = {FLOW: identity.OPTICAL_FLOW, TRAJECTORIES: identity.FLOW_TRAJECTORIES, INVERSION: identity.DDIM_INVERSION,
+             TEMPORAL_ADAPTER: identity.ONE_SHOT_TUNE}
 
 
 def expect(value: Any, cls: type, input_name: str, socket: str) -> Any:

@@ -1,4 +1,4 @@
-"""TVE_DDIMInversion: deterministic DDIM inversion of the frames with the artist's own model.
+"""DDIM inversion of the frames with the artist's own model, and the ``Inversion`` it makes (DDIM Inversion (TVE)).
 
 DDIM with η = 0 is Euler on the probability-flow ODE in σ-space (Song et al. 2021, Eq. 13; Karras et al. 2022,
 Alg. 1): ``x_{i+1} = x_i + (σ_{i+1} − σ_i)·ε̂(x_i, σ_i)`` with ``ε̂ = (x − D(x; σ))/σ``. Walking the grid upwards
@@ -11,9 +11,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import host, passes, sockets, validation
-
-CATEGORY = "video editing/TVE"
+from . import host, validation
+from .stack import for_inversion
 SIGMA_RTOL = 1e-4
 REMEMBERED_ENDS = 8              # per grid index: the last runs that ended there
 
@@ -61,12 +60,6 @@ class Inversion:
                 "TVE_DDIMInversion (or the same steps and scheduler)")
         return i
 
-    def check_schedule(self, sigmas: torch.Tensor) -> None:
-        """Before sampling: every σ of the sampler's schedule is a grid σ (part of the grid, e.g. from a later
-        start step, is fine); the sampler may evaluate between them."""
-        for sigma in sigmas.reshape(-1).tolist():
-            self.index_of(float(sigma))
-
     def position_of(self, sigma: float) -> float:
         """Where σ lies on the descending grid: i + (σ_i − σ)/(σ_i − σ_{i+1}) for σ_i ≥ σ ≥ σ_{i+1}."""
         grid = self.sigmas
@@ -107,49 +100,6 @@ class Inversion:
         lo, hi = self.latents[i][ids].float(), self.latents[i + 1][ids].float()
         latent = ((1 - f) * lo + f * hi).to(self.latents.dtype)
         return latent, (1 - f) * float(self.sigmas[i]) + f * float(self.sigmas[i + 1])
-
-    def check_model(self, model: Any) -> None:
-        family = host.model_family(model)
-        if family != self.family:
-            raise ValueError(f"inversion: made with a {self.family} model but this model is {family}; invert the "
-                             "frames with the model you edit with")
-        sampling = host.effective_sampling(model)
-        if not sampling.matches(self.sampling):
-            raise ValueError(f"model: samples {sampling} but the inversion was made with a model that samples "
-                             f"{self.sampling}; give DDIM Inversion (TVE) and the sampler the same MODEL (a "
-                             "ModelSamplingDiscrete node on only one of the two wires changes the sampling)")
-
-    def check_run(self, model: Any, noise: torch.Tensor, latent_image: torch.Tensor, sigmas: torch.Tensor) -> None:
-        """Before the first step of sampling ``model`` (raw ``latent_image``, ``noise``, σ grid ``sigmas``): the
-        model samples as the inverting one did, no new noise, and the start latent is this inversion's latent at
-        the σ where sampling starts (x_T at the top of the grid; part-way down, e.g. after SplitSigmas, the
-        inversion's latent at that σ or one an earlier run with it ended at, see ``remember_end``)."""
-        self.check_model(model)
-        if bool(noise.ne(0).any()):
-            raise ValueError("noise: the sampler adds new noise to the inverted latent, which then no longer "
-                             "inverts the video; connect DisableNoise (SamplerCustomAdvanced) or set add_noise to "
-                             "disable (KSamplerAdvanced)")
-        self.check_latent(latent_image)
-        i = self.index_of(float(sigmas[0]))
-        start = validation.fingerprint(host.process_latent_in(model, latent_image.float()))
-        if validation.same_fingerprint(start, self.trace[i]) or any(
-                validation.same_fingerprint(start, end) for end in self.ends.get(i, ())):
-            return
-        where = f"σ={float(self.sigmas[i]):.4g} (step {i} of {len(self.sigmas) - 1})"
-        if validation.same_fingerprint(start, self.trace[-1]):
-            got = "the clean VAE latent of the frames, not the inverted one"
-        elif i > 0 and validation.same_fingerprint(start, self.trace[0]):
-            got = "the inversion's x_T, but sampling starts part-way down the grid"
-        else:
-            got = "a latent this inversion did not make (another video, or another inversion)"
-        raise ValueError(f"latent_image: sampling starts at {where} from {got}; connect the inverted_latent output "
-                         "of the DDIM Inversion (TVE) whose inversion this model uses to the sampler's latent, and "
-                         "sample with its sigmas")
-
-    def check_latent(self, samples: torch.Tensor) -> None:
-        if tuple(samples.shape) != self.latent_shape:
-            raise ValueError(f"latent_image: shape {tuple(samples.shape)} differs from the inverted frames' "
-                             f"{self.latent_shape}; use the inversion's latent")
 
     def remember_end(self, model: Any, samples: torch.Tensor, sigma_end: float) -> None:
         """Keep the fingerprint of raw ``samples`` a run ended with at ``sigma_end`` (part-way down the grid), so
@@ -210,7 +160,6 @@ def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, sc
     dtype = storage_dtype(host.model_dtype(model))
     latents = torch.empty((len(sigmas),) + tuple(samples.shape), dtype=dtype, device=keep)
     trace = torch.empty((len(sigmas), samples.shape[0], min(validation.FINGERPRINT_SAMPLES, samples[0].numel())))
-    trace = torch.empty((len(sigmas), samples.shape[0], min(validation.FINGERPRINT_SAMPLES, samples[0].numel())))
 
     def record(i: int, x: torch.Tensor) -> None:                    # i counts up the ascending fine grid
         validation.finite(x, "model", f" in the latent it inverted to at step {i} of {len(fine) - 1} (fp16 "
@@ -220,7 +169,7 @@ def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, sc
             latents[grid_index] = x.detach().to(keep, dtype)
             trace[grid_index] = validation.fingerprint(x)
 
-    m = passes.for_inversion(model)
+    m = for_inversion(model)
     x_T = host.sample_with(m, sample_ddim_inversion, {"sigma_floor": host.sigma_min(model), "record": record},
                            ascending, conditioning, samples, callback=host.step_callback(len(fine) - 1))
     return x_T, Inversion(sigmas=sigmas, latents=latents, conditioning=conditioning, family=host.model_family(model),
@@ -228,40 +177,10 @@ def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, sc
                           trace=trace)
 
 
-class DDIMInversion:
-    DESCRIPTION = ("Deterministic DDIM inversion (guidance 1) of the VAE-encoded frames with your model: returns "
-                   "the inverted latent x_T, the INVERSION (the source at every σ, for injection and TokenFlow) "
-                   "and the σ grid to sample with (KSamplerAdvanced with add_noise disabled, or "
-                   "SamplerCustomAdvanced with DisableNoise). Patches on the model (e.g. FLATTEN) are active.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": (
-                "The model you will edit with (with FLATTEN applied if you use it: the paper inverts with it).")}),
-            "latent": ("LATENT", {"tooltip": "The VAE-encoded source frames."}),
-            "conditioning": ("CONDITIONING", {"tooltip": "The source prompt (an empty prompt is the usual choice)."}),
-            "steps": ("INT", {"default": 50, "min": 2, "max": 1000, "tooltip": (
-                "Sampling steps of the edit; sample it with the SIGMAS output (the same grid). 50 is the papers' "
-                "choice.")}),
-            "scheduler": (host.scheduler_names(), {"default": "ddim_uniform", "tooltip": (
-                "The σ grid: ddim_uniform is DDIM's timesteps (the papers); any core scheduler works.")}),
-            "inversion_multiple": ("INT", {"default": 1, "min": 1, "max": 50, "tooltip": (
-                "Inversion steps per sampling step: the inversion walks steps × this many steps (the papers invert "
-                "with 10×: TokenFlow 500 for 50) for a more faithful x_T, and keeps the source only at the sampling "
-                "grid's σ, so the edit still samples the SIGMAS output (steps steps).")}),
-        }}
-
-    RETURN_TYPES = ("LATENT", sockets.INVERSION, "SIGMAS")
-    RETURN_NAMES = ("inverted_latent", "inversion", "sigmas")
-    FUNCTION = "invert"
-    CATEGORY = CATEGORY
-
-    def invert(self, model, latent: dict, conditioning: list, steps: int, scheduler: str, inversion_multiple: int = 1):
-        x_T, inversion = invert(model, validation.latent(latent, "latent"), conditioning, steps, scheduler,
-                                inversion_multiple)
-        # noise_mask and batch_index stay on the LATENT: a masked edit samples x_T with the source's mask.
-        return {**latent, "samples": x_T}, inversion, inversion.sigmas.clone()
-
-
-NODES = {"TVE_DDIMInversion": (DDIMInversion, "DDIM Inversion (TVE)")}
+def invert_latent(model: Any, latent: dict, conditioning: list, steps: int, scheduler: str, multiple: int = 1
+                  ) -> tuple[torch.Tensor, Inversion]:
+    """DDIM Inversion (TVE) of a LATENT: its samples and, where set, its noise_mask (a masked edit samples x_T with
+    it) checked first."""
+    samples = validation.latent(latent, "latent")
+    validation.noise_mask(latent.get("noise_mask"), samples.shape, "latent")
+    return invert(model, samples, conditioning, steps, scheduler, multiple)

@@ -1,15 +1,18 @@
-"""Frame windows: which frames one pass holds, and how the outputs of overlapping windows are blended.
+"""Frame windows, in one place: how many frames one pass of a TVE model holds (the ``FrameWindows`` setting of
+Frame Windows (TVE)), which frames each window holds, and how the outputs of overlapping windows are blended.
 
 A video longer than one window is denoised window by window at every step (AnimateDiff's sliding context, FreeNoise
 §3.2): ``overlapping_windows`` are core ComfyUI's ``standard_static`` schedule (windows of ``size`` frames, a new one
 every ``size - overlap`` frames, the last one moved back to end on the last frame) and ``pyramid_weights`` its
 ``pyramid`` fuse weights (largest in the window's middle), so a frame covered by several windows gets their
 outputs' weighted mean. ``batches`` cut the frames without overlap, for passes whose result per frame does not
-depend on the other frames of the pass (per-frame attention, TokenFlow's propagated edit pass).
+depend on the other frames of the pass (per-frame attention, TokenFlow's propagated edit pass): the same result in
+bounded memory. A model whose methods attend across frames runs in overlapping windows, any other in batches
+(``FrameWindows.schedule``).
 
 A window also holds the frames every window must share (``shared``: Text2Video-Zero's anchor frame, the keyframes of
 a step) with weight 0 where they are not its own, so they are attended to but blended from their own windows only.
-Indices are positions in the call's frames; pure torch.
+Indices are call positions (``run.py``); pure torch.
 """
 from __future__ import annotations
 
@@ -17,6 +20,29 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+DEFAULT_FRAMES_PER_WINDOW = 16
+DEFAULT_OVERLAP = 4
+
+
+@dataclass(frozen=True)
+class FrameWindows:
+    """Frames per pass (0: all frames in one pass) and the overlap of windows of attention across frames; checked
+    by ``validation.frame_windows``."""
+    size: int = DEFAULT_FRAMES_PER_WINDOW
+    overlap: int = DEFAULT_OVERLAP
+
+    def size_for(self, frames: int) -> int:
+        """Frames one pass holds in a call over ``frames`` frames (0 means all of them)."""
+        return self.size or frames
+
+    def schedule(self, frames: int, across_frames: bool) -> list[list[int]]:
+        """The windows of a call over ``frames`` frames: overlapping where the passes attend across frames, else
+        batches."""
+        size = self.size_for(frames)
+        if frames <= size:                            # one pass of every frame (also when the overlap exceeds it)
+            return [list(range(frames))]
+        return overlapping_windows(frames, size, self.overlap) if across_frames else batches(frames, size)
 
 
 @dataclass(frozen=True)

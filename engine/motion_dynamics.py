@@ -1,4 +1,4 @@
-"""TVE_MotionDynamicsLatents: Text2Video-Zero's motion-dynamics start latents (T2V-Zero §3.1, Alg. 1 steps 1-5).
+"""Motion Dynamics Latents (TVE): Text2Video-Zero's motion-dynamics start latents (T2V-Zero §3.1, Alg. 1 steps 1-5).
 
 One x_T is denoised with the artist's model and CFG (DDIM, η = 0, which is Euler in σ-space) to σ_{t1} and on to
 σ_{t0}. Frame k is frame 0's σ_{t0} latent translated by W_k, a global translation of k·δ (§3.1), and brought back to
@@ -22,9 +22,8 @@ from typing import Any
 import torch
 
 from ..flow.warp import backward_warp
-from . import host, passes, validation
-
-CATEGORY = "video editing/TVE"
+from . import host, identity, validation
+from .stack import stack_of
 OFFICIAL_MOTION = -1.5           # latent cells per frame: the official motion_field_strength 12 px at 512², see above
 
 
@@ -111,7 +110,7 @@ def motion_dynamics(model: Any, positive: list, negative: list, latent_shape: tu
     one-frame latent (so frame 0 follows a core KSampler's trajectory for this seed), then the re-noising ε of
     frames 1..F−1.
     """
-    passes.state_of(model).check_motion_dynamics()
+    stack_of(model).check_new_frames(identity.MOTION_DYNAMICS)
     if frames < 1:
         raise ValueError(f"frames: expected at least 1 frame, got {frames}")
     if steps < 2:
@@ -142,65 +141,25 @@ def motion_dynamics(model: Any, positive: list, negative: list, latent_shape: tu
                           sigmas=grid[p1:].clone(), start_step=p1)
 
 
-class MotionDynamicsLatents:
-    DESCRIPTION = ("Text2Video-Zero motion dynamics: denoises one noise latent to step t0, copies it to every frame "
-                   "translated by k·motion for frame k, re-noises to t1 and returns the frames at t1. Sample them "
-                   "with anchor cross-frame attention: SamplerCustomAdvanced (DisableNoise, the SIGMAS output) or "
-                   "KSamplerAdvanced (add_noise disable, same steps and scheduler, start_at_step).")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        motion = {"default": OFFICIAL_MOTION, "min": -64.0, "max": 64.0, "step": 0.1,
-                  "tooltip": "Translation of the scene per frame in latent cells (8 px), + is right/down. The "
-                             "official default is -1.5 at 512 px (12/512 of the frame per frame): -3 at 1024 px. "
-                             "Rounded to whole cells per frame."}
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model that denoises frame 0 to t1 and t0."}),
-            "positive": ("CONDITIONING", {"tooltip": "The prompt of the video."}),
-            "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
-            "latent": ("LATENT", {"tooltip": "An empty latent giving the size; its batch is ignored."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                             "tooltip": "The noise of x_T (one noise for the whole video)."}),
-            "frames": ("INT", {"default": 8, "min": 1, "max": 4096, "tooltip": "Frames of the video."}),
-            "motion_x": ("FLOAT", dict(motion)),
-            "motion_y": ("FLOAT", dict(motion)),
-            "steps": ("INT", {"default": 50, "min": 2, "max": 1000,
-                              "tooltip": "Sampling steps of the whole video; t0 and t1 count on this grid."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance while frame 0 is denoised to t1 and t0."}),
-            "scheduler": (host.scheduler_names(), {"default": "ddim_uniform",
-                                                   "tooltip": "The σ grid (ddim_uniform = the paper's DDIM)."}),
-            "t0": ("INT", {"default": 44, "min": 0, "max": 999,
-                           "tooltip": "Step index (counted from the clean end) where frame 0 is copied and warped."}),
-            "t1": ("INT", {"default": 47, "min": 1, "max": 999,
-                           "tooltip": "Step index (counted from the clean end) the frames are re-noised to; "
-                                      "t0 < t1 ≤ steps − 1."}),
-        }}
-
-    RETURN_TYPES = ("LATENT", "SIGMAS", "INT")
-    RETURN_NAMES = ("latent", "sigmas", "start_at_step")
-    FUNCTION = "make"
-    CATEGORY = CATEGORY
-
-    def make(self, model, positive: list, negative: list, latent: dict, seed: int, frames: int, motion_x: float,
-             motion_y: float, steps: int, cfg: float, scheduler: str, t0: int, t1: int):
-        validation.model(model)
-        samples = validation.latent(latent, "latent", check_values=False)      # only its size is used
-        validation.latent_for_model(samples, model, "latent")
-        validation.integer(seed, "seed", 0)
-        validation.integer(frames, "frames", 1)
-        validation.number(motion_x, "motion_x")
-        validation.number(motion_y, "motion_y")
-        validation.integer(steps, "steps", 2)
-        validation.number(cfg, "cfg", 0.0)
-        validation.choice(scheduler, "scheduler", host.scheduler_names())
-        validation.integer(t0, "t0", 0)
-        validation.integer(t1, "t1", 1)
-        result = motion_dynamics(model, positive, negative, tuple(samples.shape[1:]), seed, frames, motion_x,
-                                 motion_y, steps, cfg, scheduler, t0, t1)
-        validation.finite(result.raw_latents, "model", " in the frames it denoised (fp16 overflow? try "
-                          "--force-fp32 or a bf16/fp32 UNet)")
-        return {"samples": result.raw_latents}, result.sigmas, result.start_step
-
-
-NODES = {"TVE_MotionDynamicsLatents": (MotionDynamicsLatents, "Motion Dynamics Latents (TVE)")}
+def motion_dynamics_latents(model: Any, positive: list, negative: list, latent: dict, seed: int, frames: int,
+                            motion_x: float, motion_y: float, steps: int, cfg: float, scheduler: str, t0: int,
+                            t1: int) -> MotionDynamics:
+    """Motion Dynamics Latents (TVE), every input checked: the start latents of ``frames`` frames of the size of
+    ``latent``."""
+    validation.model(model)
+    samples = validation.latent(latent, "latent", check_values=False)      # only its size is used
+    validation.latent_for_model(samples, model, "latent")
+    validation.integer(seed, "seed", 0)
+    validation.integer(frames, "frames", 1)
+    validation.number(motion_x, "motion_x")
+    validation.number(motion_y, "motion_y")
+    validation.integer(steps, "steps", 2)
+    validation.number(cfg, "cfg", 0.0)
+    validation.choice(scheduler, "scheduler", host.scheduler_names())
+    validation.integer(t0, "t0", 0)
+    validation.integer(t1, "t1", 1)
+    result = motion_dynamics(model, positive, negative, tuple(samples.shape[1:]), seed, frames, motion_x,
+                             motion_y, steps, cfg, scheduler, t0, t1)
+    validation.finite(result.raw_latents, "model", " in the frames it denoised (fp16 overflow? try "
+                      "--force-fp32 or a bf16/fp32 UNet)")
+    return result

@@ -5,7 +5,7 @@ Core samplers blend the region outside the mask with ``latent_image + σ·noise`
 noise, so that region would be x_T throughout and at the end. Here it is the inverted source at the step's σ
 (the INVERSION's latent there, interpolated in σ between grid points as the source pass reads it) during
 sampling, and the source at the last σ of the run afterwards, so only the masked region changes (the same blend
-core uses, with the source's trajectory instead of a re-noised latent). The model's TVE state installs both.
+core uses, with the source's trajectory instead of a re-noised latent). The model's method stack installs both (engine/stack.py).
 """
 from __future__ import annotations
 

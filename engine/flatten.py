@@ -1,0 +1,98 @@
+"""FLATTEN's optical-flow guided attention (Cong et al., ICLR 2024, §3.2–3.3) as a method of the engine.
+
+Every self-attention block gets dense spatio-temporal attention (all frames of the chunk); at the chosen token
+grids, the dense output then attends along the flow trajectories of the source video (no new parameters; the math:
+``attention/flatten.py``). Give the FLATTEN MODEL to DDIM Inversion (TVE) too: the paper inverts with the same
+attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..attention.cross_frame import dense_attention
+from ..attention.flatten import trajectory_attention, trajectory_index
+from ..attention.frames import once_per_distinct_chunk
+from ..flow.trajectories import Trajectories
+from . import host, identity, validation
+from .methods import Method, Refused
+from .run import call_layout
+from .stack import apply
+
+if TYPE_CHECKING:
+    from .run import SamplingRun
+    from .stack import MethodStack
+
+GRID_CHOICES = ["highest resolution", "all"]
+QK_SOURCES = ["dense_output", "projections"]
+
+
+@dataclass(frozen=True, eq=False)
+class Flatten(Method):
+    """FLATTEN's attention on every block; trajectory gather indices cached per (grid, frames)."""
+    trajectories: Trajectories
+    grids: frozenset                              # token grids (h, w) with trajectory attention
+    qk_source: str
+    attention_blocks: frozenset = field()
+    indices: dict = field(default_factory=dict, compare=False, repr=False)
+    node = identity.FLATTEN
+    attends_across_frames = True
+
+    def __deepcopy__(self, memo: dict) -> "Flatten":
+        return self
+
+    def sources(self) -> list:
+        return [self.trajectories]
+
+    def index(self, grid_hw: tuple[int, int], frame_ids: tuple[int, ...]):
+        key = (grid_hw, frame_ids)
+        if key not in self.indices:
+            grid = self.trajectories.at(grid_hw)
+            self.indices[key] = trajectory_index(grid.tracks, grid.track_of, frame_ids)
+        return self.indices[key]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict, run: "SamplingRun",
+               inner: Any) -> torch.Tensor:
+        heads = extra_options["n_heads"]
+        layout = call_layout(q.shape[0], extra_options)
+        trajectories = layout.grid_hw in self.grids
+        if trajectories:
+            validation.frames_within(layout.frame_ids, self.trajectories.frames, "trajectories", "the trajectories")
+            index = self.index(layout.grid_hw, layout.frame_ids)
+
+        def attention(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, heads_: int) -> torch.Tensor:
+            return host.optimized_attention(q_, k_, v_, heads_, extra_options)
+
+        def flatten(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, chunks: int) -> torch.Tensor:
+            dense = dense_attention(q_, k_, v_, heads, chunks, attention=attention)   # FLATTEN §3.1 (DSTA)
+            if not trajectories:
+                return dense
+            if self.qk_source == "dense_output":
+                return trajectory_attention(dense, dense, dense, index, heads, chunks)
+            return trajectory_attention(q_, k_, dense, index, heads, chunks)
+
+        # cond and uncond chunks that are still equal (the first block, before any text) are computed once
+        return once_per_distinct_chunk(flatten, q, k, v, layout.chunks)
+
+    def check_latent(self, latent_image: torch.Tensor) -> None:
+        validation.latent_fits_trajectories(latent_image, self.trajectories)
+
+    def check_added_after(self, stack: "MethodStack") -> None:
+        """Cross-frame attention already replaces self-attention: neither order composes."""
+        other = next((m for m in stack.methods if m.attends_across_frames and type(m) is not type(self)), None)
+        if other is not None:
+            raise Refused(f"{self.node} after {other.node}: both replace self-attention, and FLATTEN's dense "
+                          f"attention already attends across all frames; use one of them (neither order composes).")
+
+
+def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_source: str) -> Any:
+    validation.model(model)
+    validation.choice(token_grids, "token_grids", GRID_CHOICES)
+    validation.choice(qk_source, "qk_source", QK_SOURCES)
+    blocks = host.attention_blocks(model)
+    grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])
+    top_level = min(b.level for b in blocks)
+    chosen = frozenset(grids) if token_grids == "all" else frozenset({grids[top_level]})
+    return apply(model, Flatten(trajectories, chosen, qk_source, frozenset(b.key for b in blocks)))

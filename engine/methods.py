@@ -1,0 +1,118 @@
+"""The one interface between the engine and a TVE method on a MODEL (FLATTEN, cross-frame attention, PnP injection,
+TokenFlow): what a method may provide, each with a default that does nothing, so a method states only what it does
+and the engine asks, never probes.
+
+A method is an immutable settings object applied by one node (``node``). It may:
+- compute self-attention on some blocks (``attention_blocks``, ``attend``); ``inner`` is the attention below it on
+  that block (a method applied earlier, another pack's replace, or the host's backend), which it may run or
+  replace (``runs_inner_attention``: a method that replaces it refuses to hide another pack's replace);
+- mix frames in that attention (``attends_across_frames``): frame windows then overlap and blend, and a window must
+  hold at least two frames;
+- name the frames every frame window must hold besides its own (``shared_frames``);
+- read features of the step's source pass, in its ``source_order`` (``source_reads``: blocks whose self-attention input, output blocks whose
+  ResBlock branch, the engine keeps from the source pass) and use them (``attention_input``, ``run_hooks``);
+- run a whole step itself (``drives_step``, ``drive_step``): TokenFlow's keyframe and propagation passes;
+- check the sampled latent before the first step (``check_latent``);
+- name the sources it was built from (``sources``: an INVERSION, TRAJECTORIES) and the inversion it reads;
+- refuse to be added after the methods already on a model (``check_added_after``), refuse a later method
+  (``check_follower``), and replace an earlier method (``replaces``: its settings then win).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import torch
+
+from .identity import Node
+
+if TYPE_CHECKING:
+    from .passes import Step
+    from .run import SamplingRun
+    from .stack import MethodStack
+
+BlockKey = tuple[str, int, int]                  # a transformer block's attn1 replace key (name, id, index)
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]   # (q, k, v, extra) -> out
+
+
+@dataclass(frozen=True)
+class SourceReads:
+    """What methods read from one step's source pass: the self-attention input ``n`` of ``tokens`` blocks and the
+    ResBlock branch output of ``resblocks`` output blocks."""
+    tokens: frozenset = frozenset()               # BlockKey
+    resblocks: frozenset = frozenset()            # output block ids
+
+    def __or__(self, other: "SourceReads") -> "SourceReads":
+        return SourceReads(self.tokens | other.tokens, self.resblocks | other.resblocks)
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens or self.resblocks)
+
+
+class Refused(ValueError):
+    """A method that does not compose with one already on the model; says which order works."""
+
+
+class Method:
+    """Base of every TVE method: the engine's whole view of one. A subclass (a frozen dataclass) overrides what it
+    provides; a plain attribute below may be one of its fields."""
+    node: Node                                    # the node that applied it (refusals and notes name it)
+    what: str = "settings"                        # what a later node of the kind replaces, for notes
+    attention_blocks: frozenset = frozenset()     # BlockKey of the blocks whose self-attention it computes
+    attends_across_frames: bool = False
+    attends_to_a_fixed_frame: bool = False        # its attention reads one frame every call must hold (an anchor)
+    runs_inner_attention: bool = False
+    drives_step: bool = False
+    inversion: Any = None                         # the INVERSION whose source pass it reads (one per model)
+    source_order: str = "sigma-matched"           # which stored source latent a step reads (Inversion.source_at)
+
+    # ------------------------------------------------------------------------------------------ attention
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict, run: "SamplingRun",
+               inner: Attention) -> torch.Tensor:
+        """Self-attention on one of ``attention_blocks``: q, k, v (chunks·F, T, C) -> (chunks·F, T, C)."""
+        return inner(q, k, v, extra_options)
+
+    def shared_frames(self, own: Sequence[int], frame_ids: Sequence[int], step: int) -> list[int]:
+        """Call positions a frame window holding the call's positions ``own`` must hold besides them."""
+        return []
+
+    # ------------------------------------------------------------------------------------------ the source
+    def sources(self) -> list:
+        """The INVERSION / TRAJECTORIES it was built from (checked to come from one latent)."""
+        return []
+
+    def source_reads(self, step: int, steps: int) -> SourceReads:
+        """What it reads from the source pass at grid step ``step`` of ``steps``."""
+        return SourceReads()
+
+    def attention_input(self, key: BlockKey, n: torch.Tensor, run: "SamplingRun") -> torch.Tensor | None:
+        """Tokens (chunks·F, T, C) to take q and k from instead of ``n`` in this pass (PnP), or None."""
+        return None
+
+    def run_hooks(self, model: Any, run: "SamplingRun") -> Mapping[torch.nn.Module, Callable]:
+        """Forward hooks for one sampling run: module -> ``fn(output) -> output or None`` (a replacement)."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------ the step
+    def drive_step(self, step: "Step") -> list:
+        """Run the whole step (only where ``drives_step``): -> one (F, C, h, w) per cond, like the executor."""
+        raise NotImplementedError
+
+    def check_latent(self, latent_image: torch.Tensor) -> None:
+        """Before the first step: refuse a sampled latent this method cannot use."""
+
+    # ------------------------------------------------------------------------------------------ composition
+    def check_added_after(self, stack: "MethodStack") -> None:
+        """Raise Refused if this method cannot follow the methods of ``stack`` (naming both nodes and the order
+        that works)."""
+
+    def check_follower(self, later: "Method") -> None:
+        """Raise Refused if ``later`` may not be applied after this method."""
+
+    def replaces(self, earlier: "Method") -> bool:
+        """Whether this method takes the place of ``earlier`` (the later settings win)."""
+        return type(earlier) is type(self)
+
+    def ties_to_a_video(self) -> bool:
+        """Whether it reads a source video (inversion, trajectories): then it cannot sample new frames from noise."""
+        return bool(self.sources())

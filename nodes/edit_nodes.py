@@ -1,0 +1,204 @@
+"""The nodes that put TVE methods on a MODEL (a patched clone each): Apply Feature Injection, Apply Cross-Frame
+Attention, Apply TokenFlow, Apply FLATTEN and Frame Windows (TVE). Each is a shell over one engine call; a node whose
+settings replace another node's on the model says so on its output and in the server log."""
+from __future__ import annotations
+
+import logging
+
+from ..engine import identity, sockets
+from ..engine.cross_frame import MODES, TOKEN_GRIDS, apply_cross_frame
+from ..engine.flatten import GRID_CHOICES, QK_SOURCES, apply_flatten
+from ..engine.injection import ORDERS, PRESETS, apply_feature_injection
+from ..engine.stack import apply_frame_windows, stack_of
+from ..engine.inversion import Inversion
+from ..engine.tokenflow import PROPAGATION_MODES, apply_tokenflow
+from ..flow.trajectories import Trajectories
+
+CATEGORY = "video editing/TVE"
+
+
+def with_notes(model):
+    """A MODEL node's output: the model and, where its settings replaced another node's on the model (the stack's
+    notes), each note shown on the node and logged once."""
+    notes = list(stack_of(model).notes)
+    for note in notes:
+        logging.warning("[TVE] %s", note)
+    if not notes:
+        return (model,)
+    return {"ui": {"text": notes}, "result": (model,)}
+
+
+class ApplyFeatureInjection:
+    DESCRIPTION = ("Plug-and-Play injection: for the first part of sampling, the edit's decoder self-attention "
+                   "queries/keys and one ResBlock's features are taken from the source video at the same noise "
+                   "level (a live source pass each step), which keeps layout and motion. Sample the inverted "
+                   "latent on the inversion's σ grid.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model you edit with; it must be the one the inversion was made with."}),
+            "inversion": (sockets.INVERSION, {"tooltip": "From DDIM Inversion (TVE): the source video at every σ."}),
+            "attention_injection_end": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                                  "tooltip": "Fraction of the steps with q/k injection."}),
+            "conv_injection_end": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01,
+                                             "tooltip": "Fraction of the steps with ResBlock feature injection."}),
+            "block_preset": (PRESETS, {"default": "tokenflow", "tooltip": (
+                "Which decoder blocks are injected: TokenFlow's (q/k of all decoder transformers but the first, the "
+                "second ResBlock of the second decoder stage) or FLATTEN's.")}),
+            "order": (ORDERS, {"default": "sigma-matched", "tooltip": (
+                "sigma-matched: source features at the same σ (the papers). clean-first: step i gets the features "
+                "of inversion step i, cleanest first (what other ComfyUI packs do).")}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, inversion: Inversion, attention_injection_end: float, conv_injection_end: float,
+              block_preset: str, order: str):
+        sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
+        return with_notes(apply_feature_injection(model, inversion, attention_injection_end, conv_injection_end,
+                                                  block_preset, order))
+
+
+class ApplyCrossFrameAttention:
+    DESCRIPTION = ("Makes every self-attention block attend across frames: 'keyframes' (TokenFlow's extended "
+                   "attention, one random keyframe per interval, re-drawn each step), 'dense' (FLATTEN: all "
+                   "frames), 'anchor' (Text2Video-Zero: the anchor frame), 'fine_coarse' (EI²: own frame at full "
+                   "resolution, the others pooled). A single frame is left unchanged (it is vanilla attention).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to patch (a clone is returned; yours is unchanged)."}),
+            "mode": (MODES, {"default": "keyframes", "tooltip": (
+                "keyframes: TokenFlow's extended attention over random keyframes. dense: FLATTEN's, all frames "
+                "(memory grows with frames). anchor: Text2Video-Zero's, one anchor frame. fine_coarse: EI²'s, own frame "
+                "at full resolution plus the other frames pooled.")}),
+            "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024,
+                                          "tooltip": "keyframes: one keyframe per this many frames."}),
+            "anchor_frame": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                     "tooltip": "anchor: the frame every frame attends to (0 = first)."}),
+            "anchor_include_self": ("BOOLEAN", {"default": False,
+                                                "tooltip": "anchor: also attend to the frame's own tokens."}),
+            "coarse_factor": ("INT", {"default": 2, "min": 1, "max": 16,
+                                      "tooltip": "fine_coarse: pooling of the other frames' tokens."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
+                             "tooltip": "keyframes: seeds the keyframe draw (re-drawn every step). Fixed: it does not "
+                                        "re-roll on every queue."}),
+            "token_grids": (TOKEN_GRIDS, {"default": "all",
+                                          "tooltip": "Which UNet resolutions get cross-frame attention."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Fraction of the sampling steps after which it starts (0 = first)."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Fraction of the sampling steps after which it stops (1 = last)."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, mode: str, keyframe_interval: int, anchor_frame: int, anchor_include_self: bool,
+              coarse_factor: int, seed: int, token_grids: str, start_percent: float, end_percent: float):
+        return with_notes(apply_cross_frame(model, mode, keyframe_interval, anchor_frame, anchor_include_self,
+                                            coarse_factor, seed, token_grids, start_percent, end_percent))
+
+
+class ApplyTokenFlow:
+    DESCRIPTION = ("TokenFlow: edits random keyframes jointly each step and carries their self-attention outputs to "
+                   "every frame along nearest-neighbour correspondences of the source video's features, with PnP "
+                   "injection. Sample the inverted latent on the inversion's σ grid (SamplerCustomAdvanced with "
+                   "DisableNoise and the inversion's SIGMAS). Apply it after FLATTEN or cross-frame attention; "
+                   "ControlNet and T2I-Adapter hints follow the keyframes.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": (
+                "The model you edit with (patch FLATTEN or cross-frame attention first if you stack them).")}),
+            "inversion": (sockets.INVERSION, {"tooltip": "From DDIM Inversion (TVE) of the same frames, with this model."}),
+            "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024,
+                                          "tooltip": "One keyframe per this many frames (re-drawn every step)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
+                             "tooltip": "Seeds the keyframe draw (re-drawn every step). Fixed: it does not re-roll on "
+                                        "every queue, so the inversion and the edit are not re-run."}),
+            "propagation": (list(PROPAGATION_MODES), {"default": "paper", "tooltip": (
+                "paper: blend the two keyframes nearest in time, linear in their distance. official: the reference "
+                "code's rule (current and previous window, sigmoid weights).")}),
+            "attention_injection_end": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "Fraction of the steps with PnP q/k injection in the keyframe pass (more keeps more of the source "
+                "layout).")}),
+            "conv_injection_end": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "Fraction of the steps with PnP ResBlock feature injection in the keyframe pass.")}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, inversion: Inversion, keyframe_interval: int, seed: int, propagation: str,
+              attention_injection_end: float, conv_injection_end: float):
+        sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
+        return with_notes(apply_tokenflow(model, inversion, keyframe_interval, seed, propagation,
+                                          attention_injection_end, conv_injection_end))
+
+
+class ApplyFLATTEN:
+    DESCRIPTION = ("FLATTEN: dense spatio-temporal self-attention in every block plus attention along the source "
+                   "video's optical-flow trajectories at the chosen token grids. Use the same MODEL for "
+                   "TVE_DDIMInversion and for sampling; stack TokenFlow after it if you like.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": (
+                "The model to patch (a clone). Give the result to DDIM Inversion too: FLATTEN inverts with the same "
+                "attention.")}),
+            "trajectories": (sockets.TRAJECTORIES, {"tooltip": "From Flow Trajectories (TVE), built on the latent you invert and sample."}),
+            "token_grids": (GRID_CHOICES, {"default": "highest resolution", "tooltip": (
+                "Where trajectory attention runs: the highest-resolution self-attention (the paper) or every one.")}),
+            "qk_source": (QK_SOURCES, {"default": "dense_output", "tooltip": (
+                "dense_output: the dense-attention output is the trajectory attention's q, k and v (the paper). "
+                "projections: the block's own q/k with the dense output as v.")}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, trajectories: Trajectories, token_grids: str, qk_source: str):
+        sockets.expect(trajectories, Trajectories, "trajectories", sockets.TRAJECTORIES)
+        return with_notes(apply_flatten(model, trajectories, token_grids, qk_source))
+
+
+class ApplyFrameWindows:
+    DESCRIPTION = ("Sets how many frames the TVE passes of this model hold at a time, so a video of any length edits "
+                   "in bounded memory. Attention across frames (FLATTEN, cross-frame) runs in overlapping windows "
+                   "that are blended; per-frame work runs in batches (same result); TokenFlow edits its keyframes "
+                   "in groups. Put it anywhere on the model chain, before DDIM Inversion (TVE) to window the "
+                   "inversion too. Without it the passes hold 16 frames.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model whose TVE passes are windowed (a clone is returned)."}),
+            "frames_per_window": ("INT", {"default": 16, "min": 0, "max": 4096, "tooltip": (
+                "Frames one pass holds. 16 fits 8-12 GB at 512 px with SD1.5 (about 1024 px with SDXL: 8); lower it "
+                "if you run out of memory, raise it for more frames attending to each other. 0: all frames at "
+                "once (memory grows with the video).")}),
+            "overlap": ("INT", {"default": 4, "min": 0, "max": 4095, "tooltip": (
+                "Frames two neighbouring windows share, blended so no seam shows (attention across frames only; "
+                "below frames_per_window).")}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, frames_per_window: int, overlap: int):
+        return (apply_frame_windows(model, frames_per_window, overlap),)
+
+
+NODES = {identity.FEATURE_INJECTION: ApplyFeatureInjection, identity.CROSS_FRAME: ApplyCrossFrameAttention,
+         identity.TOKENFLOW: ApplyTokenFlow, identity.FLATTEN: ApplyFLATTEN, identity.FRAME_WINDOWS: ApplyFrameWindows}

@@ -1,0 +1,45 @@
+"""DDIM Inversion (TVE): a node class over ``engine/inversion.py``."""
+from __future__ import annotations
+
+from ..engine import host, identity, sockets, validation
+from ..engine.inversion import invert_latent
+
+CATEGORY = "video editing/TVE"
+
+
+class DDIMInversion:
+    DESCRIPTION = ("Deterministic DDIM inversion (guidance 1) of the VAE-encoded frames with your model: returns "
+                   "the inverted latent x_T, the INVERSION (the source at every σ, for injection and TokenFlow) "
+                   "and the σ grid to sample with (KSamplerAdvanced with add_noise disabled, or "
+                   "SamplerCustomAdvanced with DisableNoise). Patches on the model (e.g. FLATTEN) are active.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": (
+                "The model you will edit with (with FLATTEN applied if you use it: the paper inverts with it).")}),
+            "latent": ("LATENT", {"tooltip": "The VAE-encoded source frames."}),
+            "conditioning": ("CONDITIONING", {"tooltip": "The source prompt (an empty prompt is the usual choice)."}),
+            "steps": ("INT", {"default": 50, "min": 2, "max": 1000, "tooltip": (
+                "Sampling steps of the edit; sample it with the SIGMAS output (the same grid). 50 is the papers' "
+                "choice.")}),
+            "scheduler": (host.scheduler_names(), {"default": "ddim_uniform", "tooltip": (
+                "The σ grid: ddim_uniform is DDIM's timesteps (the papers); any core scheduler works.")}),
+            "inversion_multiple": ("INT", {"default": 1, "min": 1, "max": 50, "tooltip": (
+                "Inversion steps per sampling step: the inversion walks steps × this many steps (the papers invert "
+                "with 10×: TokenFlow 500 for 50) for a more faithful x_T, and keeps the source only at the sampling "
+                "grid's σ, so the edit still samples the SIGMAS output (steps steps).")}),
+        }}
+
+    RETURN_TYPES = ("LATENT", sockets.INVERSION, "SIGMAS")
+    RETURN_NAMES = ("inverted_latent", "inversion", "sigmas")
+    FUNCTION = "invert"
+    CATEGORY = CATEGORY
+
+    def invert(self, model, latent: dict, conditioning: list, steps: int, scheduler: str, inversion_multiple: int = 1):
+        x_T, inversion = invert_latent(model, latent, conditioning, steps, scheduler, inversion_multiple)
+        # noise_mask and batch_index stay on the LATENT: a masked edit samples x_T with the source's mask.
+        return {**latent, "samples": x_T}, inversion, inversion.sigmas.clone()
+
+
+NODES = {identity.DDIM_INVERSION: DDIMInversion}

@@ -1,0 +1,84 @@
+"""Consistency Metrics and Preview Features (TVE): numbers and pictures that explain an edit. Warp error and
+flicker: ``flow/consistency.py`` (Lai et al. 2018); feature previews: ``engine/feature_preview.py``."""
+from __future__ import annotations
+
+import torch
+
+from ..engine import host, identity, sockets, validation
+from ..engine.feature_preview import FEATURE_BLOCKS, preview_features
+from ..engine.inversion import Inversion
+from ..engine.edit_metrics import measure_frames
+from ..flow.estimate import FlowField
+
+CATEGORY = "video editing/TVE"
+
+
+class ConsistencyMetrics:
+    DESCRIPTION = ("Temporal consistency of edited frames under the SOURCE video's flow: warp error ×10³ (Lai et al. "
+                   "2018: frame t+1 warped into frame t, squared RGB error over non-occluded pixels, mean over "
+                   "pairs) and a flicker index (mean change of mean intensity). Give the source frames too to see "
+                   "the source's own floor.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE", {"tooltip": "The edited frames."}),
+                             "flow": (sockets.FLOW, {"tooltip": "Optical flow of the source video."})},
+                "optional": {"source_images": ("IMAGE", {"tooltip": "The source frames (for the floor)."})}}
+
+    RETURN_TYPES = ("FLOAT", "FLOAT", "STRING")
+    RETURN_NAMES = ("warp_error_x1000", "flicker", "summary")
+    FUNCTION = "measure"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+
+    def measure(self, images: torch.Tensor, flow: FlowField, source_images: torch.Tensor | None = None):
+        sockets.expect(flow, FlowField, "flow", sockets.FLOW)
+        validation.flow(flow, "flow")
+        edited = measure_frames(images, flow, "images")
+        lines = [f"warp error ×10³: {edited.warp_error * 1e3:.3f}", f"flicker: {edited.flicker:.5f}"]
+        if source_images is not None:
+            source = measure_frames(source_images, flow, "source_images")
+            ratio = edited.warp_error / source.warp_error if source.warp_error > 0 else float("inf")
+            lines += [f"source warp error ×10³: {source.warp_error * 1e3:.3f} (edit/source {ratio:.2f}×)",
+                      f"source flicker: {source.flicker:.5f}"]
+        size = flow.crop.describe() if flow.crop is not None else f"{flow.width}x{flow.height}"
+        lines.append(f"flow: {flow.method} at {size}, {flow.frames} frames")
+        summary = "\n".join(lines)
+        return {"ui": {"text": [summary]}, "result": (edited.warp_error * 1e3, edited.flicker, summary)}
+
+
+class PreviewFeatures:
+    DESCRIPTION = ("What TokenFlow sees, shown on the node and returned: the PCA of the source video's "
+                   "self-attention features per frame (similar colours = similar features) and each frame rebuilt "
+                   "from its nearest keyframe through the nearest-neighbour field (where it matches the PCA picture, "
+                   "propagation will be clean).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model the inversion was made with."}),
+            "inversion": (sockets.INVERSION, {"tooltip": "From DDIM Inversion (TVE) of the source video."}),
+            "step_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                       "tooltip": "Where on the σ grid to look (0 = noisiest)."}),
+            "block": (FEATURE_BLOCKS, {"default": "output latent",
+                                       "tooltip": "Which self-attention block's input features to show."}),
+            "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024,
+                                          "tooltip": "Every this many frames is a keyframe of the NN-field picture."}),
+            "scale": ("INT", {"default": 8, "min": 1, "max": 64, "tooltip": "Pixels per token in the pictures."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("features_pca", "nn_field")
+    OUTPUT_NODE = True
+    FUNCTION = "preview"
+    CATEGORY = CATEGORY
+
+    def preview(self, model, inversion: Inversion, step_percent: float, block: str, keyframe_interval: int,
+                scale: int):
+        sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
+        pca, field = preview_features(model, inversion, step_percent, block, keyframe_interval, scale)
+        shown = host.preview_images(pca, "tve_features_pca") + host.preview_images(field, "tve_nn_field")
+        return {"ui": {"images": shown}, "result": (pca, field)}
+
+
+NODES = {identity.CONSISTENCY_METRICS: ConsistencyMetrics, identity.PREVIEW_FEATURES: PreviewFeatures}

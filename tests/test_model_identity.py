@@ -1,0 +1,166 @@
+"""host.weights_fingerprint on the real host: it identifies the UNet's weights as the sampler runs them — equal for
+clones and for every patch TVE adds (attention patches, wrappers, attachments, object patches), different for
+another checkpoint of the same layout, a LoRA (even at strength 0.01), a temporal adapter's query deltas and a
+tuned model; device- and dtype-agnostic up to fp16/bf16 rounding; the base read right while a patched clone is
+loaded. validation.same_weights words the refusal."""
+import pytest
+import torch
+
+from tve.engine import host, validation
+from tve.tests.hosts import FAMILIES, make_conditioning, make_latent, make_tiny_model
+
+pytestmark = pytest.mark.real_host
+
+
+def fingerprint(model):
+    return host.weights_fingerprint(model)
+
+
+def difference(a, b):
+    return validation.weights_difference(fingerprint(a), fingerprint(b))
+
+
+def lora(model, strength, seed=0, rank=2):
+    """A clone with a LoRA on every attention projection, through core's LoRA loader (comfy.sd.load_lora_for_models:
+    the LoraLoaderModelOnly path) from a kohya-style state dict."""
+    import comfy.lora
+    import comfy.sd
+    g = torch.Generator().manual_seed(seed)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    state, done = {}, set()
+    for lora_key, weight_key in key_map.items():
+        if (not lora_key.startswith("lora_unet_") or weight_key in done
+                or not any(p in weight_key for p in (".to_q.", ".to_k.", ".to_v."))):
+            continue
+        done.add(weight_key)
+        out_features, in_features = model.get_model_object(weight_key.rsplit(".", 1)[0]).weight.shape
+        state[f"{lora_key}.lora_up.weight"] = torch.randn(out_features, rank, generator=g)
+        state[f"{lora_key}.lora_down.weight"] = torch.randn(rank, in_features, generator=g)
+        state[f"{lora_key}.alpha"] = torch.tensor(float(rank))
+    assert state
+    patched, _ = comfy.sd.load_lora_for_models(model, None, state, strength, 0.0)
+    assert len(patched.patches) == len(state) // 3
+    return patched
+
+
+def with_every_tve_patch(model):
+    """A clone with what TVE's nodes add to a MODEL: attn1 patches and replaces, a middle patch, keyed wrappers, an
+    attachment and an object patch (the masked-edit inpaint latent)."""
+    from tve.nodes.edit_nodes import ApplyCrossFrameAttention
+    m, = ApplyCrossFrameAttention().apply(model, "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0)
+    m = m.clone()
+    host.ensure_attn1_patch(m, lambda n, c, v, extra_options: (n, c, v))
+    host.set_middle_patch(m, lambda x, extra_options: x)
+    host.set_wrapper(m, host.APPLY_MODEL, lambda executor, *args, **kwargs: executor(*args, **kwargs))
+    host.set_attachment(m, object(), "tve_test")
+    host.set_inpaint_latent(m, lambda sigma, noise, latent_image, x=None, **kwargs: latent_image)
+    return m
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_clones_and_every_tve_patch_leave_the_fingerprint_as_it_was(family):
+    model = make_tiny_model(family)
+    assert difference(model, model.clone()) is None
+    assert difference(model, with_every_tve_patch(model)) is None
+    with_lora = lora(model, 0.5)
+    assert difference(with_lora, with_every_tve_patch(with_lora).clone()) is None
+
+
+def test_the_same_lora_loaded_twice_is_the_same_weights_and_its_strength_counts():
+    model = make_tiny_model("sd15")
+    assert difference(lora(model, 0.5), lora(model, 0.5)) is None
+    assert "other weight patches" in difference(lora(model, 0.5), lora(model, 0.25))
+    assert "other weight patches" in difference(lora(model, 0.5), lora(model, 0.5, seed=1))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.01])
+def test_a_lora_even_at_small_strength_is_another_model(strength):
+    model = make_tiny_model("sd15")
+    assert "other weight patches (a LoRA" in difference(model, lora(model, strength))
+
+
+def test_another_checkpoint_of_the_same_layout_and_another_family_are_other_weights():
+    assert "other base weights" in difference(make_tiny_model("sd15"), make_tiny_model("sd15", seed=1))
+    assert "another layout" in difference(make_tiny_model("sd15"), make_tiny_model("sd2"))
+    tweaked = make_tiny_model("sd15")
+    with torch.no_grad():                              # a fine-tune of one tensor by 1 %
+        tweaked.model.diffusion_model.out[2].weight.mul_(1.01)
+    assert "other base weights" in difference(make_tiny_model("sd15"), tweaked)
+
+
+def test_temporal_adapter_deltas_and_a_tuned_model_are_other_weights():
+    from tve.nodes.one_shot_nodes import OneShotTune
+    from tve.tests.test_one_shot import untrained_adapter
+    from tve.engine.temporal_adapter import apply_adapter
+    model = make_tiny_model("sd15")
+    adapter = untrained_adapter(model, "stam")
+    adapter.query_diffs.update({k: torch.full_like(d, 1e-3) for k, d in adapter.query_diffs.items()})
+    assert "other weight patches" in difference(model, apply_adapter(model, adapter))
+    tuned, _, _ = OneShotTune().tune(model, make_latent(3, 8, 8), make_conditioning("sd15"), 1, 1e-2, 0, "stam",
+                                     "temporal+queries", False)
+    assert "other weight patches" in difference(model, tuned)
+
+
+def test_a_weight_wrapper_is_part_of_the_weights():
+    model = make_tiny_model("sd15")
+    key = host.query_weight_keys(host.attention_blocks(model)[0])[0]
+    m = model.clone()
+    host.add_trainable_weight_diff(m, key, torch.nn.Parameter(torch.full((32, 32), 0.1)))
+    assert "other weight patches" in difference(model, m)
+
+
+def cast(model, dtype):
+    """``model`` with its BaseModel's weights cast to ``dtype`` in place."""
+    model.model.to(dtype)
+    return model
+
+
+def test_the_same_weights_in_fp16_or_bf16_are_the_same_model_and_in_fp8_they_are_not():
+    model = make_tiny_model("sd15")
+    for dtype in (torch.float16, torch.bfloat16):
+        assert difference(model, cast(make_tiny_model("sd15"), dtype)) is None, dtype
+    assert "other base weights" in difference(model, cast(make_tiny_model("sd15"), torch.float8_e4m3fn))
+
+
+def test_while_a_lora_clone_is_loaded_with_its_weights_patched_in_place_the_base_still_reads_as_the_base():
+    import comfy.model_management
+    model = make_tiny_model("sd15")
+    patched = lora(model, 1.0)
+    before_base, before_lora = fingerprint(model), fingerprint(patched)
+    comfy.model_management.load_models_gpu([patched], force_full_load=True)
+    try:
+        key = next(iter(patched.patches))
+        live = comfy.utils.get_attr(model.model, key)
+        assert key in patched.backup and not torch.equal(live, patched.backup[key].weight)  # patched in place
+        assert validation.weights_difference(before_base, fingerprint(model)) is None
+        assert validation.weights_difference(before_lora, fingerprint(patched)) is None
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+def test_same_weights_names_the_wire_and_says_what_differs():
+    model = make_tiny_model("sd15")
+    with pytest.raises(ValueError, match=r"^inversion: was made with a model whose weights differ from this model's: "
+                                         r"other weight patches \(a LoRA or other patch added, removed, or at another "
+                                         r"strength\) \(there: 286 UNet weights; here: 286 UNet weights, weight "
+                                         r"patches \(LoRA, tuning, merges\) on 42\); invert with the MODEL you edit"):
+        validation.same_weights(fingerprint(model), fingerprint(lora(model, 0.3)), "inversion",
+                                "was made with a model", "invert with the MODEL you edit with")
+    validation.same_weights(fingerprint(model), fingerprint(with_every_tve_patch(model)), "inversion", "", "")
+
+
+def test_hook_patches_are_part_of_the_weights_whatever_order_the_hooks_were_added_in():
+    import comfy.hooks
+    model = make_tiny_model("sd15")
+    keys = [host.query_weight_keys(b)[0] for b in host.attention_blocks(model)[:2]]
+    hooks = [comfy.hooks.WeightHook(), comfy.hooks.WeightHook()]
+
+    def hooked(order):
+        m = model.clone()
+        for i in order:
+            m.add_hook_patches(hooks[i], {keys[i]: (torch.full((32, 32), 0.1 * (i + 1)),)}, 1.0)
+        return m
+
+    assert "other weight patches" in difference(model, hooked([0]))
+    assert difference(hooked([0, 1]), hooked([1, 0])) is None
+    assert difference(hooked([0, 1]), hooked([0])) is not None
