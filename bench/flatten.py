@@ -176,7 +176,7 @@ def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repe
         return
     import comfy.sample
     import comfy.samplers
-    import tve.nodes.flatten as flatten_node
+    import tve.engine.flatten as flatten_node
     from tve.flow.estimate import FlowField
     from tve.flow.trajectories import build_trajectories
     from tve.engine.injection import apply_feature_injection

@@ -12,8 +12,8 @@ The exception unwinds only ``UNetModel._forward`` between two output blocks (no 
 cast, offload stream or hook is half done); every host frame outside the diffusion model sees a normal return.
 
 What this script shows, per method, on the trained 256 px test model (SD1.5's block layout, 8 output blocks):
-  1. the source features the edit reads (``StepFeatures.source_tokens`` / ``source_resblocks`` as the edit pass
-     of each step finds them) are bit-identical with and without the early exit, and so is the edited latent;
+  1. the source features the edit reads (``SamplingRun.source``: tokens and ResBlock branches as the edit pass of
+     each step finds them) are bit-identical with and without the early exit, and so is the edited latent;
   2. the number of source calls that exited, and at which block;
   3. the time of the source pass's UNet calls and of the whole edit, interleaved with / without (best, median),
      for each attention backend asked for;
@@ -37,12 +37,12 @@ import comfy.samplers  # noqa: E402
 
 from tve.flow.estimate import FlowField  # noqa: E402
 from tve.flow.trajectories import build_trajectories  # noqa: E402
-from tve.nodes import host  # noqa: E402
-from tve.nodes.flatten import apply_flatten  # noqa: E402
-from tve.nodes.injection import apply_feature_injection  # noqa: E402
-from tve.nodes.inversion import invert  # noqa: E402
-from tve.nodes.passes import Pass  # noqa: E402
-from tve.nodes.tokenflow import apply_tokenflow  # noqa: E402
+from tve.engine import host  # noqa: E402
+from tve.engine.flatten import apply_flatten  # noqa: E402
+from tve.engine.injection import apply_feature_injection  # noqa: E402
+from tve.engine.inversion import invert  # noqa: E402
+from tve.engine.run import Pass  # noqa: E402
+from tve.engine.tokenflow import apply_tokenflow  # noqa: E402
 from tve.tests.trained_model import load_trained_model, trained_conditioning  # noqa: E402
 from tve.tools.train_test_model import HELD_OUT_SEED  # noqa: E402
 from tve.tools.video_world import frames_to_latent, render_clip  # noqa: E402
@@ -54,22 +54,14 @@ class SourceDone(Exception):
     """Private: the SOURCE pass has computed every feature this step reads."""
 
 
-def last_read_output_block(state, run) -> int | None:
-    """The last output block whose source features the edit reads at ``run.step`` (None: the whole UNet is read,
-    or nothing; then the call runs to its end)."""
-    if state.tokenflow is not None:               # TokenFlow's NN field: every block's source tokens, every step
+def last_read_output_block(run) -> int | None:
+    """The last output block whose source features some method reads at ``run.step`` (the stack's
+    ``source_reads``: self-attention inputs and ResBlock branches); -1 when nothing of the decoder is read, None
+    when nothing at all is (then the step runs no source pass)."""
+    reads = run.stack.source_reads(run.step, run.steps)
+    if not reads:
         return None
-    inj = state.injection
-    if inj is None:
-        return None
-    read = []
-    if inj.attn_active(run.step, run.steps):
-        if any(key[0] != "output" for key in inj.attn_keys):
-            return None
-        read += [key[1] for key in inj.attn_keys]
-    if inj.conv_active(run.step, run.steps):
-        read += list(inj.conv_ids)
-    return max(read) if read else None
+    return max([key[1] for key in reads.tokens if key[0] == "output"] + list(reads.resblocks), default=-1)
 
 
 class EarlyExit:
@@ -84,7 +76,7 @@ class EarlyExit:
     def patch(self, h, hsp, transformer_options):
         run = transformer_options.get(host.RUN_KEY)
         if run is not None and run.pass_ is Pass.SOURCE:
-            last = last_read_output_block(run.state, run)
+            last = last_read_output_block(run)
             block = transformer_options["block"][1]
             if last is not None and block > last:
                 self.exits[block] = self.exits.get(block, 0) + 1
@@ -122,7 +114,7 @@ class Probe:
     def attn1_patch(self, n, context, value, extra_options):
         run = extra_options.get(host.RUN_KEY)
         if run is not None and run.pass_ is Pass.EDIT and run.step not in self.features:
-            self.features[run.step] = (dict(run.features.source_tokens), dict(run.features.source_resblocks))
+            self.features[run.step] = (dict(run.source.tokens), dict(run.source.resblocks))
         return n, context, value
 
     def timer(self, executor, *args, **kwargs):
@@ -195,7 +187,7 @@ def flop_table(family: str, size: int) -> None:
     import comfy.ldm.modules.attention as attention
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
-    from tve.nodes.injection import injection_targets
+    from tve.engine.injection import injection_targets
     unet = UNetModel(**UNETS[family], dtype=torch.float16, device="meta", operations=comfy.ops.disable_weight_init)
     counter = FlopCounterMode(display=False)
     before, after_resblock = {}, {}

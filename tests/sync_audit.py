@@ -34,7 +34,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
-PACK_DIRS = tuple(str(ROOT / d) + "/" for d in ("nodes", "attention", "flow"))
+PACK_DIRS = tuple(str(ROOT / d) + "/" for d in ("engine", "nodes", "attention", "flow"))
 MARK = "_tve_on_device"
 WRAPPER_KEY = "tve_sync_audit"
 
@@ -75,7 +75,7 @@ def _mark(obj: Any) -> None:
 
 class SyncAudit(TorchFunctionMode):
     """Records (kind, pack site, via, scope) of every sync while active; see the module docstring. ``sites``:
-    the folders whose code is audited (the pack's nodes/, attention/ and flow/)."""
+    the folders whose code is audited (the pack's engine/, nodes/, attention/ and flow/)."""
 
     def __init__(self, sites: tuple[str, ...] = PACK_DIRS) -> None:
         super().__init__()
