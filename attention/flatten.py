@@ -3,15 +3,14 @@
 FLATTEN (Cong et al., ICLR 2024), §3.2–3.3: after the dense spatio-temporal attention, every patch token
 attends to the tokens its trajectory passes through in the frames of the call; all tokens of a trajectory share
 one key set. The official code and the ComfyUI ports gather a private key/value list per query, O(F²·T·C)
-memory. Here the attention is GROUPED: gather the tokens of each trajectory into one row, attend along the row
-with a key-padding mask, put the rows back: O(F·T·C) memory.
+memory. Here the attention is GROUPED: gather the tokens of each trajectory into one row, attend along the row,
+put the rows back: O(F·T·C) memory.
 
-Rows are bucketed by length (lengths in (2^(b-1), 2^b] share a bucket, padded to the longest of them), so
-padding at most doubles the tokens however many short trajectories the flow leaves; a bucket is cut into groups
-of at most 1/``GROUPS_PER_CALL`` of the call's tokens, each one gather, one attention and one write-back, so the
-temporaries stay a fraction of the output. A length-1 row is its own value (softmax over one key). Padding
-slots repeat the row's first token and are masked as keys only: every row has a real key, so no softmax row is
-empty and no NaN can arise; padding outputs are never written back.
+Rows are grouped by their exact length (at most F lengths), so no row is padded and no attention needs a mask:
+any attention backend runs it at full speed (ComfyUI's flash / sage / xformers kernels take no mask or fall back
+to a slower path with one). A length's rows are cut into groups of at most 1/``GROUPS_PER_CALL`` of the call's
+tokens, each one gather, one attention and one write-back, so the temporaries stay a fraction of the output. A
+length-1 row is its own value (softmax over one key).
 
 The index is built once per (trajectories, frames of the call) by ``trajectory_index``; the attention takes it
 with q, k, v of the block: FLATTEN's default (``old_qk=0``) passes the dense-attention output as all three,
@@ -25,32 +24,26 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-Attention = Callable[..., torch.Tensor]     # ComfyUI's attention(q, k, v, heads, mask=None), (B, L, heads·d)
+Attention = Callable[..., torch.Tensor]     # ComfyUI's attention(q, k, v, heads), (B, L, heads·d); no mask
 
-GROUPS_PER_CALL = 8                         # a group holds at most 1/8 of the call's F·T tokens (with padding)
+GROUPS_PER_CALL = 8                         # a group holds at most 1/8 of the call's F·T tokens
 
 
 @dataclass(frozen=True, eq=False)
 class TrajectoryGroup:
-    """Rows of trajectories of similar length, each of ``length`` slots (the longest of them)."""
+    """Rows of trajectories of one length, ``length`` tokens each."""
     length: int
-    gather: torch.Tensor                # (rows·length,) long: flat position frame·T + cell of each slot
-    key_mask: torch.Tensor | None       # (rows, length) bool, True = real token; None when no row is padded
-    slots: torch.Tensor | None          # (real,) long: the real slots' positions in ``gather``; None = all
-    tokens: torch.Tensor                # (real,) long: flat position of each real slot, ``gather[slots]``
+    gather: torch.Tensor                # (rows·length,) long: flat position frame·T + cell of each token
 
     def to(self, device: torch.device) -> "TrajectoryGroup":
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-        return TrajectoryGroup(self.length, move(self.gather), move(self.key_mask), move(self.slots),
-                                move(self.tokens))
+        return TrajectoryGroup(self.length, self.gather.to(device))
 
 
 @dataclass(frozen=True, eq=False)
 class TrajectoryIndex:
-    """Where the tokens of each trajectory lie in a call's ``(F·T)`` tokens, in groups of similar length.
+    """Where the tokens of each trajectory lie in a call's ``(F·T)`` tokens, in groups of one length.
 
-    Every one of the ``frames·tokens`` positions is a real slot of exactly one row of one group.
+    Every one of the ``frames·tokens`` positions is in exactly one row of one group.
     """
     frames: int                         # F: frames of the call
     tokens: int                         # T = h·w of the token grid
@@ -89,24 +82,15 @@ def trajectory_index(tracks: torch.Tensor, track_of: torch.Tensor,
     tracks, present = tracks[kept], present[kept]
     lengths = present.sum(1)                                                        # (n,)
     position = torch.arange(frames)[None, :] * tokens + tracks                      # (n, F) flat frame·T + cell
-    first = position.gather(1, present.long().argmax(1, keepdim=True))             # (n, 1) first real token
-    compact = first.expand(-1, frames).clone()                                     # (n, F) padding = first token
+    compact = torch.zeros_like(position)                                           # (n, F)
     row, frame = present.nonzero(as_tuple=True)
     compact[row, present.cumsum(1)[row, frame] - 1] = position[row, frame]         # real tokens to the left
-    real = torch.arange(frames)[None, :] < lengths[:, None]                         # (n, F)
-    bucket_of = torch.log2(lengths.double()).ceil().long()                         # lengths in (2^(b-1), 2^b]
-    group_slots = -(-frames * tokens // GROUPS_PER_CALL)
+    group_tokens = -(-frames * tokens // GROUPS_PER_CALL)
     groups = []
-    for b in bucket_of.unique().tolist():
-        bucket = (bucket_of == b).nonzero().squeeze(1)
-        length = int(lengths[bucket].max())
-        for rows in bucket.split(max(1, group_slots // length)):
-            gather, mask = compact[rows, :length], real[rows, :length]             # (rows, length)
-            if bool(mask.all()):
-                groups.append(TrajectoryGroup(length, gather.reshape(-1), None, None, gather.reshape(-1)))
-            else:
-                slots = mask.reshape(-1).nonzero().squeeze(1)
-                groups.append(TrajectoryGroup(length, gather.reshape(-1), mask, slots, gather.reshape(-1)[slots]))
+    for length in lengths.unique().tolist():
+        of_length = (lengths == length).nonzero().squeeze(1)
+        for rows in of_length.split(max(1, group_tokens // length)):
+            groups.append(TrajectoryGroup(length, compact[rows, :length].reshape(-1)))   # (rows·length,)
     return TrajectoryIndex(frames, tokens, tuple(groups))
 
 
@@ -116,8 +100,9 @@ def trajectory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inde
 
     q, k, v (chunks·F, T, C): the block's tokens, ``chunks`` CFG chunks each holding the F frames of the call in
     ``index``'s order; FLATTEN's default passes the dense-attention output as q, k and v. Returns (chunks·F, T, C)
-    like v. ``attention``: ComfyUI's ``attention(q, k, v, heads, mask=None)`` on (B, L, heads·d) with an
-    additive (B, 1, L) mask; None = ``scaled_dot_product_attention`` with a boolean mask.
+    like v. ``attention``: the host's attention ``attention(q, k, v, heads)`` on (B, L, heads·d) (ComfyUI's
+    ``optimized_attention``; rows are never padded, so it is never given a mask); None =
+    ``scaled_dot_product_attention``.
     """
     frames, tokens, channels = _check_call(q, k, v, index, heads, chunks)
     index = index.to(v.device)
@@ -127,10 +112,8 @@ def trajectory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inde
         gathered = _gather(flat, (q, k, v), group.gather)                         # 3 × (chunks, rows·L, C)
         rows_out = gathered[2]
         if group.length > 1:
-            rows_out = _attend(*gathered, group, heads, chunks, attention)
-        if group.slots is not None:
-            rows_out = rows_out.index_select(1, group.slots)                        # drop padding slots
-        out.index_copy_(1, group.tokens, rows_out)
+            rows_out = _attend(*gathered, group.length, heads, chunks, attention)
+        out.index_copy_(1, group.gather, rows_out)
     return out.view(chunks * frames, tokens, channels)
 
 
@@ -144,22 +127,17 @@ def _gather(flat: list[torch.Tensor], originals: tuple[torch.Tensor, ...],
     return gathered
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: TrajectoryGroup, heads: int,
-            chunks: int, attention: Attention | None) -> torch.Tensor:
-    """Attention along the rows of one group: (chunks, rows·L, C) each -> (chunks, rows·L, C)."""
-    length, channels = group.length, v.shape[-1]
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, heads: int, chunks: int,
+            attention: Attention | None) -> torch.Tensor:
+    """Attention along the rows (``length`` tokens each) of one group: (chunks, rows·L, C) -> same."""
+    channels = v.shape[-1]
     batch = v.shape[1] // length * chunks
     q, k, v = (t.view(batch, length, channels) for t in (q, k, v))                # (chunks·rows, L, C)
-    mask = None if group.key_mask is None else group.key_mask.repeat(chunks, 1)  # (chunks·rows, L)
     if attention is not None:
-        if mask is not None:
-            mask = torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_fill_(
-                ~mask, torch.finfo(v.dtype).min)[:, None, :]                      # (B, 1, L) additive
-        out = attention(q, k, v, heads, mask=mask)
+        out = attention(q, k, v, heads)
     else:
         q, k, v = (t.view(batch, length, heads, channels // heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
-        out = out.transpose(1, 2)                                                   # (B, L, heads, d)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)              # (B, L, heads, d)
     return out.reshape(chunks, -1, channels)
 
 

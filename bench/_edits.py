@@ -26,10 +26,6 @@ def cfg_edit(model, x_T, sigmas, family: str = "sd15", cfg: float = 7.5) -> floa
     return time.perf_counter() - start
 
 
-def best_of(fn, repeats: int = 2) -> float:
-    return min(fn() for _ in range(repeats))
-
-
 def peak_rss_rise(fn, interval_s: float = 0.002) -> int:
     """Bytes of resident memory the call ``fn()`` adds at its peak, sampled from /proc by a thread (CPU runs:
     torch's allocator returns large blocks to the OS, so the resident set tracks the tensors alive)."""

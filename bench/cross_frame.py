@@ -3,10 +3,12 @@
     python bench/cross_frame.py [--frames 8 16 32]
 
 Setup: a 32×32 token grid (T = 1024), C = 320, 8 heads, 2 CFG chunks, fp32 on the CPU; keyframe interval 8, anchor
-frame 0 (with and without its own keys), fine-coarse factor 2. Every (mode, frames) runs once in a fresh process
-forked from this one (which has only imported torch, so no thread pool or allocator state is inherited): a warm-up
-on tiny inputs, then the inputs, then the timed call. Peak memory is the call's rise of ``ru_maxrss`` over the
-level after the inputs were allocated: output, gathers and attention temporaries, not q, k, v.
+frame 0 (with and without its own keys), fine-coarse factor 2. Every (mode, frames) runs in a fresh process forked
+from this one (which has only imported torch, so no thread pool or allocator state is inherited): a warm-up on tiny
+inputs, then the inputs, then the timed call. The modes are interleaved: ``--repeats`` rounds over vanilla and
+every mode (forward, then backward), one torch thread by default; times are best (median) of the rounds. Peak
+memory is the call's rise of ``ru_maxrss`` over the level after the inputs were allocated (the median of the
+rounds): output, gathers and attention temporaries, not q, k, v. Attention: torch SDPA (the pack's own).
 """
 import argparse
 import os
@@ -15,6 +17,9 @@ import resource
 import sys
 import time
 
+import statistics
+
+import _timing
 import _tve  # noqa: F401  (registers the pack as ``tve``)
 import torch
 
@@ -76,19 +81,28 @@ def measure(mode: str, frames: int) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32])
+    _timing.add_arguments(ap, repeats=3, backends=())
     opts = ap.parse_args()
+    _timing.pin_threads(opts.threads)
     tokens = GRID[0] * GRID[1]
-    print(f"T={tokens} ({GRID[0]}x{GRID[1]}), C={CHANNELS}, heads={HEADS}, chunks={CHUNKS}, fp32, CPU, "
-          f"{torch.get_num_threads()} threads; keyframe interval {INTERVAL}, fine_coarse factor {FACTOR}")
+    _timing.header(f"cross-frame attention modes vs per-frame attention, T={tokens} ({GRID[0]}x{GRID[1]}), "
+                   f"C={CHANNELS}, heads={HEADS}, chunks={CHUNKS}, fp32, CPU, keyframe interval {INTERVAL}, "
+                   f"fine_coarse factor {FACTOR}")
     peaks: dict[tuple[str, int], int] = {}
     for frames in opts.frames:
-        seconds, peaks[("vanilla", frames)] = measure("vanilla", frames)
-        base_time, base_peak = seconds, peaks[("vanilla", frames)]
+        names = ["vanilla", *MODES]
+        runs: dict[str, list] = {name: [] for name in names}
+        for r in range(opts.repeats):
+            for mode in (names if r % 2 == 0 else names[::-1]):
+                runs[mode].append(measure(mode, frames))
+        for mode in names:
+            peaks[(mode, frames)] = int(statistics.median(p for _, p in runs[mode]))
+        times = {mode: _timing.Times([t for t, _ in runs[mode]]) for mode in names}
+        base_peak = peaks[("vanilla", frames)]
         for mode in MODES:
-            t, peaks[(mode, frames)] = measure(mode, frames)
             p = peaks[(mode, frames)]
-            print(f"{mode}/vanilla time {t / base_time:.1f}x  F={frames}  {mode} {t:.2f} s  vanilla {base_time:.2f} s",
-                  flush=True)
+            print(f"{_timing.ratio(times, mode, 'vanilla')} {mode}/vanilla time  F={frames}  {mode} {times[mode]}  "
+                  f"vanilla {times['vanilla']}", flush=True)
             print(f"{mode}/vanilla peak memory {p / base_peak:.2f}x  F={frames}  {mode} {p / MIB:.0f} MiB  "
                   f"vanilla {base_peak / MIB:.0f} MiB  (output alone {CHUNKS * frames * tokens * CHANNELS * 4 / MIB:.0f}"
                   f" MiB)", flush=True)

@@ -1,7 +1,9 @@
 """FLATTEN cost: grouped trajectory attention against per-query key lists (the peers), one block's dense and
 trajectory attention against per-frame attention, and the FLATTEN edit against plain CFG; ratios first.
 
-    python bench/flatten.py [--frames 8 16 32]           # COMFYUI_PATH set: also the edit figures (real host)
+    python bench/flatten.py [--frames 8 16 32] [--figures per-query memory block trajectory edit]
+        [--threads 1] [--repeats 3] [--backends sub_quad pytorch] [--baseline main]
+    # COMFYUI_PATH set: the host's attention backends too, and the edit figure (real host)
 
 Grouped vs per-query: one self-attention block at the 64×64 token grid (T=4096), C=320, 8 heads, 2 CFG chunks,
 fp32 on the CPU, trajectories of a random smooth translation. Each (method, frames) runs in a fresh subprocess; its
@@ -9,11 +11,15 @@ peak memory is the rise of ru_maxrss over the resident size after the inputs are
 analytic K+V lists exceed ``PER_QUERY_BUDGET`` are not run; their analytic size is printed instead.
 Targets: grouped peak / dense output ≤ 2×; the per-query/grouped memory ratio grows ∝ F.
 
-Block cost (``figure_block_cost``) and the edit with its profile (``figure_edit_vs_cfg``, the trained test model at
-``bench/consistency.py``'s size): see their docstrings. Timings on a shared CPU are noisy; each ratio comes from one
-run, with the edits interleaved.
+Block cost (``figure_block_cost``), trajectory attention now against a git revision's, by torch SDPA and by the
+host's attention backends (``figure_trajectory_backends``), and the edit with its profile per host backend
+(``figure_edit_vs_cfg``, the trained test model at ``bench/consistency.py``'s size): see their docstrings. Timings
+on a shared CPU are noisy: one torch thread by default, every ratio from one interleaved run (``_timing``), best and
+median printed, with the load average in the header.
 """
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import resource
@@ -22,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import _timing
 import _tve  # noqa: F401  (registers the pack as ``tve``)
 import torch
 import torch.nn.functional as F
@@ -149,27 +156,27 @@ def figure_grouped_memory_vs_output(frame_counts: list[int], cache: dict) -> Non
               f"{grouped['trajectories']} trajectories, index built once in {grouped['index_seconds']:.2f} s)")
 
 
-def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repeats: int = 2,
-                       sdpa_host: bool = False) -> None:
-    """FLATTEN edit / plain CFG and per-frame PnP / plain CFG, the trained test model (real host), with a profile.
+def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repeats: int = 3,
+                       backends: tuple = ("sub_quad", "pytorch"), profile: bool = True) -> None:
+    """FLATTEN edit / plain CFG and per-frame PnP / plain CFG, the trained test model (real host), per backend.
 
     The edits of ``bench/consistency.py`` (16 frames, 16×16 latent, 25 steps, cfg 5, a held-out clip and its
     ground-truth flow): plain CFG sampling, per-frame PnP (injection, TokenFlow's blocks) and FLATTEN + PnP
-    (FLATTEN's blocks), best of ``repeats`` each, interleaved so the machine's load hits all alike. The profile
-    times FLATTEN's pieces (timers around the node's calls): dense attention per token grid and per number of CFG
-    chunks it computed (1 = the source pass, or cond and uncond computed once because they were still equal),
-    trajectory attention, and the rest of the UNet. ``FLATTEN, chunks always apart`` is the same edit with every
-    chunk computed (the implementation before ``once_per_distinct_chunk``), for the before/after ratio.
-    ``sdpa_host``: the host's attention is torch SDPA (``--use-pytorch-cross-attention``, ComfyUI's default on
-    NVIDIA GPUs) instead of its CPU default, sub-quadratic attention.
+    (FLATTEN's blocks), interleaved (``_timing.interleaved``: best and median of ``repeats`` rounds), once for each
+    of the host's attention ``backends`` (sub-quadratic, ComfyUI's CPU default; torch SDPA, its default on NVIDIA
+    GPUs), selected per model through the host's attention override. ``FLATTEN, trajectory attention by the host``
+    is the same edit with trajectory attention given the host's attention callable (FLATTEN's node today runs it
+    in torch SDPA whatever the host's backend). With ``profile``, FLATTEN's pieces are timed once per backend
+    (timers around the node's calls): dense attention per token grid and per number of CFG chunks it computed
+    (1 = the source pass, or cond and uncond computed once because they were still equal), trajectory attention,
+    and the rest of the UNet.
     """
     if not os.environ.get("COMFYUI_PATH"):
         print("skipped: FLATTEN edit / plain CFG needs the real host (set COMFYUI_PATH)")
         return
-    _tve.real_host(sdpa_attention=sdpa_host)
     import comfy.sample
     import comfy.samplers
-    import tve.nodes.flatten as flatten_node
+    import tve.engine.flatten as flatten_node
     from tve.flow.estimate import FlowField
     from tve.flow.trajectories import build_trajectories
     from tve.engine.injection import apply_feature_injection
@@ -179,22 +186,57 @@ def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repe
     from tve.tools.video_world import frames_to_latent, render_clip
     clip = render_clip(frames, FRAME_SIZE, FRAME_SIZE, seed=HELD_OUT_SEED, sprites=2)
     flow = FlowField(clip.flow_forward, clip.flow_backward, clip.occlusion_forward, "ground truth")
-    model = load_trained_model()
+    base = load_trained_model()
     latent = frames_to_latent(clip.frames)
-    x_T, inversion = invert(model, latent, trained_conditioning("source"), steps, "ddim_uniform")
+    x_T, inversion = invert(base, latent, trained_conditioning("source"), steps, "ddim_uniform")
     trajectories = build_trajectories(flow, tuple(latent.shape[-2:]), seed=0)
-    pnp = apply_feature_injection(model, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
-    flatten = apply_feature_injection(flatten_node.apply_flatten(model, trajectories, "highest resolution",
-                                                                 "dense_output"), inversion, 0.5, 0.8, "flatten",
-                                      "sigma-matched")
 
-    def edit(patched) -> float:
-        start = time.perf_counter()
+    def edit(patched) -> None:
         comfy.sample.sample_custom(patched, torch.zeros_like(x_T), cfg, comfy.samplers.sampler_object("euler"),
                                    inversion.sigmas, trained_conditioning("target"), trained_conditioning("empty"),
                                    x_T, disable_pbar=True, seed=0)
-        return time.perf_counter() - start
 
+    pack_trajectory = flatten_node.trajectory_attention
+
+    class HostTrajectory:
+        """The FLATTEN edit with trajectory attention given the host's attention function ``backend`` (the node
+        passes none today; bench-only)."""
+
+        def __init__(self, model, backend: str):
+            self.model, self.attention = model, _timing.attention_function(backend)
+
+        def __call__(self) -> None:
+            flatten_node.trajectory_attention = functools.partial(pack_trajectory, attention=self.attention)
+            try:
+                edit(self.model)
+            finally:
+                flatten_node.trajectory_attention = pack_trajectory
+
+    setting = f"{frames} frames, 16x16 latent, {steps} steps, cfg {cfg}, trained test model, CPU"
+    _timing.header(f"FLATTEN edit vs plain CFG, {setting}")
+    for backend in backends:
+        model = _timing.with_attention(base, backend)
+        pnp = apply_feature_injection(model, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
+        flatten = apply_feature_injection(flatten_node.apply_flatten(model, trajectories, "highest resolution",
+                                                                     "dense_output"), inversion, 0.5, 0.8,
+                                          "flatten", "sigma-matched")
+        runs = {"plain": lambda m=model: edit(m), "pnp": lambda m=pnp: edit(m), "flatten": lambda m=flatten: edit(m),
+                "flatten, host trajectory": HostTrajectory(flatten, backend)}
+        times = _timing.interleaved(runs, repeats)
+        label = _timing.backend_label(backend)
+        print(f"## host attention: {label}")
+        print(_timing.ratio_line(times, "flatten", "plain", f"FLATTEN edit / plain CFG sampling [{label}]"))
+        print(_timing.ratio_line(times, "pnp", "plain", f"per-frame PnP edit / plain CFG sampling [{label}]"))
+        print(_timing.ratio_line(times, "flatten", "pnp", f"FLATTEN edit / per-frame PnP edit [{label}]"))
+        print(_timing.ratio_line(times, "flatten, host trajectory", "flatten",
+                                 f"FLATTEN with trajectory attention by the host's attention / by torch SDPA "
+                                 f"[{label}]"), flush=True)
+        if profile:
+            _profile(flatten_node, lambda m=flatten: edit(m), frames)
+
+
+def _profile(flatten_node, edit, frames: int) -> None:
+    """One more FLATTEN edit with timers around the node's dense and trajectory attention calls."""
     profile: dict = {}
 
     def timed(name: str, fn):
@@ -207,50 +249,81 @@ def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repe
             return out
         return wrapper
 
-    def apart(attend, q, k, v, chunks):
-        return attend(q, k, v, chunks)
-
-    shared = flatten_node.once_per_distinct_chunk
-    edit(flatten)                                                                      # warm-up (index build)
-    times: dict = {"plain": [], "pnp": [], "flatten": [], "apart": []}
-    for _ in range(repeats):
-        times["plain"].append(edit(model))
-        times["pnp"].append(edit(pnp))
-        times["flatten"].append(edit(flatten))
-        flatten_node.once_per_distinct_chunk = apart
-        times["apart"].append(edit(flatten))
-        flatten_node.once_per_distinct_chunk = shared
-    t = {name: min(values) for name, values in times.items()}
-    backend = "torch SDPA" if sdpa_host else "sub-quadratic (the CPU default)"
-    setting = f"{frames} frames, 16x16 latent, {steps} steps, cfg {cfg}, trained test model, CPU, {backend} attention"
-    print(f"{t['flatten'] / t['plain']:.2f}x FLATTEN edit / plain CFG sampling: {t['flatten']:.1f} s vs "
-          f"{t['plain']:.1f} s, {setting}")
-    print(f"{t['pnp'] / t['plain']:.2f}x per-frame PnP edit / plain CFG sampling (reference): {t['pnp']:.1f} s")
-    print(f"{t['flatten'] / t['pnp']:.2f}x FLATTEN edit / per-frame PnP edit")
-    print(f"{t['flatten'] / t['apart']:.2f}x FLATTEN edit / the same with every CFG chunk computed (before): "
-          f"{t['apart'] / t['plain']:.2f}x plain CFG before")
-
     dense, trajectory = flatten_node.dense_attention, flatten_node.trajectory_attention
     flatten_node.dense_attention = timed("dense attention", dense)
     flatten_node.trajectory_attention = timed("trajectory attention", trajectory)
+    start = time.perf_counter()
     try:
-        total = edit(flatten)
+        edit()
     finally:
         flatten_node.dense_attention, flatten_node.trajectory_attention = dense, trajectory
+    total = time.perf_counter() - start
     inside = 0.0
     for (name, tokens, chunks), (seconds, calls) in sorted(profile.items(), key=lambda kv: -kv[1][0]):
         inside += seconds
-        print(f"{seconds / total:.3f} of the FLATTEN edit ({seconds:.1f} s of {total:.1f} s): {name}, "
+        print(f"  {seconds / total:.3f} of the FLATTEN edit ({seconds:.1f} s of {total:.1f} s): {name}, "
               f"{tokens} tokens/frame, {chunks} chunk(s) computed, {calls} calls")
-    print(f"{(total - inside) / total:.3f} of the FLATTEN edit ({total - inside:.1f} s): everything else (the "
+    print(f"  {(total - inside) / total:.3f} of the FLATTEN edit ({total - inside:.1f} s): everything else (the "
           f"UNet's convolutions, projections and cross-attention in the source and edit passes, the equal-chunk "
-          f"check, the sampler)")
+          f"check, the sampler)", flush=True)
 
 
-def figure_block_cost(grids: tuple = ((16, 16), (32, 32), (64, 64)), channels: int = 64, heads: int = 2) -> None:
+def figure_trajectory_backends(baseline: str, frames: int = 16, grids: tuple = ((32, 32), (64, 64)),
+                               channels: int = 320, heads: int = 8, repeats: int = 3,
+                               backends: tuple = ("sub_quad", "pytorch"), device: str = "cpu",
+                               dtype: torch.dtype = torch.float32) -> None:
+    """Trajectory attention of one block (C=320, 8 heads, 2 CFG chunks, trajectories of a random smooth
+    translation) in the working tree against ``baseline`` (a git revision's ``attention/flatten.py``), each run by
+    torch SDPA (the pack's default) and by each of the host's ``backends`` (real host), interleaved; on
+    ``device`` (e.g. cuda, no host needed) in ``dtype``."""
+    old = _module_at(baseline, "attention/flatten.py")
+    functions = {"torch SDPA": None}
+    if os.environ.get("COMFYUI_PATH"):
+        functions.update({_timing.backend_label(b): _timing.attention_function(b) for b in backends})
+    for h, w in grids:
+        torch.manual_seed(0)
+        tracks, track_of = translation_trajectories(frames, grid_hw=(h, w))
+        x = torch.randn(CHUNKS * frames, h * w, channels).to(device, dtype)
+        indices = {"now": trajectory_index(tracks, track_of).to(device),
+                   baseline: old.trajectory_index(tracks, track_of).to(device)}
+        runs = {}
+        for label, function in functions.items():
+            runs[f"now, {label}"] = functools.partial(trajectory_attention, x, x, x, indices["now"], heads, CHUNKS,
+                                                      attention=function)
+            runs[f"{baseline}, {label}"] = functools.partial(old.trajectory_attention, x, x, x, indices[baseline],
+                                                             heads, CHUNKS, attention=function)
+        reference = runs[f"{baseline}, torch SDPA"]()
+        worst = max(float((run() - reference).abs().max()) for run in runs.values())
+        times = _timing.interleaved(runs, repeats, device=device)
+        print(f"## trajectory attention, {frames} frames at {h}x{w} tokens, C={channels}, {heads} heads, {dtype} on "
+              f"{device}, "
+              f"{len(indices['now'].groups)} row groups now, {len(indices[baseline].groups)} at {baseline}; "
+              f"largest difference to {baseline} with SDPA {worst:.1e}")
+        for name in runs:
+            print("  " + _timing.ratio_line(times, name, f"{baseline}, torch SDPA", name), flush=True)
+
+
+def _module_at(revision: str, path: str):
+    """The pack's module ``path`` as it was at git ``revision``, imported under a private name."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "-C", str(root), "show", f"{revision}:{path}"], check=True, capture_output=True,
+                            text=True).stdout
+    file = Path(os.environ.get("TMPDIR", "/tmp")) / f"tve_{revision.replace('/', '_')}_{Path(path).stem}.py"
+    file.write_text(source)
+    name = f"tve_at_{revision.replace('/', '_').replace('-', '_')}_{Path(path).stem}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def figure_block_cost(grids: tuple = ((16, 16), (32, 32), (64, 64)), channels: int = 64, heads: int = 2,
+                      repeats: int = 3) -> None:
     """One self-attention block of the test model's width (C=64, 2 heads, 2 CFG chunks, fp32): dense attention
     over all frames and trajectory attention, each against per-frame attention, per token grid; 16 frames except
-    4 at 64×64 (dense cost grows as F²·T²; 16 frames there take minutes on a 2-core CPU). Backend: torch SDPA."""
+    4 at 64×64 (dense cost grows as F²·T²; 16 frames there take minutes on a 2-core CPU). Backend: torch SDPA.
+    Interleaved, best of ``repeats``."""
     from tve.attention.cross_frame import dense_attention
     from tve.attention.frames import sdpa_attention
     for h, w in grids:
@@ -259,40 +332,53 @@ def figure_block_cost(grids: tuple = ((16, 16), (32, 32), (64, 64)), channels: i
         q, k, v = (torch.randn(CHUNKS * frames, h * w, channels) for _ in range(3))
         tracks, track_of = translation_trajectories(frames, grid_hw=(h, w))
         index = trajectory_index(tracks, track_of)
-        per_frame = _best(lambda: sdpa_attention(q, k, v, heads))
-        dense = _best(lambda: dense_attention(q, k, v, heads, CHUNKS))
-        trajectory = _best(lambda: trajectory_attention(v, v, v, index, heads, CHUNKS))
-        print(f"{dense / per_frame:.1f}x dense / per-frame attention, {trajectory / per_frame:.2f}x trajectory / "
-              f"per-frame, at {h}x{w} tokens, {frames} frames ({dense * 1e3:.0f} / {trajectory * 1e3:.0f} / "
-              f"{per_frame * 1e3:.0f} ms)")
-
-
-def _best(fn, repeats: int = 2) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times = _timing.interleaved({"per-frame": lambda: sdpa_attention(q, k, v, heads),
+                                     "dense": lambda: dense_attention(q, k, v, heads, CHUNKS),
+                                     "trajectory": lambda: trajectory_attention(v, v, v, index, heads, CHUNKS)},
+                                    repeats)
+        print(f"{_timing.ratio(times, 'dense', 'per-frame')} dense / per-frame attention, "
+              f"{_timing.ratio(times, 'trajectory', 'per-frame')} trajectory / per-frame, at {h}x{w} tokens, "
+              f"{frames} frames ({times['dense'].best * 1e3:.0f} / {times['trajectory'].best * 1e3:.0f} / "
+              f"{times['per-frame'].best * 1e3:.0f} ms best)", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--sdpa-host", action="store_true", help="the host's attention is torch SDPA (ComfyUI's "
-                    "--use-pytorch-cross-attention) for the edit figures")
+    ap.add_argument("--figures", nargs="+", default=["per-query", "memory", "block", "trajectory", "edit"],
+                    choices=["per-query", "memory", "block", "trajectory", "edit"])
+    ap.add_argument("--baseline", default="main", help="git revision whose trajectory attention the working tree's "
+                    "is timed against (figure 'trajectory')")
+    ap.add_argument("--device", default="cpu", help="figure 'trajectory': the device (e.g. cuda)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="figure 'trajectory': the dtype")
+    ap.add_argument("--edit-frames", type=int, default=16)
+    ap.add_argument("--edit-steps", type=int, default=25)
+    ap.add_argument("--no-profile", action="store_true", help="edit figure without the FLATTEN profile")
     ap.add_argument("--measure", nargs=3, metavar=("METHOD", "FRAMES", "REPEATS"), help=argparse.SUPPRESS)
+    _timing.add_arguments(ap)
     opts = ap.parse_args()
+    if os.environ.get("COMFYUI_PATH"):
+        _tve.real_host()
+    _timing.pin_threads(opts.threads)
     if opts.measure:
         method, frames, repeats = opts.measure
         print(json.dumps(measure(method, int(frames), int(repeats))))
         return
     cache: dict = {}
-    figure_grouped_vs_per_query(opts.frames, cache)
-    figure_grouped_memory_vs_output(opts.frames, cache)
-    figure_block_cost()
-    figure_edit_vs_cfg(sdpa_host=opts.sdpa_host)
+    if "per-query" in opts.figures:
+        figure_grouped_vs_per_query(opts.frames, cache)
+    if "memory" in opts.figures:
+        figure_grouped_memory_vs_output(opts.frames, cache)
+    if "block" in opts.figures:
+        figure_block_cost(repeats=opts.repeats)
+    if "trajectory" in opts.figures:
+        _timing.header("trajectory attention of one block")
+        figure_trajectory_backends(opts.baseline, repeats=opts.repeats, backends=tuple(opts.backends),
+                                   device=opts.device, dtype=getattr(torch, opts.dtype))
+    if "edit" in opts.figures:
+        figure_edit_vs_cfg(opts.edit_frames, opts.edit_steps, repeats=opts.repeats, backends=tuple(opts.backends),
+                           profile=not opts.no_profile)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ Targets (issue 3): inversion / plain CFG sampling ≤ 0.6× (one branch instead 
 source pass (one branch) to the two CFG branches, ≈ 1.5× plain. Issue 15: inverting with 10× the sampling steps
 (the papers' practice) and sampling back on the sampling grid cuts the reconstruction error by ≈ 40 %. Issue 23:
 the inversion formula, ε at the current σ (FLATTEN's code) or the next σ (TokenFlow's code), interleaved.
+The three timed runs are interleaved (``_timing``: best and median of ``--repeats`` rounds, one torch thread by
+default).
 """
 import argparse
-import time
 
+import _timing
 import _tve
 
 _tve.real_host()
@@ -28,15 +30,6 @@ from tve.tools.video_world import frames_to_latent, render_clip  # noqa: E402
 from tve.tests.trained_model import load_trained_model, trained_conditioning  # noqa: E402
 
 
-def timed(fn, repeats: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=16)
@@ -48,8 +41,9 @@ def main() -> None:
     ap.add_argument("--multiples", type=int, nargs="+", default=[1, 5, 10])
     ap.add_argument("--testbed", choices=sorted(TESTBEDS), default="test_model")
     ap.add_argument("--finer-only", action="store_true", help="only the finer-inversion reconstruction figures")
+    _timing.add_arguments(ap, repeats=2, backends=())
     opts = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    _timing.pin_threads(opts.threads)
     # The trained test model: a random-weight UNet's inversion diverges to extreme values whose float arithmetic
     # is several times slower on the CPU, which would time the divergence instead of the method.
     model = load_trained_model(opts.testbed)
@@ -70,7 +64,7 @@ def main() -> None:
     def inversion():
         state["x_T"], state["inv"] = invert(model, latent, source, opts.steps, "ddim_uniform")
 
-    t_inv = timed(inversion)
+    inversion()
     sigmas = state["inv"].sigmas
     zeros = torch.zeros_like(latent)
 
@@ -83,12 +77,12 @@ def main() -> None:
         comfy.sample.sample_custom(patched, zeros, 7.5, euler, sigmas, target, negative, state["x_T"],
                                    disable_pbar=True)
 
-    t_plain = timed(plain)
-    t_inj = timed(injected)
     shape = f"{opts.frames} frames, {opts.size}x{opts.size} latent, {opts.steps} steps, the trained test model, CPU"
-    print(f"{t_inv / t_plain:.2f}x  inversion / plain CFG sampling  ({t_inv:.2f} s vs {t_plain:.2f} s; {shape})")
-    print(f"{t_inj / t_plain:.2f}x  live injection edit (attn 0.5, conv 0.8) / plain CFG sampling  "
-          f"({t_inj:.2f} s vs {t_plain:.2f} s)")
+    _timing.header(f"inversion and live injection vs plain CFG sampling, {shape}")
+    times = _timing.interleaved({"inversion": inversion, "plain": plain, "injected": injected}, opts.repeats)
+    print(_timing.ratio_line(times, "inversion", "plain", "inversion / plain CFG sampling"))
+    print(_timing.ratio_line(times, "injected", "plain", "live injection edit (attn 0.5, conv 0.8) / plain CFG "
+                             "sampling"), flush=True)
     finer()
 
 

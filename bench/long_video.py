@@ -1,7 +1,7 @@
 """Long videos in bounded memory on the pack's frame windows (TVE_FrameWindows), on the real host, ratios first.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/long_video.py [--frames 16 64 240] [--size 32] [--methods ...]
-        [--seam-frames 48] [--no-seams]
+        [--runs 3] [--threads 1] [--seam-frames 48] [--no-seams]
 
 Cost: per method (per-frame PnP, TokenFlow, FLATTEN, TokenFlow + FLATTEN) and frame count, each in a fresh
 process, a 32×32 latent of random values and the tiny SD1.5-shaped UNet of the tests (the model's weights do not
@@ -10,7 +10,9 @@ translation: the DDIM inversion (windowed, per frame), then the edit, whose peak
 /proc) and wall time per frame are measured. Issue 14 targets: peak memory at 240 frames ≤ 1.3× that at 64, beyond the
 video-sized latents (the sampler's x, its outputs and the stored source latents: small and linear in frames,
 subtracted as ``LATENT_COPIES`` latents of the video plus the inversion's latents); TokenFlow time per frame at 240
-≤ 1.2× that at 16.
+≤ 1.2× that at 16. The table is measured ``--runs`` times (each run: every frame count, the methods alternating
+order), and every run's ratios are printed, then their median and range: a single run's resident-set peak moves
+with the allocator and the load.
 
 Seams: the trained test model edits a held-out procedural clip of ``--seam-frames`` frames (16×16 latent, windows
 of 16 overlapping by 4) with FLATTEN and with TokenFlow; the latent warp error of each consecutive pair under the
@@ -25,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+import statistics
+
+import _timing
 import _tve
 
 _tve.real_host()
@@ -91,12 +96,12 @@ def measure(method: str, frames: int, size: int, steps: int) -> dict:
     return {"rise": rise, "latents": latents, "seconds": seconds[0]}
 
 
-def cost_table(methods: list[str], frame_counts: list[int], size: int, steps: int) -> dict:
+def cost_table(methods: list[str], frame_counts: list[int], size: int, steps: int, threads: int = 1) -> dict:
     rows = {}
-    for method in methods:
-        for frames in frame_counts:
+    for i, frames in enumerate(frame_counts):
+        for method in (methods if i % 2 == 0 else methods[::-1]):
             out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure", method, str(frames),
-                                  str(size), str(steps)], capture_output=True, text=True)
+                                  str(size), str(steps), "--threads", str(threads)], capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"{method} at {frames} frames failed:\n{out.stderr[-3000:]}")
             rows[method, frames] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -105,6 +110,14 @@ def cost_table(methods: list[str], frame_counts: list[int], size: int, steps: in
                   f"ms/frame), peak rise {r['rise'] / 2**20:.0f} MiB, video latents {r['latents'] / 2**20:.1f} MiB",
                   flush=True)
     return rows
+
+
+def ratios(rows: dict, method: str, frame_counts: list[int]) -> tuple[float, float, dict, dict]:
+    """(memory ratio long/mid beyond the latents, time-per-frame ratio long/short, beyond, per_frame) of a run."""
+    short, mid, long = frame_counts
+    beyond = {f: rows[method, f]["rise"] - rows[method, f]["latents"] for f in frame_counts}
+    per_frame = {f: rows[method, f]["seconds"] / f for f in frame_counts}
+    return beyond[long] / beyond[mid], per_frame[long] / per_frame[short], beyond, per_frame
 
 
 # ---------------------------------------------------------------------------------------------- seams
@@ -149,28 +162,39 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    ap.add_argument("--runs", type=int, default=3, help="times the cost table is measured")
     ap.add_argument("--no-seams", action="store_true", help="the cost table only")
     ap.add_argument("--seam-frames", type=int, default=48)
     ap.add_argument("--seam-steps", type=int, default=6)
     ap.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
+    _timing.add_arguments(ap, repeats=1, backends=())
     opts = ap.parse_args()
+    _timing.pin_threads(opts.threads)
     if opts.measure:
         method, frames, size, steps = opts.measure
         with torch.inference_mode():                                # as ComfyUI runs its nodes
             print(json.dumps(measure(method, int(frames), int(size), int(steps))))
         return
     short, mid, long = opts.frames
-    print(f"# {opts.size}x{opts.size} latent, {opts.steps} steps, windows of {WINDOW} overlapping by {OVERLAP}, "
-          "TokenFlow interval 8, tiny SD1.5-shaped UNet, CPU", flush=True)
-    rows = cost_table(opts.methods, opts.frames, opts.size, opts.steps)
-    for method in opts.methods:
-        beyond = {f: rows[method, f]["rise"] - rows[method, f]["latents"] for f in opts.frames}
-        per_frame = {f: rows[method, f]["seconds"] / f for f in opts.frames}
-        print(f"{beyond[long] / beyond[mid]:.2f}x {method} peak memory at {long} / {mid} frames beyond the video's "
-              f"latents (target <= 1.3x): {beyond[mid] / 2**20:.0f} -> {beyond[long] / 2**20:.0f} MiB; "
-              f"{per_frame[long] / per_frame[short]:.2f}x time per frame at {long} / {short} frames"
-              f"{' (target <= 1.2x)' if method == 'TokenFlow' else ''}: {1000 * per_frame[short]:.0f} -> "
-              f"{1000 * per_frame[long]:.0f} ms", flush=True)
+    _timing.header(f"{opts.size}x{opts.size} latent, {opts.steps} steps, windows of {WINDOW} overlapping by "
+                   f"{OVERLAP}, TokenFlow interval 8, tiny SD1.5-shaped UNet, CPU, {opts.runs} runs")
+    per_run = {method: [] for method in opts.methods}
+    for run in range(opts.runs):
+        print(f"## run {run + 1} of {opts.runs}", flush=True)
+        rows = cost_table(opts.methods, opts.frames, opts.size, opts.steps, opts.threads)
+        for method in opts.methods:
+            memory, time_, beyond, per_frame = ratios(rows, method, opts.frames)
+            per_run[method].append((memory, time_))
+            print(f"{memory:.2f}x {method} peak memory at {long} / {mid} frames beyond the video's latents (target "
+                  f"<= 1.3x): {beyond[mid] / 2**20:.0f} -> {beyond[long] / 2**20:.0f} MiB; {time_:.2f}x time per "
+                  f"frame at {long} / {short} frames{' (target <= 1.2x)' if method == 'TokenFlow' else ''}: "
+                  f"{1000 * per_frame[short]:.0f} -> {1000 * per_frame[long]:.0f} ms [run {run + 1}]", flush=True)
+    if opts.runs > 1:
+        for method, values in per_run.items():
+            memory, time_ = ([v[i] for v in values] for i in (0, 1))
+            print(f"{statistics.median(memory):.2f}x {method} peak memory {long} / {mid} frames, median of "
+                  f"{opts.runs} runs (range {min(memory):.2f}-{max(memory):.2f}x); time per frame {long} / {short} "
+                  f"median {statistics.median(time_):.2f}x (range {min(time_):.2f}-{max(time_):.2f}x)", flush=True)
     if opts.no_seams:
         return
     with torch.inference_mode():

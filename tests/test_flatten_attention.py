@@ -70,7 +70,7 @@ def test_grouped_attention_equals_per_query_masked_reference(dtype, chunks, seed
     grid = random_grid(frames=6, h=3, w=4, seed=seed, pool_per_cell=pool)
     q, k, v = tokens(grid, chunks, 16, dtype, seed)
     lengths = (grid.tracks >= 0).sum(1)
-    assert lengths.min() < lengths.max()                                  # mixed lengths: padding is exercised
+    assert lengths.min() < lengths.max()                                  # mixed lengths: several groups
     for args in ((q, k, v), (v, v, v)):                                   # old_qk=1 and old_qk=0
         out = attend(*args, grid, heads=2, chunks=chunks)
         assert out.dtype == dtype and out.shape == v.shape
@@ -148,21 +148,28 @@ def test_chunks_are_independent():
     assert torch.equal(attend(q2, k2, v2, grid, heads=2, chunks=3)[4:], out[4:])
 
 
-def test_padding_at_most_doubles_the_tokens_and_covers_each_once():
+def test_rows_are_not_padded_and_cover_each_token_once():
     grid = random_grid(frames=9, h=4, w=4, seed=7, pool_per_cell=3.0)
     index = trajectory_index(grid.tracks, grid.track_of)
-    slots = sum(g.gather.numel() for g in index.groups)
-    assert grid.tracks.shape[1] * 16 < slots <= 2 * grid.tracks.shape[1] * 16
-    covered = torch.cat([g.tokens for g in index.groups]).sort().values
-    assert torch.equal(covered, torch.arange(9 * 16))
-    assert all(g.gather.dtype == torch.long and g.tokens.dtype == torch.long for g in index.groups)
+    lengths = (grid.tracks >= 0).sum(1)
+    assert lengths.unique().numel() > 2                                   # several lengths: several groups
+    covered = torch.cat([g.gather for g in index.groups]).sort().values
+    assert torch.equal(covered, torch.arange(9 * 16))                     # no padding slot, no token twice
+    assert all(g.gather.dtype == torch.long and g.gather.numel() % g.length == 0 for g in index.groups)
+    for g in index.groups:                                 # a row: one trajectory's tokens, frames ascending
+        rows = g.gather.view(-1, g.length)
+        assert bool((rows // 16).diff(dim=1).gt(0).all())
+        track = grid.track_of.reshape(-1)[rows]
+        assert bool((track == track[:, :1]).all())
+        assert bool((lengths[track[:, 0]] == g.length).all())
 
 
-def comfy_style_attention(q, k, v, heads, mask=None):
-    """ComfyUI's attention signature: (B, L, heads·d) tensors and an additive mask broadcast over queries."""
+def comfy_style_attention(q, k, v, heads, **kwargs):
+    """ComfyUI's attention signature: (B, L, heads·d) tensors; trajectory attention never passes a mask."""
+    assert not kwargs, f"trajectory attention passed {sorted(kwargs)} to the host's attention"
     b, length, channels = q.shape
     q, k, v = (t.view(b, -1, heads, channels // heads).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None])
+    out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(b, length, channels)
 
 
@@ -170,11 +177,30 @@ def comfy_style_attention(q, k, v, heads, mask=None):
 def test_attention_callable_gives_the_default_result_without_nan(dtype):
     grid = random_grid(frames=6, h=3, w=3, seed=8)
     q, k, v = tokens(grid, 2, 8, dtype)
-    q = q * 1e3                                                           # saturated softmax: masking must hold
-    out = attend(q, k, v, grid, heads=2, chunks=2, attention=comfy_style_attention)
+    q = q * 1e3                                                           # saturated softmax
+    calls = []
+
+    def attention(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return comfy_style_attention(*args, **kwargs)
+
+    out = attend(q, k, v, grid, heads=2, chunks=2, attention=attention)
+    assert sorted(set(calls)) == sorted({int(n) for n in (grid.tracks >= 0).sum(1).tolist() if n > 1})
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, attend(q, k, v, grid, heads=2, chunks=2), **TOLERANCE[dtype])
     torch.testing.assert_close(out.double(), reference(q, k, v, grid.track_of, 2, 2), **TOLERANCE[dtype])
+
+
+@pytest.mark.real_host
+@pytest.mark.parametrize("backend", ["sub_quad", "pytorch", "split", "basic"])
+def test_the_hosts_attention_backends_give_the_default_result(backend):
+    import comfy.ldm.modules.attention as host_attention
+    function = host_attention.attention_basic if backend == "basic" else \
+        host_attention.get_attention_function(backend)
+    grid = random_grid(frames=6, h=3, w=4, seed=11)
+    q, k, v = tokens(grid, 2, 16, torch.float32)
+    out = attend(q, k, v, grid, heads=2, chunks=2, attention=function)
+    torch.testing.assert_close(out, attend(q, k, v, grid, heads=2, chunks=2), **TOLERANCE[torch.float32])
 
 
 def bad_inverse():
