@@ -10,15 +10,12 @@ of other families, unreadable files. ``APPLICABLE`` says which classes each node
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 import pytest
-import requests
 
 from tve.tests.e2e.session_files import FRAMES, HEIGHT, PACK_FOLDER, RAFT_PLACEHOLDER, SMALL, WIDTH
 from tve.tests.e2e.test_workflows import WORKFLOW_DIR, load, with_overrides
@@ -26,7 +23,6 @@ from tve.tests.e2e.ui_workflow import to_api
 
 pytestmark = pytest.mark.real_host
 
-RUN_TIMEOUT_S = 300
 NON_FINITE, MISMATCH, TINY, FAMILY, FILE = "non-finite", "mismatched source", "tiny or empty", "other family", "file"
 
 # The classes each node's inputs can carry. PreviewFlow / FLATTEN take no frames, latents or floats: a FLOW or
@@ -297,9 +293,7 @@ def broken(probe: Probe, object_info: dict) -> dict:
 
 
 def queue(comfyui, graph: dict) -> tuple[int, dict]:
-    response = requests.post(comfyui.url + "/prompt", data=json.dumps({"prompt": graph, "client_id": uuid.uuid4().hex}),
-                             headers={"Content-Type": "application/json"}, timeout=60)
-    return response.status_code, response.json()
+    return comfyui.queue(graph)
 
 
 def test_every_node_has_a_probe_of_every_class_that_applies(object_info):
@@ -353,12 +347,4 @@ def test_bad_input_that_is_now_handled_runs_to_the_end(probe, comfyui, object_in
 
 
 def _wait(comfyui, prompt_id: str) -> dict:
-    import time
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        entry = comfyui.get(f"/history/{prompt_id}").json().get(prompt_id)
-        if entry is not None:
-            return entry
-        assert comfyui.process.poll() is None, comfyui.log_tail()
-        time.sleep(0.3)
-    raise AssertionError(f"prompt {prompt_id} did not finish within {RUN_TIMEOUT_S} s:\n{comfyui.log_tail()}")
+    return comfyui.wait(prompt_id)

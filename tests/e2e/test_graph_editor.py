@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tve.tests.e2e.session_files import PHONE, WEB, SourceVideo
-from tve.tests.e2e.test_workflows import (RUN_TIMEOUT_S, TYPE_OVERRIDES, WORKFLOW_FILES, assert_ran_to_the_end, load,
+from tve.tests.e2e.test_workflows import (TYPE_OVERRIDES, WORKFLOW_FILES, assert_ran_to_the_end, load,
                                           with_overrides)
 from tve.tests.e2e.ui_workflow import to_api
 
@@ -171,7 +171,7 @@ def test_workflow_queued_in_the_graph_editor_runs_to_the_end_with_its_frame_coun
         node_id: (node["class_type"], node["inputs"]) for node_id, node in expected.items()}, \
         "the editor queued another graph than the file and the changed widgets describe"
 
-    entry = comfyui.wait(posted["prompt_id"], RUN_TIMEOUT_S)
+    entry = comfyui.wait(posted["prompt_id"])
     assert_ran_to_the_end(comfyui, object_info, path, graph, entry, source)
     for node_id, node in graph.items():               # web/consistency_metrics.js puts the summary on the node
         if node["class_type"] == "TVE_ConsistencyMetrics":
