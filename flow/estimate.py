@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.models.optical_flow import raft_large, raft_small
+from torchvision.models.optical_flow import RAFT, raft_large, raft_small
 
 from .latent_crop import LatentCrop
 from .warp import backward_warp
@@ -93,6 +93,11 @@ def build_raft(variant: str, state_dict: Mapping[str, torch.Tensor]) -> torch.nn
                          f"the file looks like {_looks_like(state)}")
     model.load_state_dict(state)
     return model.eval()
+
+
+def is_raft(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a torchvision RAFT (either variant), the model :func:`estimate_flow` runs."""
+    return isinstance(module, RAFT)
 
 
 def _looks_like(state: Mapping[str, torch.Tensor]) -> str:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import torch
 
-from ..flow.estimate import FlowField, build_raft, estimate_flow, flow_resolution, raft_working_bytes
+from ..flow.estimate import FlowField, build_raft, estimate_flow, flow_resolution, is_raft, raft_working_bytes
 from ..flow.latent_crop import LatentCrop, match_frames
 from ..flow.preview import draw_tracks, flow_to_color, occlusion_to_image
 from ..flow.trajectories import Trajectories, build_trajectories
@@ -53,21 +54,36 @@ def check_flow_matches_latent(flow: FlowField, samples: torch.Tensor) -> None:
                          "compute the flow on the frames that were VAE-encoded")
 
 
-def load_raft(method: str, raft_weights: str) -> torch.nn.Module:
-    """The RAFT module of ``models/optical_flow/<raft_weights>``, built once per file (kept on the offload device)."""
+def load_raft(method: str, raft_weights: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The RAFT module of ``models/optical_flow/<raft_weights>`` in ``dtype``, built once per file (the last one
+    stays built; core's model management moves it between devices)."""
     if raft_weights == NO_WEIGHTS:
         raise ValueError(
             f"raft_weights: {method} needs a torchvision RAFT checkpoint; put "
             f"{'raft_large_C_T_SKHT_V2-ff5fadd5.pth' if method == 'raft_large' else 'raft_small_C_T_V2-01064c6d.pth'}"
-            f" into one of {host.optical_flow_folders()} or choose method 'dis'")
+            f" into one of {host.optical_flow_folders()}, connect core's Load Optical Flow Model to optical_flow, "
+            "or choose method 'dis'")
     path = host.optical_flow_path(raft_weights)
     status = os.stat(path)
-    key = (method, path, status.st_mtime_ns, status.st_size)
+    key = (method, path, status.st_mtime_ns, status.st_size, dtype)
     if key not in _RAFT_CACHE:
-        raft = build_raft(method, host.load_weights(path))
         _RAFT_CACHE.clear()
-        _RAFT_CACHE[key] = raft
+        _RAFT_CACHE[key] = build_raft(method, host.load_weights(path)).to(dtype)
     return _RAFT_CACHE[key]
+
+
+def connected_raft(optical_flow: Any, method: str) -> torch.nn.Module:
+    """The RAFT module of a core OPTICAL_FLOW (core's Load Optical Flow Model, ComfyUI 0.33+): refused unless it is a
+    torchvision RAFT and a RAFT method is chosen."""
+    module = host.helper_module(optical_flow)
+    if module is None or not is_raft(module):
+        got = type(module if module is not None else optical_flow).__name__
+        raise ValueError(f"optical_flow: expected a torchvision RAFT loaded by core's Load Optical Flow Model, got a "
+                         f"{got}; disconnect it to use raft_weights, or load a RAFT checkpoint")
+    if method == "dis":
+        raise ValueError("method: 'dis' computes the flow with OpenCV, but a RAFT is connected to optical_flow; "
+                         "choose raft_large or raft_small to run the connected RAFT, or disconnect it")
+    return module
 
 
 class OpticalFlow:
@@ -95,6 +111,10 @@ class OpticalFlow:
                                                   "trajectories live on the latent grid (1/8 of the frame), which "
                                                   "512 resolves; RAFT's memory grows with the 4th power of this. "
                                                   "0 = full resolution."}),
+        }, "optional": {
+            "optical_flow": ("OPTICAL_FLOW", {"tooltip": (
+                "Optional (ComfyUI 0.33+): a RAFT from core's Load Optical Flow Model, run instead of raft_weights, so "
+                "a graph that loads RAFT for core nodes keeps one copy. raft_large or raft_small runs it.")}),
         }}
 
     RETURN_TYPES = (sockets.FLOW,)
@@ -103,7 +123,7 @@ class OpticalFlow:
     CATEGORY = CATEGORY
 
     def estimate(self, images: torch.Tensor, vae, method: str, raft_weights: str, batch_size: int,
-                 max_resolution: int = DEFAULT_MAX_RESOLUTION):
+                 max_resolution: int = DEFAULT_MAX_RESOLUTION, optical_flow: Any = None):
         validation.choice(method, "method", FLOW_METHODS)
         ratio = host.vae_downscale_ratio(vae)
         check_frames(images, method, ratio)
@@ -112,21 +132,21 @@ class OpticalFlow:
         crop = LatentCrop(tuple(images.shape[1:3]), ratio)
         frames = crop.crop_frames(images)                                # the pixels VAEEncode encodes
         raft = None
-        if method != "dis":
-            raft = load_raft(method, raft_weights)
-            device = host.torch_device()
-            dtype = host.helper_dtype(device)
+        if optical_flow is not None:
+            patcher = optical_flow
+            raft = connected_raft(optical_flow, method)
+        elif method != "dis":
+            raft = load_raft(method, raft_weights, host.helper_dtype(host.torch_device()))
+            patcher = host.helper_model(raft)
+        if raft is not None:
+            bytes_per_value = next(raft.parameters()).element_size()
             working = raft_working_bytes(flow_resolution(crop.crop_hw, max_resolution), 2 * batch_size,
-                                         torch.finfo(dtype).bits // 8)
+                                         bytes_per_value)
             working += 4 * batch_size * frames[0].numel() * 4        # both frames of each flow, float32, pre-resize
-            raft.to(host.free_memory_for(raft, working), dtype)
+            raft = host.load_helper(patcher, working)
         on_batch = host.progress(images.shape[0] - 1)
-        try:
-            flow = estimate_flow(frames, method, raft=raft, batch_size=batch_size, on_batch=on_batch,
-                                 max_size=max_resolution, on_out_of_memory=host.empty_cache)
-        finally:
-            if raft is not None:
-                raft.to(host.offload_device())
+        flow = estimate_flow(frames, method, raft=raft, batch_size=batch_size, on_batch=on_batch,
+                             max_size=max_resolution, on_out_of_memory=host.empty_cache)
         validation.flow(flow, "flow")
         device = host.intermediate_device()
         return (FlowField(forward=flow.forward.to(device), backward=flow.backward.to(device),

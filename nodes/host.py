@@ -137,12 +137,38 @@ def intermediate_device() -> torch.device:
     return comfy.model_management.intermediate_device()
 
 
-def free_memory_for(module: torch.nn.Module, working_bytes: int) -> torch.device:
-    """Make room on the torch device for a helper ``module`` (its weights) and ``working_bytes`` of activations,
-    offloading loaded models as comfy's own helper nodes do (``ImageUpscaleWithModel``); returns the device."""
-    device = torch_device()
-    comfy.model_management.free_memory(comfy.model_management.module_size(module) + working_bytes, device)
-    return device
+def helper_model(module: torch.nn.Module) -> Any:
+    """A ModelPatcher around a helper ``module`` (RAFT), made once per module: what core's own loaders wrap such a
+    module in (core's Load Optical Flow Model, its upscale-model loader), so core's model management loads it."""
+    patcher = _HELPER_PATCHERS.get(id(module))
+    if patcher is None or patcher.model is not module:
+        import comfy.model_patcher
+        patcher = comfy.model_patcher.ModelPatcher(module, load_device=torch_device(), offload_device=offload_device())
+        _HELPER_PATCHERS.clear()                          # the last helper only: it holds its module's weights
+        _HELPER_PATCHERS[id(module)] = patcher
+    return patcher
+
+
+_HELPER_PATCHERS: dict[int, Any] = {}
+
+
+def helper_module(value: Any) -> torch.nn.Module | None:
+    """The module of a helper MODEL socket value (a ModelPatcher from a core loader, e.g. OPTICAL_FLOW), or None."""
+    module = getattr(value, "model", None)
+    return module if isinstance(module, torch.nn.Module) and hasattr(value, "load_device") else None
+
+
+def load_helper(patcher: Any, working_bytes: int) -> torch.nn.Module:
+    """Load a helper's ModelPatcher onto the torch device the way core's helper nodes do (``load_models_gpu`` with
+    its working memory: core frees what it needs, offloading other models, and offloads this one when it needs the
+    room later); its module, on its load device."""
+    comfy.model_management.load_models_gpu([patcher], memory_required=working_bytes, force_full_load=True)
+    return patcher.model
+
+
+def helper_loaded(patcher: Any) -> bool:
+    """Whether core's model management holds ``patcher`` loaded."""
+    return any(loaded is patcher for loaded in comfy.model_management.loaded_models())
 
 
 def helper_dtype(device: torch.device) -> torch.dtype:
@@ -204,6 +230,41 @@ def _executing_node_id() -> str | None:
     if context is None or getattr(PromptServer, "instance", None) is None:
         return None
     return context.node_id
+
+
+# ---------------------------------------------------------------------------------------------- core nodes
+def core_node_class(node_id: str) -> type:
+    """The class of a core node by its id (``NODE_CLASS_MAPPINGS``, the registry the graph editor uses), loading
+    core's ``comfy_extras`` nodes first where the process has not (a script or test outside the server)."""
+    import nodes
+    if node_id not in nodes.NODE_CLASS_MAPPINGS:
+        import asyncio
+        import inspect
+        loading = nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+        if inspect.iscoroutine(loading):              # async since 0.3.4x
+            asyncio.run(loading)
+    if node_id not in nodes.NODE_CLASS_MAPPINGS:
+        raise ValueError(f"ComfyUI has no core node '{node_id}'")
+    return nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+def run_core_node(node_id: str, **inputs: Any) -> tuple:
+    """Run a core node as the executor runs a freshly added one: the ``inputs`` given, every other widget at the
+    default the node declares (so a release that adds an input runs it at its default); its output tuple."""
+    cls = core_node_class(node_id)
+    declared = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, spec in declared.get(section, {}).items():
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            choices = spec[0] if isinstance(spec[0], list) else options.get("options")
+            if name in inputs:
+                continue
+            if "default" in options:
+                inputs[name] = options["default"]
+            elif choices:                                 # a combo without a default starts on its first choice
+                inputs[name] = choices[0]
+    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    return tuple(getattr(out, "result", out))         # a V3 node's NodeOutput, or a V1 node's tuple
 
 
 # ---------------------------------------------------------------------------------------------- attention blocks
@@ -297,8 +358,19 @@ def call_frame_ids(frames: int, transformer_options: Mapping[str, Any]) -> tuple
         return tuple(ids)
     window = transformer_options.get("context_window")
     if window is not None:
-        return tuple(int(i) for i in window.index_list)
+        return context_window_frame_ids(window)
     return tuple(range(frames))
+
+
+def context_window_frame_ids(window: Any) -> tuple[int, ...]:
+    """Global frame ids of the frames a core context window's call holds, in call order: its ``index_list``,
+    preceded by the causal frame core 0.33+ prepends (``causal_window_fix``, on by default: the frame before the
+    window, whose output core drops after the call)."""
+    ids = tuple(int(i) for i in window.index_list)
+    anchor = getattr(window, "causal_anchor_index", None)
+    if anchor is not None and anchor >= 0:
+        ids = (int(anchor),) + ids
+    return ids
 
 
 def current_step(extra_options: Mapping[str, Any]) -> int:
@@ -693,6 +765,12 @@ def prepare_mask(noise_mask: torch.Tensor, shape: Sequence[int], device: torch.d
     """A LATENT's ``noise_mask`` resized to ``shape`` (F, C, h, w) as core samplers resize it."""
     import comfy.sampler_helpers
     return comfy.sampler_helpers.prepare_mask(noise_mask, tuple(shape), device)
+def multigpu_clones(model: Any) -> list:
+    """The per-device clones core's MultiGPU CFG Split (``MultiGPU_WorkUnits``, 0.33+) added to ``model`` (its
+    additional models under the key ``multigpu``): core then spreads a step's conds over them in threads."""
+    return list(model.get_additional_models_with_key("multigpu"))
+
+
 def sampling_model(outer_sample_executor: Any) -> Any:
     """The ModelPatcher an OUTER_SAMPLE wrapper's executor samples with (its guider's model)."""
     return outer_sample_executor.class_obj.model_patcher

@@ -240,6 +240,11 @@ def sampling_run(patcher: Any, noise: torch.Tensor, latent_image: torch.Tensor, 
     """Before the first step of a sampling run of a TVE model (its state's OUTER_SAMPLE wrapper): the sampled latent,
     then its sources. Inverting: the trajectories were built on the latent being inverted. Editing: the inversion's
     ``check_run`` (same sampling, no new noise, the start latent is the inversion's at the start σ)."""
+    if host.multigpu_clones(patcher):
+        raise ValueError("model: MultiGPU CFG Split spreads each step's conds over several GPUs, but a TVE model runs "
+                         "its passes of one step (source, keyframes, edit) on one device, each reading what the "
+                         "previous one left; remove MultiGPU CFG Split from this model's chain (TVE samples on one "
+                         "GPU)")
     if inverting:                                # the inversion checked its latent already
         for source in trajectories:
             if source.source is not None and not same_fingerprint(fingerprint(latent_image), source.source):

@@ -185,46 +185,40 @@ def make_tiny_t2i_adapter(channels=(32, 64), seed: int = 4):
     return comfy.controlnet.T2IAdapter(adapter, 3, 8, "nearest-exact", device=torch.device("cpu"))
 
 
-@contextlib.contextmanager
-def cond_chunks_split():
-    """Real host: make ``_calc_cond_batch`` believe the device is full, so it runs each cond chunk (uncond, cond)
-    in its own UNet call. Only the sampler's view of free memory changes; attention backends are untouched."""
-    import comfy.samplers
-
-    real = comfy.samplers.model_management
-
-    class NearlyFull:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        @staticmethod
-        def get_free_memory(dev=None, torch_free_too=False):
-            return (1, 1) if torch_free_too else 1
-
-    comfy.samplers.model_management = NearlyFull()
-    try:
-        yield
-    finally:
-        comfy.samplers.model_management = real
+def cond_chunks_split(model):
+    """Real host: a clone of ``model`` on which core's ``_calc_cond_batch`` runs each cond chunk (uncond, cond) in
+    its own UNet call, as when the device is nearly full. Through a public seam only: an object patch of the
+    BaseModel's ``memory_required`` (what the sampler weighs against free memory before it batches conds) that says
+    no two chunks fit; attention backends and everything else are untouched."""
+    m = model.clone()
+    m.add_object_patch("memory_required", lambda input_shape, cond_shapes={}: float("inf"))
+    return m
 
 
 def with_context_windows(model, length: int, overlap: int = 0):
-    """Real host: core Context Windows over the frame (batch) dimension.
+    """Real host: core's Context Windows (Manual) node over the frame (batch) dimension, every other input at the
+    node's default (dim 0, static standard schedule, pyramid fuse, and on 0.33+ ``causal_window_fix``).
 
-    At ComfyUI a125cd84 ``IndexListContextHandler.set_step`` compares ``sample_sigmas`` with the whole per-frame
-    timestep tensor, which fails for image models whose frames are the batch (dim 0); this subclass compares its
-    first entry, which is what the handler means. Everything else is core's windowing.
-    """
-    import comfy.context_windows as cw
-
-    class FrameBatchContextHandler(cw.IndexListContextHandler):
-        def set_step(self, timestep, model_options):
-            super().set_step(timestep.reshape(-1)[:1], model_options)
-
-    m = model.clone()
-    m.model_options["context_handler"] = FrameBatchContextHandler(
-        context_schedule=cw.get_matching_context_schedule(cw.ContextSchedules.STATIC_STANDARD),
-        fuse_method=cw.get_matching_fuse_method(cw.ContextFuseMethods.PYRAMID),
-        context_length=length, context_overlap=overlap, context_stride=1, closed_loop=False, dim=0)
-    cw.create_prepare_sampling_wrapper(m)
+    Core 0.3.64's ``IndexListContextHandler.set_step`` compares ``sample_sigmas`` with the whole per-frame timestep
+    tensor, which fails for image models whose frames are the batch (fixed in later releases, which compare its
+    first entry); on such a host the handler's ``set_step`` is given the first entry, which is what it means."""
+    from tve.nodes import host
+    (m,) = host.run_core_node("ContextWindowsManual", model=model, context_length=length, context_overlap=overlap)
+    handler = m.model_options["context_handler"]
+    try:
+        handler.set_step(torch.ones(2), {"transformer_options": {"sample_sigmas": torch.tensor([1.0, 0.5, 0.0])}})
+    except RuntimeError:
+        set_step = handler.set_step
+        handler.set_step = lambda timestep, model_options: set_step(timestep.reshape(-1)[:1], model_options)
     return m
+
+
+def context_window_calls(model, frames: int) -> list[tuple[int, ...]]:
+    """The global frame ids of each call core's context handler on ``model`` (``with_context_windows``) makes over
+    ``frames`` frames: its static standard windows, each preceded by the frame before it where the handler adds
+    a causal frame (``causal_window_fix``, 0.33+ default)."""
+    from tve.attention.windows import overlapping_windows        # core's static standard schedule (pinned to it)
+    handler = model.model_options["context_handler"]
+    windows = overlapping_windows(frames, handler.context_length, handler.context_overlap)
+    causal = getattr(handler, "causal_window_fix", False)
+    return [tuple(([w[0] - 1] if causal and w[0] > 0 else []) + w) for w in windows]

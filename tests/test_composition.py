@@ -21,7 +21,7 @@ NODE_NAMES = {"FLATTEN": "Apply FLATTEN (TVE)", "injection": "Apply Feature Inje
 
 
 def outcome(first: str, second: str) -> str:
-    """The combination table (README, "Stacking TVE nodes"): 'composes' or 'refused'."""
+    """The combination table (docs/stacking.md): 'composes' or 'refused'."""
     attention = lambda item: item == "FLATTEN" or item.startswith("cross-frame") or item == "motion+anchor"  # noqa
     flatten_like = {first == "FLATTEN", second == "FLATTEN"}
     if first == "TokenFlow" and (attention(second) or second == "FLATTEN"):
@@ -214,9 +214,9 @@ def test_features_read_one_inversion(world):
         apply_feature_injection(model, other, 1.0, 1.0, "tokenflow", "sigma-matched")
 
 
-def test_readme_table_is_the_tested_one():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Stacking TVE nodes", 1)[1].split("\n\n", 2)[1]
+def test_documented_stacking_table_is_the_tested_one():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "stacking.md").read_text(encoding="utf-8")
+    section = next(block for block in doc.split("\n\n") if block.startswith("| first"))
     rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in rows[0][1:]]
     assert header == list(ITEMS)

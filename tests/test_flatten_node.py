@@ -108,8 +108,7 @@ def test_flatten_edit_is_identical_with_cond_and_uncond_together_or_split():
     x = make_latent(8, 8, 8)["samples"]
     sigmas = host.sigma_grid(model, "ddim_uniform", 2)
     together = sample(model, x, sigmas, "sd15")
-    with cond_chunks_split():
-        split = sample(model, x, sigmas, "sd15")
+    split = sample(cond_chunks_split(model), x, sigmas, "sd15")
     assert torch.allclose(together, split, atol=1e-4 * together.abs().max())
 
 

@@ -198,37 +198,58 @@ def test_a_value_that_is_not_an_image_vae_is_refused():
 
 
 # ------------------------------------------------------------------------------------------------ lean RAFT
-def test_raft_is_built_once_loaded_after_freeing_memory_and_offloaded(flow_folder):
-    import comfy.model_management as mm
-    from tve.nodes import flow_nodes
+def test_raft_is_built_once_and_loaded_by_cores_model_management(flow_folder):
+    from tve.nodes import flow_nodes, host
     torch.save(torchvision.models.optical_flow.raft_small(weights=None).state_dict(), flow_folder / "mine.pth")
     flow_nodes._RAFT_CACHE.clear()
-    freed = []
-    real_free = mm.free_memory
-    mm.free_memory = lambda required, device, keep_loaded=[]: freed.append((required, device))
-    try:
-        OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
-        (raft,) = flow_nodes._RAFT_CACHE.values()
-        OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
-    finally:
-        mm.free_memory = real_free
+    OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
+    (raft,) = flow_nodes._RAFT_CACHE.values()
+    OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
     assert list(flow_nodes._RAFT_CACHE.values()) == [raft]                   # not rebuilt for the second run
-    assert len(freed) == 2 and freed[0][0] > mm.module_size(raft)           # weights + working memory
-    assert next(raft.parameters()).device == mm.unet_offload_device()
+    patcher = host.helper_model(raft)
+    assert host.helper_model(raft) is patcher and host.helper_loaded(patcher)     # one ModelPatcher, core loads it
+    assert next(raft.parameters()).device == host.torch_device()
+    assert next(raft.parameters()).dtype == host.helper_dtype(host.torch_device())   # float32 on the CPU
+
+
+def core_optical_flow(flow_folder, name: str):
+    """What core's Load Optical Flow Model gives (0.33+: run the node itself on ``name``; older hosts have no such
+    node, so the same value, a ModelPatcher around the RAFT, is built as core builds it)."""
+    from tve.nodes import host
+    try:
+        host.core_node_class("OpticalFlowLoader")
+    except ValueError:
+        state = torch.load(flow_folder / name)
+        module = torchvision.models.optical_flow.raft_large(weights=None)
+        module.load_state_dict(state)
+        return host.helper_model(module.eval())
+    (patcher,) = host.run_core_node("OpticalFlowLoader", model_name=name)
+    return patcher
 
 
 @pytest.mark.real_host
-def test_host_chooses_half_precision_where_comfy_does_and_frees_memory_through_it(monkeypatch):
-    import comfy.model_management as mm
+def test_a_raft_loaded_by_cores_optical_flow_loader_runs_instead_of_the_file(flow_folder):
+    torch.save(torchvision.models.optical_flow.raft_large(weights=None).state_dict(), flow_folder / "large.pth")
+    frames = clip().frames
+    (from_file,) = OpticalFlow().estimate(frames, VAE, "raft_large", "large.pth", 2, 512)
+    connected = core_optical_flow(flow_folder, "large.pth")
+    (from_core,) = OpticalFlow().estimate(frames, VAE, "raft_large", NO_WEIGHTS, 2, 512, optical_flow=connected)
+    assert torch.allclose(from_core.forward, from_file.forward, atol=1e-4)
+    assert torch.equal(from_core.occlusion, from_file.occlusion)
+    with pytest.raises(ValueError, match="method: 'dis' computes the flow with OpenCV, but a RAFT is connected"):
+        OpticalFlow().estimate(frames, VAE, "dis", NO_WEIGHTS, 2, 512, optical_flow=connected)
+
+
+def test_an_optical_flow_model_that_is_not_raft_is_refused_naming_the_input():
     from tve.nodes import host
-    cpu = torch.device("cpu")
-    assert host.helper_dtype(cpu) == torch.float32                         # comfy: no fp16 on the CPU
-    monkeypatch.setattr(mm, "should_use_fp16", lambda device=None, **kwargs: True)
-    assert host.helper_dtype(cpu) == torch.float16
-    calls = []
-    monkeypatch.setattr(mm, "free_memory", lambda required, device, keep_loaded=[]: calls.append((required, device)))
-    module = torch.nn.Linear(10, 10)
-    assert host.free_memory_for(module, 1000) == mm.get_torch_device()
-    assert calls == [(mm.module_size(module) + 1000, mm.get_torch_device())]
-    host.empty_cache()
-    assert mm.OOM_EXCEPTION is torch.OutOfMemoryError                        # what flow/estimate.py catches
+    other = host.helper_model(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="optical_flow: expected a torchvision RAFT loaded by core's Load Optical "
+                                         "Flow Model, got a Linear"):
+        OpticalFlow().estimate(clip().frames, VAE, "raft_large", NO_WEIGHTS, 2, 512, optical_flow=other)
+    with pytest.raises(ValueError, match="optical_flow: expected a torchvision RAFT"):
+        OpticalFlow().estimate(clip().frames, VAE, "raft_large", NO_WEIGHTS, 2, 512, optical_flow="raft")
+
+
+def test_helpers_run_in_float32_on_the_cpu_as_comfy_does():
+    from tve.nodes import host
+    assert host.helper_dtype(torch.device("cpu")) == torch.float32               # comfy: no fp16 on the CPU

@@ -4,8 +4,8 @@ pinned in test_flow_nodes.py and test_pack_loading.py.)"""
 import pytest
 import torch
 
-from tve.tests.hosts import (FAMILIES, make_conditioning, make_latent, make_tiny_controlnet, make_tiny_model,
-                             with_context_windows)
+from tve.tests.hosts import (FAMILIES, context_window_calls, make_conditioning, make_latent, make_tiny_controlnet,
+                             make_tiny_model, with_context_windows)
 
 pytestmark = pytest.mark.real_host
 
@@ -127,8 +127,10 @@ def test_call_frame_ids_follow_core_context_windows():
     model = make_tiny_model("sd15").clone()
     model.set_model_attn1_patch(lambda n, c, v, extra: (seen.add(host.call_frame_ids(
         n.shape[0] // len(extra["cond_or_uncond"]), extra)), (n, c, v))[1])
-    sample(with_context_windows(model, 2), frames=4, steps=1)
-    assert seen == {(0, 1), (2, 3)}
+    windowed = with_context_windows(model, 2)
+    sample(windowed, frames=4, steps=1)
+    assert seen == set(context_window_calls(windowed, 4))
+    assert seen >= {(0, 1)} and ({(2, 3)} <= seen or {(1, 2, 3)} <= seen)     # 0.33+: the causal frame 1 first
 
 
 @pytest.mark.parametrize("family", FAMILIES)

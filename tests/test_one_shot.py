@@ -213,11 +213,12 @@ def test_tuning_a_model_loaded_in_inference_mode_inside_inference_mode_as_comfyu
         model = make_tiny_model("sd15")
         samples, cond = make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
         assert all(p.is_inference() for p in model.model.parameters())
+        before = [p.requires_grad for p in model.model.parameters()]      # True at 0.3.64, False at 0.33
         tuned, adapter, _ = OneShotTune().tune(model, {"samples": samples}, cond, 2, 1e-2, 0, "stam",
                                                "temporal+queries", True)
-        requires_grad = [p.requires_grad for p in model.model.parameters()]
+        after = [p.requires_grad for p in model.model.parameters()]
     assert len(adapter.losses) == 2 and any(float(s["gain"]) != 0 for s in adapter.temporal.values())
-    assert all(requires_grad)                           # restored as they were
+    assert after == before                              # restored as they were
     assert not torch.equal(denoised(tuned, samples, cond), denoised(model, samples, cond))
 
 
@@ -237,21 +238,24 @@ def random_adapter(model, kind, seed=3):
 def test_inside_core_context_windows_the_temporal_attention_sees_the_windows_frames_only():
     import comfy.sample
     import comfy.samplers
-    from tve.tests.hosts import with_context_windows
+    from tve.tests.hosts import context_window_calls, with_context_windows
 
     model = make_tiny_model("sd15")
     adapted = apply_adapter(model, random_adapter(model, "stam"))
     latent = make_latent(8, 8, 8)["samples"]
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(4))
-    sigmas = host.sigma_grid(model, "normal", 2)
+    sigmas = host.sigma_grid(model, "normal", 1)            # one step: every window starts from the same latents
 
     def sample(m, frames):
         return comfy.sample.sample_custom(m, noise[frames], 5.0, comfy.samplers.sampler_object("euler"), sigmas,
                                           make_conditioning("sd15", 1), make_conditioning("sd15", 2),
                                           latent[frames], disable_pbar=True)
 
-    windowed = sample(with_context_windows(adapted, 4), slice(0, 8))
-    apart = torch.cat([sample(adapted, slice(0, 4)), sample(adapted, slice(4, 8))])
+    windowed_model = with_context_windows(adapted, 4)
+    windowed = sample(windowed_model, slice(0, 8))
+    # each window's call on its own (0.33+ puts the frame before a window in front of it: core drops its output)
+    calls = context_window_calls(windowed_model, 8)
+    apart = torch.cat([sample(adapted, list(ids))[len(ids) - 4:] for ids in calls])
     whole = sample(adapted, slice(0, 8))
     assert torch.allclose(windowed, apart, atol=1e-4 * apart.abs().max())
     assert not torch.allclose(whole, apart, atol=1e-2 * apart.abs().max())     # it does mix frames otherwise

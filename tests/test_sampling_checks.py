@@ -258,6 +258,29 @@ def test_a_cross_frame_model_refuses_an_empty_nan_or_foreign_latent_before_the_f
         sample(model, bad, host.sigma_grid(model, "ddim_uniform", 2))
 
 
+@pytest.mark.parametrize("applied", ["injection", "cross_frame"])
+def test_multigpu_cfg_split_on_a_tve_model_is_refused_before_the_first_step(applied):
+    """core 0.33's MultiGPU CFG Split (``MultiGPU_WorkUnits``) adds a clone of the model per extra GPU under the
+    additional-model key ``multigpu``; on this CPU host there is no second device, so the clone is added as the
+    node does on a two-GPU machine. TVE refuses before any UNet call, naming the model."""
+    from tve.nodes import host
+    from tve.nodes.cross_frame import ApplyCrossFrameAttention
+    from tve.tests.test_tokenflow_node import recorded
+    model, latent, x_T, inversion = inverted(steps=2)
+    if applied == "injection":
+        patched, start, sigmas = injected(model, inversion), x_T, inversion.sigmas
+    else:
+        (patched,) = ApplyCrossFrameAttention().apply(model, "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0)
+        start, sigmas = latent, host.sigma_grid(model, "ddim_uniform", 2)
+    split = patched.clone()
+    split.set_additional_models("multigpu", [patched.clone()])
+    spy = recorded(split)
+    with pytest.raises(ValueError, match="^model: MultiGPU CFG Split spreads each step's conds over several GPUs"):
+        sample(split, start, sigmas)
+    assert spy.calls == []
+    assert torch.isfinite(sample(patched, start, sigmas)).all()              # without it the model samples
+
+
 def test_preview_features_refuses_non_finite_features_naming_the_model():
     import dataclasses
     from tve.nodes.metrics import PreviewFeatures

@@ -16,7 +16,8 @@ def socket_types(cls) -> set[str]:
 
 
 def test_every_custom_socket_type_has_the_pack_prefix():
-    builtin = {"MODEL", "LATENT", "IMAGE", "CONDITIONING", "SIGMAS", "VAE", "INT", "FLOAT", "STRING", "BOOLEAN"}
+    builtin = {"MODEL", "LATENT", "IMAGE", "CONDITIONING", "SIGMAS", "VAE", "INT", "FLOAT", "STRING", "BOOLEAN",
+               "OPTICAL_FLOW"}                      # core's own: Load Optical Flow Model (0.33+)
     used = set().union(*(socket_types(cls) for cls in NODE_CLASS_MAPPINGS.values())) - builtin
     assert used == CUSTOM
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from tve.tests.hosts import (FAMILIES, cond_chunks_split, make_conditioning, make_latent, make_tiny_model,
-                             with_context_windows)
+from tve.tests.hosts import (FAMILIES, cond_chunks_split, context_window_calls, make_conditioning, make_latent,
+                             make_tiny_model, with_context_windows)
 
 pytestmark = pytest.mark.real_host
 
@@ -97,8 +97,7 @@ def test_cond_and_uncond_split_by_memory_give_the_same_edit():
     model, cond, x_T, inversion = inverted(frames=8, steps=3)
     patched = tokenflow(model, inversion)
     together = edit(patched, x_T, inversion.sigmas)
-    with cond_chunks_split():
-        split = edit(patched, x_T, inversion.sigmas)
+    split = edit(cond_chunks_split(patched), x_T, inversion.sigmas)
     assert torch.allclose(together, split, atol=1e-4 * together.abs().max())
 
 
@@ -116,10 +115,14 @@ def test_core_context_windows_draw_keyframes_inside_each_window():
     spy = recorded(windowed)
     out = edit(windowed, x_T, inversion.sigmas)
     assert torch.isfinite(out).all()
+    windows = context_window_calls(windowed, 16)                      # with core 0.33+'s causal frame first
+    edit_calls = [ids for name, _, ids in spy.calls if name == "edit"]
     keyframe_calls = [ids for name, _, ids in spy.calls if name == "keyframes"]
-    assert len(keyframe_calls) == 4                                   # 2 steps × 2 windows
-    for ids in keyframe_calls:
-        assert len(ids) == 2 and (all(i < 8 for i in ids) or all(i >= 8 for i in ids))
+    assert edit_calls == windows * 2                                  # 2 steps, every window's frames
+    assert len(keyframe_calls) == 2 * len(windows)
+    for ids, window in zip(keyframe_calls, windows * 2):
+        # one keyframe per interval of global ids among the frames the call holds, the causal frame included
+        assert set(ids) <= set(window) and sorted(i // 4 for i in ids) == sorted({i // 4 for i in window})
 
 
 def test_bad_inputs_are_refused_before_sampling():

@@ -18,12 +18,14 @@ CFG and seed:
 It writes ``demo.mp4`` (source | per-frame PnP | TokenFlow | FLATTEN, labelled), ``strip.png`` (a few frames of
 each), and ``figures.json``, and prints the consistency figures of the Consistency Metrics node: warp error ×10³
 (Lai et al. 2018) and flicker under the world's exact flow, per method and for the source itself. Default output
-folder: ``<ComfyUI>/output/tve_demo``.
+folder: ``<ComfyUI>/output/tve_demo``. While it runs it says on stderr what it is doing: each phase as it starts,
+and each model step with the steps done of all, the time per step and an estimate of the time left.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,6 +40,59 @@ import torch.nn.functional as F  # noqa: E402
 METHODS = ("per-frame PnP", "TokenFlow", "FLATTEN")
 CLIP_SEED = 100_007              # a held-out seed of the video world (training used seeds below 100 000)
 FRAME_SIZE = 128                 # what the test model was trained on (16 × 16 latents)
+
+
+class Progress:
+    """What the demo is doing, on stderr, flushed: a line per phase with the time since the start, and a line per
+    model step (rewritten in place on a terminal, one line each in a log) with the steps done of ``total``, the
+    mean time per step so far and the time left at that pace."""
+
+    def __init__(self, total: int):
+        self.start = time.perf_counter()
+        self.total = total                # model steps of all runs together
+        self.done = 0                     # steps of the runs already finished
+        self.run = ""                     # the run now stepping
+        self.stepping_since = None        # when the first run started: the pace counts steps from there
+        self.open_line = False            # a step line waits for its end (terminal only)
+
+    def _write(self, line: str, in_place: bool = False) -> None:
+        stream = sys.stderr
+        if in_place and stream.isatty():                  # one terminal row, so that \r returns to its start
+            stream.write("\r\033[K" + line[:shutil.get_terminal_size().columns - 1])
+            self.open_line = True
+        else:
+            stream.write(("\n" if self.open_line else "") + line + "\n")
+            self.open_line = False
+        stream.flush()
+
+    def _clock(self) -> str:
+        return f"TVE demo [{_duration(time.perf_counter() - self.start)}]"
+
+    def phase(self, text: str) -> None:
+        self._write(f"{self._clock()} {text}")
+
+    def begin_run(self, name: str, steps: int, title: str = "") -> None:
+        """A run of ``steps`` model steps (the inversion, an edit) starts; ``title`` leads its phase line."""
+        self.run = name
+        if self.stepping_since is None:
+            self.stepping_since = time.perf_counter()
+        self.phase(f"{title}{name}, {steps} steps ...")
+
+    def step(self, value: int, of: int) -> None:
+        """A progress report of the running run: ``value`` of its ``of`` steps are done."""
+        done = self.done + value
+        pace = (time.perf_counter() - self.stepping_since) / done if done else 0.0
+        left = f", about {_duration(pace * (self.total - done))} left" if done < self.total else ""
+        self._write(f"{self._clock()}   {done}/{self.total} steps{left}; {self.run} step {value}/{of}, "
+                    f"{pace:.1f} s/step", in_place=True)
+
+    def end_run(self, steps: int) -> None:
+        self.done += steps
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
 
 
 def edit_models(model, inversion, trajectories, seed: int) -> dict:
@@ -100,11 +155,14 @@ def main() -> None:
     opts = ap.parse_args()
     if opts.frames < 2 or opts.steps < 2:
         ap.error("--frames and --steps must be at least 2")
+    progress = Progress(total=opts.steps * (1 + len(METHODS)))
+    progress.phase(f"{opts.frames} frames of {FRAME_SIZE}x{FRAME_SIZE}, {opts.steps} steps, cfg {opts.cfg}: "
+                   f"a DDIM inversion and {len(METHODS)} edits ({', '.join(METHODS)}), {progress.total} model "
+                   "steps in all, on the CPU")
+    progress.phase(f"loading ComfyUI ({_tve_alias.find_comfyui() or 'not found'}) and the pack ...")
     comfyui = _tve_alias.real_host()
     out = opts.out or comfyui / "output" / "tve_demo"
     out.mkdir(parents=True, exist_ok=True)
-
-    from tqdm import tqdm
 
     from tve.flow.consistency import measure_consistency
     from tve.flow.estimate import estimate_flow
@@ -115,36 +173,34 @@ def main() -> None:
     from tve.tools.video_world import frames_to_latent, latent_to_frames, render_clip
 
     torch.manual_seed(opts.seed)
-    total = opts.steps * (1 + len(METHODS))
-    with tqdm(total=total, desc="TVE demo", unit="step") as bar:
-        done = [0]
-
-        def advance(value: int, of: int) -> None:          # each run reports 1..steps; the bar counts them all
-            bar.n = done[0] + value
-            bar.refresh()
-
-        host.report_progress_to(advance)
+    host.report_progress_to(progress.step)
+    try:
+        progress.phase(f"rendering the held-out clip of the video world (seed {CLIP_SEED}) ...")
         clip = render_clip(opts.frames, FRAME_SIZE, FRAME_SIZE, seed=CLIP_SEED, sprites=2)
+        progress.phase("loading the test model (tools/test_model) ...")
         model, conditioning = load(Path(__file__).resolve().parent / "test_model")
         raw = frames_to_latent(clip.frames)
 
-        bar.set_postfix_str("DDIM inversion")
+        progress.begin_run("DDIM inversion", opts.steps)
         x_T, inversion = invert(model, raw, conditioning["source"], opts.steps, "ddim_uniform")
-        done[0] += opts.steps
+        progress.end_run(opts.steps)
+        progress.phase("DIS optical flow and FLATTEN's trajectories of the clip ...")
         flow = estimate_flow(clip.frames, "dis")
         trajectories = build_trajectories(flow, tuple(raw.shape[-2:]), seed=opts.seed)
         outputs, seconds = {}, {}
-        for name, patched in edit_models(model, inversion, trajectories, opts.seed).items():
-            bar.set_postfix_str(name)
+        for number, (name, patched) in enumerate(edit_models(model, inversion, trajectories, opts.seed).items(), 1):
+            progress.begin_run(name, opts.steps, title=f"edit {number}/{len(METHODS)}: ")
             start = time.perf_counter()
             latent = host.sample_euler_guided(patched, torch.zeros_like(x_T), x_T, inversion.sigmas,
                                               conditioning["target"], conditioning["empty"], opts.cfg, opts.seed,
                                               callback=host.step_callback(opts.steps))
             seconds[name] = time.perf_counter() - start
             outputs[name] = latent_to_frames(latent.float()).clamp(0, 1)
-            done[0] += opts.steps
+            progress.end_run(opts.steps)
+    finally:
         host.report_progress_to(None)
 
+    progress.phase("measuring warp error and flicker under the exact flow; writing the video, strip and figures ...")
     exact = (clip.flow_forward, clip.occlusion_forward)
     videos = {"source": clip.frames, **outputs}
     figures = {name: measure_consistency(frames, *exact) for name, frames in videos.items()}

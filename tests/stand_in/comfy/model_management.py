@@ -36,8 +36,19 @@ def module_size(module) -> int:
     return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
 
 
-def free_memory(memory_required, device, keep_loaded=()) -> None:
-    pass
+_loaded = []                    # the ModelPatchers load_models_gpu loaded, newest last
+
+
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                    force_full_load=False) -> None:
+    for m in models:
+        m.model.to(m.load_device)
+        if m not in _loaded:
+            _loaded.append(m)
+
+
+def loaded_models(only_currently_used=False) -> list:
+    return list(_loaded)
 
 
 def should_use_fp16(device=None, model_params=0, prioritize_performance=True, manual_cast=False) -> bool:
