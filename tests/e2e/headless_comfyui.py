@@ -11,6 +11,7 @@ late, a dead one never; a prompt is posted with its own id, so a retried POST ne
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -102,7 +103,8 @@ class HeadlessComfyUI:
             if self.knows(prompt_id):                  # an earlier attempt got through but its answer did not
                 return 200, {"prompt_id": prompt_id, "node_errors": {}}
             try:
-                response = requests.post(self.url + "/prompt", json=body, timeout=REQUEST_S)
+                response = requests.post(self.url + "/prompt", data=json.dumps(body),     # NaN probes: allow_nan
+                                         headers={"Content-Type": "application/json"}, timeout=REQUEST_S)
             except (requests.Timeout, requests.ConnectionError):
                 return None
             return response.status_code, response.json()
