@@ -16,7 +16,6 @@ from tve.tests.e2e.tiny_sd15 import write_tiny_controlnet, write_tiny_sd15
 from tve.tools.video_world import render_clip
 
 ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +94,7 @@ def comfyui(e2e_root, checkpoint_file, controlnet_file, source_videos) -> Headle
     server = start(comfyui_path, ["--base-directory", str(base), "--extra-model-paths-config",
                                   str(config), "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
                                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER],
-                   e2e_root / "server.log", START_TIMEOUT_S)
+                   e2e_root / "server.log")
     yield server
     server.stop()
 

@@ -5,7 +5,8 @@ import pytest
 pytestmark = pytest.mark.real_host
 
 CORE_TYPES = {"MODEL", "LATENT", "IMAGE", "CONDITIONING", "SIGMAS", "INT", "FLOAT", "STRING", "BOOLEAN", "MASK",
-              "VAE", "CLIP", "CONTROL_NET", "NOISE", "GUIDER", "SAMPLER", "VIDEO", "AUDIO"}
+              "VAE", "CLIP", "CONTROL_NET", "NOISE", "GUIDER", "SAMPLER", "VIDEO", "AUDIO",
+              "OPTICAL_FLOW"}                  # core's RAFT (ComfyUI 0.33+), an optional input of Optical Flow (TVE)
 PREVIEWS = {"TVE_PreviewFlow", "TVE_PreviewTrajectories", "TVE_PreviewFeatures"}
 FIXED_SEEDS = {"TVE_FlowTrajectories", "TVE_PreviewTrajectories", "TVE_ApplyTokenFlow", "TVE_ApplyCrossFrameAttention"}
 

@@ -14,15 +14,14 @@ import pytest
 
 from tve.tests.e2e.session_files import (CHECKPOINT, CONTROLNET, FRAMES, HEIGHT, LONG, PACK_FOLDER, PHONE,
                                          RAFT_PLACEHOLDER, SMALL, SOURCES, WEB, WIDTH, SourceVideo)
-from tve.tests.e2e.ui_workflow import combo_choices, problems, to_api
+from tve.tests.e2e.ui_workflow import combo_choices, layout, problems, to_api
 
 pytestmark = pytest.mark.real_host
 
 WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOW_DIR.glob("*.json"))
-RUN_TIMEOUT_S = 600
 
-# Set on every node of these types before queueing: the session's checkpoint, the CPU flow method, tiny step
+# Set on every node of these types before queueing: the session's checkpoint and ControlNet, tiny step
 # counts, a small resize target (not a multiple of 8 for 16:9, so VAEEncode and the TVE nodes crop). The clip
 # (LoadVideo.file) is set per run. Frame caps stay as shipped. An override naming an input the node lacks fails
 # the test (keeps this table honest).
@@ -30,7 +29,6 @@ RESIZE_TO = 96
 TYPE_OVERRIDES = {
     "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
     "ControlNetLoader": {"control_net_name": CONTROLNET},
-    "TVE_OpticalFlow": {"method": "dis", "raft_weights": "none (method dis)"},
     "TVE_DDIMInversion": {"steps": 2},
     "TVE_OneShotTune": {"steps": 2},
     "TVE_MotionDynamicsLatents": {"steps": 6, "t0": 2, "t1": 4, "frames": FRAMES},
@@ -120,8 +118,13 @@ def test_optical_flow_folder_from_extra_model_paths_is_offered(object_info):
     assert RAFT_PLACEHOLDER in combo_choices(spec)
 
 
-def test_workflow_files_are_what_build_workflows_writes(object_info):
-    from tve.tools.build_workflows import build_all, render
+def test_workflow_files_are_what_build_workflows_writes(comfyui, object_info):
+    """The files are the tool's output for the pack's nodes as this server defines them and core nodes in the
+    floor release's form (tools/floor_core_nodes.json); on the floor release, that snapshot is its definitions."""
+    from tve.tools.build_workflows import FLOOR_VERSION, build_all, core_types, floor_nodes, form, render
+    if comfyui.get("/system_stats").json()["system"]["comfyui_version"] == FLOOR_VERSION:
+        assert floor_nodes() == {name: form(object_info[name]) for name in core_types()}, \
+            "tools/floor_core_nodes.json is stale: run `COMFYUI_PATH=... python tools/build_workflows.py --save-floor`"
     expected = {name: render(workflow) for name, workflow in build_all(object_info).items()}
     on_disk = {path.name: path.read_text(encoding="utf-8") for path in WORKFLOW_FILES}
     assert sorted(on_disk) == sorted(expected), "workflows/ and the specs in tools/build_workflows.py differ"
@@ -174,7 +177,7 @@ def runs() -> list:
 @pytest.mark.parametrize("path, source", runs())
 def test_workflow_runs_to_the_end_with_its_frame_count_at_its_size(path, source, comfyui, object_info):
     graph = with_overrides(to_api(load(path), object_info), source)
-    assert_ran_to_the_end(comfyui, object_info, path, graph, comfyui.run(graph, RUN_TIMEOUT_S), source)
+    assert_ran_to_the_end(comfyui, object_info, path, graph, comfyui.run(graph), source)
 
 
 def assert_ran_to_the_end(comfyui, object_info: dict, path: Path, graph: dict, entry: dict,
@@ -215,22 +218,68 @@ def inside(node: dict, bounding: list) -> bool:
     return gx <= x and gy <= y - 30 and x + w <= gx + gw and y + h <= gy + gh
 
 
+NUMBERS = "①②③④⑤"
+
+
+def is_numbered(node: dict) -> bool:
+    """Whether the node is one the short Note says to set first (its title starts with its number)."""
+    return node.get("title", "")[:1] in tuple(NUMBERS)
+
+
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
-def test_every_node_sits_in_one_group_and_the_note_says_what_to_set_first(path):
+def test_every_node_sits_in_one_group_and_the_short_note_names_the_nodes_to_set_first(path):
+    """Every node in exactly one group; a short "Start here" Note names, in order, the numbered nodes to set first
+    (checkpoint, clip, frames, prompt) by their titles; a "Details" Note gives the VRAM estimate, and in a video
+    workflow what an empty frame range does."""
     workflow = load(path)
     titles = [group["title"] for group in workflow["groups"]]
     for node in workflow["nodes"]:
         holders = [g["title"] for g in workflow["groups"] if inside(node, g["bounding"])]
         assert len(holders) == 1, (node["type"], node.get("title"), holders)
-    (note,) = [node["widgets_values"][0] for node in workflow["nodes"] if node["type"] == "Note"]
-    assert note.count("Set first") == 1 and "VRAM" in note and "estimate" in note
-    if any(node["type"] == "LoadVideo" for node in workflow["nodes"]):
-        assert titles[0] == "Load" and all(word in note for word in ("Checkpoint", "video", "number of frames"))
-    if any(node["type"] == "TVE_DDIMInversion" for node in workflow["nodes"]):
-        # EI² tunes the model on the clip between loading and inverting it.
-        expected = ["Load", "Tune", "Invert", "Edit", "Save"] if "TVE_OneShotTune" in {
-            node["type"] for node in workflow["nodes"]} else ["Load", "Invert", "Edit", "Save"]
-        assert titles == expected and "prompt" in note.lower()
+    notes = {node.get("title"): node["widgets_values"][0] for node in workflow["nodes"]
+             if node["type"] == "MarkdownNote"}
+    assert sorted(notes) == ["Details", "Start here"], sorted(notes)
+    start, details = notes["Start here"], notes["Details"]
+    assert start.count("Set first") == 1 and len(start.splitlines()) <= 14, start
+    numbered = sorted(node["title"] for node in workflow["nodes"] if is_numbered(node))
+    assert [title[0] for title in numbered] == list(NUMBERS[:len(numbered)]) and len(numbered) >= 3, numbered
+    named = [f"{title[0]} **{title[2:]}**" for title in numbered]
+    assert [name for name in named if name not in start] == [], start
+    assert [start.index(name) for name in named] == sorted(start.index(name) for name in named)
+    assert "VRAM" in details and "estimate" in details
+    types = {node["type"] for node in workflow["nodes"]}
+    if "LoadVideo" in types:
+        assert titles[0] == "Load" and [t[2:] for t in numbered[:3]] == [
+            "Load Checkpoint", "Source video", "Frames (start, number)"]
+        assert "no frames" in details and "before any TVE node" in details
+    if "TVE_DDIMInversion" in types:
+        # EI² tunes the model on the clip between loading and inverting it; the reconstruction has no edit prompt.
+        expected = ["Load", "Invert", "Edit", "Save"]
+        if "TVE_OneShotTune" in types:
+            expected = ["Load", "Prompt", "Tune", "Invert", "Edit", "Save"]
+        elif any("Target prompt" in title for title in numbered):
+            expected = ["Load", "Prompt", "Invert", "Edit", "Save"]
+        assert titles == expected
+    if "TVE_OpticalFlow" in types:
+        assert "models/optical_flow" in details and "raft_large_C_T_SKHT_V2-ff5fadd5.pth" in details
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+def test_workflow_opens_on_settings_the_server_offers_but_the_files_to_set_first(path, object_info):
+    """Every combo value of a shipped file is one the server offers (a new artist can queue it as it opens), except
+    the files the artist picks first (numbered nodes) and model files the file says where to download (the editor's
+    missing-model dialog offers them)."""
+    missing = []
+    for node in load(path)["nodes"]:
+        if node["type"] not in object_info or is_numbered(node):
+            continue
+        downloads = {model["name"] for model in node["properties"].get("models", [])}
+        slots, _ = layout(object_info[node["type"]], node["widgets_values"])
+        for slot, value in zip(slots, node["widgets_values"]):
+            if slot.name and slot.spec and combo_choices(slot.spec) and value not in combo_choices(slot.spec) \
+                    and value not in downloads:
+                missing.append(f"{node['type']}.{slot.name} = {value!r}")
+    assert missing == [], "the server does not offer these: the first Queue fails validation"
 
 
 @pytest.mark.parametrize("path", [p for p in WORKFLOW_FILES if "LoadVideo" in p.read_text(encoding="utf-8")],

@@ -10,6 +10,7 @@ Outputs are meaningless; workflows run end to end.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from pathlib import Path
@@ -44,7 +45,10 @@ def checkpoint_shapes() -> dict[str, torch.Tensor]:
             vae = comfy.sd.VAE(sd=markers)
     finally:
         logging.disable(logging.NOTSET)
-    return base.state_dict_for_saving(clip.state_dict(), vae.first_stage_model.state_dict())
+    parts = dict(clip_state_dict=clip.state_dict(), vae_state_dict=vae.first_stage_model.state_dict())
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        return base.state_dict_for_saving(base.diffusion_model.state_dict(), **parts)   # ComfyUI 0.33: passed in
+    return base.state_dict_for_saving(**parts)                                      # 0.3.64: its own UNet
 
 
 def random_weights(shapes: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
