@@ -136,6 +136,16 @@ def with_context_windows(model, length: int, overlap: int = 0):
     return m
 
 
+def core_context_handler(length: int, overlap: int, schedule: str = "standard_static", fuse: str = "pyramid"):
+    """Real host: the context handler core's Context Windows (Manual) node puts on a MODEL's ``model_options`` with
+    this schedule and fuse method; ``handler.context_schedule.func(frames, handler, model_options)`` are its
+    windows, ``handler.fuse_method.func(n)`` the weights of a window of ``n`` frames."""
+    from tve.engine import host
+    (m,) = host.run_core_node("ContextWindowsManual", model=make_tiny_model("sd15"), context_length=length,
+                              context_overlap=overlap, context_schedule=schedule, fuse_method=fuse)
+    return m.model_options["context_handler"]
+
+
 def context_window_calls(model, frames: int) -> list[tuple[int, ...]]:
     """The global frame ids of each call core's context handler on ``model`` (``with_context_windows``) makes over
     ``frames`` frames: its static standard windows, each preceded by the frame before it where the handler adds

@@ -391,9 +391,9 @@ ADAPTER_FILES = {                   # file -> how it is damaged (see ``adapter_f
 def _e2e_unet(checkpoint_file, seed: int | None = None):
     """The e2e checkpoint's MODEL as the server's CheckpointLoaderSimple loads it (comfy's loader, on the CPU), or
     with random weights of ``seed`` instead (another checkpoint of the same family and layout)."""
-    import comfy.sd
+    from tve.engine import host
     from tve.tests.hosts import _init_weights
-    model = comfy.sd.load_checkpoint_guess_config(str(checkpoint_file), output_vae=False, output_clip=False)[0]
+    model = host.checkpoint_model(str(checkpoint_file))
     if seed is not None:
         _init_weights(model.model, seed)
     return model
