@@ -766,9 +766,10 @@ def sample(model: Any, noise: torch.Tensor, cfg: float, sampler_name: str, sigma
            negative: list, latent: torch.Tensor, seed: int | None = None, noise_mask: torch.Tensor | None = None,
            callback: Callable[[int, Any, torch.Tensor, int], None] | None = None) -> torch.Tensor:
     """Core sampler ``sampler_name`` with CFG ``cfg`` over ``sigmas`` (descending, ends with 0), as core's
-    SamplerCustom runs it: ``noise`` (zeros: none) is added to the raw ``latent`` at ``sigmas[0]``, every patch and
-    wrapper on ``model`` is active, a LATENT's ``noise_mask`` keeps what is outside it; ``seed`` feeds the
-    sampler's own noise (SDE samplers); ``callback(step, x0, x, total)`` after each step. Raw latent out."""
+    SamplerCustom runs it: unit ``noise`` (zeros: none) scaled to ``sigmas[0]`` is added to the raw ``latent``,
+    every patch and wrapper on ``model`` is active, a LATENT's ``noise_mask`` keeps what is outside it; ``seed``
+    feeds the sampler's own noise (ancestral and SDE samplers); ``callback(step, x0, x, total)`` after each step.
+    Raw latent out."""
     import comfy.sample
     import comfy.samplers
     return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object(sampler_name), sigmas,
