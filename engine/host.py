@@ -31,12 +31,18 @@ RUN_KEY = "text_video_edit_run"      # transformer_options entry: the sampling c
 APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
 OUTER_SAMPLE = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 CALC_COND_BATCH = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
+DIFFUSION_MODEL = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL   # around each UNet call (probes, audits)
 
 
 # ---------------------------------------------------------------------------------------------- model files
+def default_model_folder(folder: str) -> str:
+    """``models/<folder>`` of this ComfyUI (the first path a model folder TVE registers lists)."""
+    return os.path.join(folder_paths.models_dir, folder)
+
+
 def register_optical_flow_folder() -> None:
     """Add ``models/optical_flow``, keeping paths the artist set in extra_model_paths.yaml (read earlier)."""
-    default = os.path.join(folder_paths.models_dir, OPTICAL_FLOW_FOLDER)
+    default = default_model_folder(OPTICAL_FLOW_FOLDER)
     paths, _ = folder_paths.folder_names_and_paths.get(OPTICAL_FLOW_FOLDER, ([], None))
     folder_paths.folder_names_and_paths[OPTICAL_FLOW_FOLDER] = (
         [default] + [p for p in paths if p != default], set(folder_paths.supported_pt_extensions))
@@ -44,7 +50,7 @@ def register_optical_flow_folder() -> None:
 
 def register_adapter_folder() -> None:
     """Add ``models/tve_adapters`` (temporal adapters, .safetensors), keeping paths from extra_model_paths.yaml."""
-    default = os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)
+    default = default_model_folder(ADAPTER_FOLDER)
     paths, _ = folder_paths.folder_names_and_paths.get(ADAPTER_FOLDER, ([], None))
     folder_paths.folder_names_and_paths[ADAPTER_FOLDER] = ([default] + [p for p in paths if p != default],
                                                            {".safetensors"})
@@ -52,6 +58,10 @@ def register_adapter_folder() -> None:
 
 def adapter_files() -> list[str]:
     return folder_paths.get_filename_list(ADAPTER_FOLDER)
+
+
+def adapter_folders() -> list[str]:
+    return folder_paths.get_folder_paths(ADAPTER_FOLDER)
 
 
 def adapter_path(name: str) -> str:
@@ -82,6 +92,29 @@ def optical_flow_files() -> list[str]:
 
 def optical_flow_folders() -> list[str]:
     return folder_paths.get_folder_paths(OPTICAL_FLOW_FOLDER)
+
+
+_FOLDER_EXTENSIONS = {ADAPTER_FOLDER: {".safetensors"}}        # other folders: every checkpoint extension
+
+
+@contextlib.contextmanager
+def model_folder_at(folder: str, path: str) -> Iterator[None]:
+    """While open, the model folder ``folder`` (e.g. ``OPTICAL_FLOW_FOLDER``) is ``path`` alone, as an
+    extra_model_paths.yaml entry read before TVE registered it would make it (tests and scripts bringing their own
+    files); afterwards it is as it was, and file lists are read afresh."""
+    saved = folder_paths.folder_names_and_paths.get(folder)
+    cache = getattr(folder_paths, "filename_list_cache", {})          # the real host caches file lists
+    cache.pop(folder, None)
+    folder_paths.folder_names_and_paths[folder] = (
+        [path], set(_FOLDER_EXTENSIONS.get(folder, folder_paths.supported_pt_extensions)))
+    try:
+        yield
+    finally:
+        if saved is None:
+            folder_paths.folder_names_and_paths.pop(folder, None)
+        else:
+            folder_paths.folder_names_and_paths[folder] = saved
+        cache.pop(folder, None)
 
 
 RAFT_FILES = "raft_large_C_T_SKHT_V2-ff5fadd5.pth or raft_small_C_T_V2-01064c6d.pth"
@@ -203,11 +236,29 @@ def report_progress_to(fn: Callable[[int, int], None] | None) -> None:
         None if fn is None else lambda value, total, preview=None, node_id=None: fn(value, total))
 
 
+Interrupted = comfy.model_management.InterruptProcessingException     # what a cancelled node raises
+
+
+def interrupt(requested: bool = True) -> None:
+    """What the cancel button does (``requested``) or the executor after a cancelled prompt (not): while requested,
+    the next progress update of a node (``progress``, core samplers) raises ``Interrupted`` and clears it."""
+    comfy.model_management.interrupt_current_processing(requested)
+
+
+def interrupt_requested() -> bool:
+    return comfy.model_management.processing_interrupted()
+
+
 def preview_images(images: torch.Tensor, prefix: str) -> list[dict]:
     """Save ``images`` (N, H, W, 3) as the temporary PNGs core PreviewImage shows on a node; its ``ui.images``
     entries (filename, subfolder, type) for a node's ``{"ui": {"images": ...}}``."""
     import nodes
     return nodes.PreviewImage().save_images(images, filename_prefix=prefix)["ui"]["images"]
+
+
+def preview_path(entry: Mapping[str, str]) -> str:
+    """The file a ``preview_images`` entry names (in ComfyUI's temp folder)."""
+    return os.path.join(folder_paths.get_temp_directory(), entry["subfolder"], entry["filename"])
 
 
 def progress_with_text(total: int) -> Callable[[int, int, str], None]:
@@ -250,6 +301,27 @@ def core_node_class(node_id: str) -> type:
     if node_id not in nodes.NODE_CLASS_MAPPINGS:
         raise ValueError(f"ComfyUI has no core node '{node_id}'")
     return nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+def node_ids() -> set[str]:
+    """Ids of every node class ComfyUI has registered (``NODE_CLASS_MAPPINGS``)."""
+    import nodes
+    return set(nodes.NODE_CLASS_MAPPINGS)
+
+
+def load_custom_nodes(folder: str) -> bool:
+    """Load the custom node pack in ``folder`` as ComfyUI's startup loads ``custom_nodes/*`` (its nodes join the
+    registry); whether it loaded."""
+    import asyncio
+    import inspect
+    import nodes
+    loading = nodes.load_custom_node(folder, module_parent="custom_nodes")
+    return bool(asyncio.run(loading) if inspect.iscoroutine(loading) else loading)
+
+
+def comfyui_version() -> str:
+    import comfyui_version as version
+    return version.__version__
 
 
 def run_core_node(node_id: str, **inputs: Any) -> tuple:
@@ -321,6 +393,15 @@ def _block_levels(unet: Any) -> dict[tuple[str, int], int]:
         if any(isinstance(layer, openaimodel.Upsample) for layer in seq):
             level -= 1
     return levels
+
+
+def attention_backend(name: str) -> Callable[..., torch.Tensor]:
+    """One of the host's attention functions by name, ``fn(q, k, v, heads)`` on (B, L, heads·d) tensors:
+    ``"basic"`` (plain softmax attention) or a registered backend (``"pytorch"``, ``"sub_quad"``, ``"split"``, and
+    ``"xformers"``/``"sage"``/``"flash"`` where installed)."""
+    if name == "basic":
+        return comfy_attention.attention_basic
+    return comfy_attention.get_attention_function(name)
 
 
 def optimized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -675,14 +756,32 @@ def sample_with(model: Any, sampler_function: Callable, extra_options: dict, sig
                                       latent, callback=callback, disable_pbar=True)
 
 
+def sampler_names() -> list[str]:
+    """Every core sampler's name (what KSampler's sampler_name offers)."""
+    import comfy.samplers
+    return list(comfy.samplers.SAMPLER_NAMES)
+
+
+def sample(model: Any, noise: torch.Tensor, cfg: float, sampler_name: str, sigmas: torch.Tensor, positive: list,
+           negative: list, latent: torch.Tensor, seed: int | None = None, noise_mask: torch.Tensor | None = None,
+           callback: Callable[[int, Any, torch.Tensor, int], None] | None = None) -> torch.Tensor:
+    """Core sampler ``sampler_name`` with CFG ``cfg`` over ``sigmas`` (descending, ends with 0), as core's
+    SamplerCustom runs it: unit ``noise`` (zeros: none) scaled to ``sigmas[0]`` is added to the raw ``latent``,
+    every patch and wrapper on ``model`` is active, a LATENT's ``noise_mask`` keeps what is outside it; ``seed``
+    feeds the sampler's own noise (ancestral and SDE samplers); ``callback(step, x0, x, total)`` after each step.
+    Raw latent out."""
+    import comfy.sample
+    import comfy.samplers
+    return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object(sampler_name), sigmas,
+                                      positive, negative, latent, noise_mask=noise_mask, callback=callback,
+                                      disable_pbar=True, seed=seed)
+
+
 def sample_euler_guided(model: Any, noise: torch.Tensor, latent: torch.Tensor, sigmas: torch.Tensor, positive: list,
                         negative: list, cfg: float, seed: int, callback: Callable | None = None) -> torch.Tensor:
     """Core Euler (DDIM, η = 0) with CFG over ``sigmas``: raw latent in, raw latent out, through comfy's whole
     sampling stack (the sampler a core KSampler runs)."""
-    import comfy.sample
-    import comfy.samplers
-    return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas, positive,
-                                      negative, latent, callback=callback, disable_pbar=True, seed=seed)
+    return sample(model, noise, cfg, "euler", sigmas, positive, negative, latent, seed=seed, callback=callback)
 
 
 def step_callback(steps: int) -> Callable[[int, Any, Any, int], None]:
@@ -746,6 +845,13 @@ def set_wrapper(model: Any, wrapper_type: str, fn: Callable) -> None:
     """Make ``fn`` the one TVE wrapper of ``wrapper_type`` on the clone ``model`` (an earlier one is removed)."""
     model.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
     model.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, fn)
+
+
+def add_wrapper(model: Any, wrapper_type: str, key: str, fn: Callable) -> None:
+    """Add ``fn`` as a wrapper of ``wrapper_type`` (e.g. ``DIFFUSION_MODEL``: ``fn(executor, x, timesteps, context,
+    y, control, transformer_options, **kwargs)``, which must call ``executor`` with them) under ``key`` on the
+    clone ``model``, after those already there."""
+    model.add_wrapper_with_key(wrapper_type, key, fn)
 
 
 def set_inpaint_latent(model: Any, fn: Callable[..., torch.Tensor]) -> None:
@@ -983,3 +1089,99 @@ def weight_shapes(model: Any, keys: Iterable[str]) -> dict[str, tuple[int, ...] 
     key the model does not have."""
     state = model.model_state_dict()
     return {key: tuple(state[key].shape) if key in state else None for key in keys}
+
+
+# ==============================================================================================================
+# Models, controls and VAEs for scripts, tools and tests (issue 21): what core's loaders make from a file, made from
+# a layout or a state dict in memory, so that nothing outside this file builds comfy's classes itself.
+# ==============================================================================================================
+MODEL_CONFIGS = ("SD15", "SD20", "SDXL")         # comfy's model configs (supported_models) TVE edits with
+
+
+def build_model(config: str, unet_config: Mapping[str, Any], prediction: str = "EPS") -> Any:
+    """A MODEL (ModelPatcher) whose BaseModel comfy builds from its model config ``config`` (one of
+    ``MODEL_CONFIGS``: latent format, sampling schedule, conds) with the UNet layout ``unet_config`` (UNetModel
+    arguments; they override the config's own, e.g. a shrunk SD1.5 with ``num_head_channels``) and ``prediction``
+    ("EPS" or "V_PREDICTION"); fp32 on the CPU, weights uninitialised (comfy's layers skip init: set them).
+    What a checkpoint loader does once it has detected the config, for layouts too small to be detected."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+    if config not in MODEL_CONFIGS:
+        raise ValueError(f"config: expected one of {MODEL_CONFIGS}, got '{config}'")
+    model_config = getattr(comfy.supported_models, config)(dict(unet_config))
+    model_config.unet_config.update(unet_config)         # the layout given wins over the config's extra settings
+    model_config.set_inference_dtype(torch.float32, None)
+    model_class = comfy.model_base.SDXL if config == "SDXL" else comfy.model_base.BaseModel
+    base = model_class(model_config, model_type=comfy.model_base.ModelType[prediction], device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch_device(), offload_device=offload_device())
+
+
+def checkpoint_model(path: str) -> Any:
+    """The MODEL of the checkpoint file ``path`` as core's CheckpointLoaderSimple loads it (config detected from
+    the weights), without its CLIP and VAE."""
+    import comfy.sd
+    return comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
+
+
+def add_lora(model: Any, lora: Mapping[str, torch.Tensor], strength: float) -> Any:
+    """A clone of ``model`` with the LoRA state dict ``lora`` (kohya ``lora_unet_*`` keys, ...) at ``strength``:
+    what core's LoraLoaderModelOnly does with a LoRA file once it has read it."""
+    import comfy.sd
+    return comfy.sd.load_lora_for_models(model, None, dict(lora), strength, 0.0)[0]
+
+
+def new_weight_hook() -> Any:
+    """A fresh weight hook (core's Create Hook nodes make one per LoRA or model they hook): the key under which
+    ``model.add_hook_patches(hook, patches, strength)`` groups weight patches applied only while the hook is on."""
+    import comfy.hooks
+    return comfy.hooks.WeightHook()
+
+
+def load_model(model: Any) -> None:
+    """Load ``model`` for sampling as a sampler does (its weights patched in, on its load device)."""
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+
+
+def unload_models() -> None:
+    """Unload every loaded model (weights unpatched, back on their offload device)."""
+    comfy.model_management.unload_all_models()
+
+
+_CONTROLNET_SKIPS = ("out_channels", "transformer_depth_output", "use_temporal_resblock", "use_temporal_attention")
+
+
+def build_controlnet(unet_config: Mapping[str, Any], weights: Callable[[torch.nn.Module], None],
+                     hint_channels: int = 3) -> Any:
+    """A CONTROL_NET socket value (core's ControlNet) around comfy's ControlNet model (cldm) for a UNet of
+    ``unet_config`` (as ``build_model`` takes it), hints of ``hint_channels`` channels, fp32 on the CPU;
+    ``weights(module)`` sets the new module's weights (comfy's layers skip init). What core's ControlNet loader
+    makes of a ControlNet file for such a UNet."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    config = {k: v for k, v in unet_config.items() if k not in _CONTROLNET_SKIPS}
+    module = comfy.cldm.cldm.ControlNet(hint_channels=hint_channels, dtype=torch.float32, device=torch.device("cpu"),
+                                        operations=comfy.ops.disable_weight_init, **config)
+    weights(module)
+    module.eval()
+    return comfy.controlnet.ControlNet(module, load_device=torch_device())
+
+
+def build_t2i_adapter(channels: Sequence[int], weights: Callable[[torch.nn.Module], None]) -> Any:
+    """A CONTROL_NET socket value (core's T2IAdapter) around comfy's full T2I-Adapter with one residual block per
+    level and ``channels`` per level (a feature for every third UNet input block, as SD1.5's), RGB hints, fp32 on
+    the CPU; ``weights(module)`` sets the new module's weights."""
+    import comfy.controlnet
+    from comfy.t2i_adapter.adapter import Adapter
+    module = Adapter(channels=list(channels), nums_rb=1, cin=3 * 64, ksize=1, sk=True, use_conv=False, xl=False)
+    weights(module)
+    module.eval()
+    return comfy.controlnet.T2IAdapter(module, 3, 8, "nearest-exact", device=torch.device("cpu"))
+
+
+def vae_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Any:
+    """A VAE socket value that comfy builds from ``state_dict`` (the model it detects from the keys), as core's
+    VAELoader does with a VAE file's weights."""
+    import comfy.sd
+    return comfy.sd.VAE(sd=dict(state_dict))

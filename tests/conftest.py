@@ -26,7 +26,7 @@ def _register_pack_alias() -> None:
 
 _register_pack_alias()
 
-from tve.tools._tve_alias import find_comfyui  # noqa: E402  (the tools find their host the same way)
+from tve.tools._tve_alias import find_comfyui, real_host  # noqa: E402  (the tools find their host the same way)
 
 COMFYUI_PATH = find_comfyui()
 if COMFYUI_PATH:
@@ -40,10 +40,7 @@ def _select_host() -> None:
     if COMFYUI_PATH:
         if not (Path(COMFYUI_PATH) / "comfy" / "model_patcher.py").is_file():
             raise RuntimeError(f"COMFYUI_PATH={COMFYUI_PATH} is not a ComfyUI checkout")
-        sys.path.insert(0, str(Path(COMFYUI_PATH).resolve()))
-        from comfy.cli_args import args
-        args.cpu = True                       # before comfy.model_management: no CUDA on CI machines
-        import comfy.model_management  # noqa: F401
+        real_host()                           # on the CPU (no CUDA on CI machines), as the tools import it
     else:
         sys.path.insert(0, str(ROOT / "tests" / "stand_in"))
 
@@ -60,8 +57,8 @@ def pytest_configure(config):
 def pytest_report_header(config):
     if not COMFYUI_PATH:
         return "TVE host: stand-in (tests/stand_in); real_host and e2e tests skip"
-    import comfyui_version
-    return f"TVE host: ComfyUI {comfyui_version.__version__} at {COMFYUI_PATH}"
+    from tve.engine import host
+    return f"TVE host: ComfyUI {host.comfyui_version()} at {COMFYUI_PATH}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,13 +1,12 @@
 """Tiny SD1.5-, SD2- (v-prediction, linear proj) and SDXL-shaped models for the two test hosts.
 
-``make_tiny_model(family)`` returns a ``ModelPatcher``: with ``COMFYUI_PATH`` set, a real comfy BaseModel built
-from comfy's own model configs with seeded random weights; otherwise the stand-in host's patcher around a UNet
-with the same block layout (replace keys, token grids, channels), enough for node logic.
+``make_tiny_model(family)`` returns a ``ModelPatcher`` that the host adapter builds from comfy's own model configs
+(``host.build_model``) with seeded random weights: with ``COMFYUI_PATH`` set a real comfy BaseModel, otherwise the
+stand-in host's, a UNet with the same block layout (replace keys, token grids, channels), enough for node logic.
 Conditioning and latents of the right shapes come from ``make_conditioning`` / ``make_latent``.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -31,6 +30,7 @@ _COMMON = dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True
                out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1],
                use_temporal_resblock=False, use_temporal_attention=False)
 HEAD_CHANNELS = 8
+_CONFIG = {"sd15": "SD15", "sd2": "SD20", "sdxl": "SDXL"}           # comfy's model config of each family
 
 
 def unet_config(family: str, **overrides) -> dict:
@@ -40,9 +40,15 @@ def unet_config(family: str, **overrides) -> dict:
 def make_tiny_model(family: str = "sd15", seed: int = 0, **unet_overrides):
     """``unet_overrides`` change the shared layout (e.g. ``num_res_blocks=[2, 2]``, the 3-blocks-per-level input
     layout a T2I-Adapter expects); real host only."""
+    from tve.engine import host
     if unet_overrides and not REAL_HOST:
         raise ValueError("unet_overrides: only the real host builds other layouts")
-    return _real_model(family, seed, **unet_overrides) if REAL_HOST else _stand_in_model(family, seed)
+    model = host.build_model(_CONFIG[family], unet_config(family, num_heads=-1, num_head_channels=HEAD_CHANNELS,
+                                                          **unet_overrides),
+                             "V_PREDICTION" if family == "sd2" else "EPS")
+    _init_weights(model.model, seed)
+    model.model.eval()
+    return model
 
 
 def make_conditioning(family: str = "sd15", seed: int = 1, batch: int = 1) -> list:
@@ -53,18 +59,18 @@ def make_conditioning(family: str = "sd15", seed: int = 1, batch: int = 1) -> li
 
 
 def make_vae():
-    """An SD-family VAE socket value (downscale factor 8): real host, comfy's VAE class built without weights on
-    the meta device (its crop rule and factor are real, it encodes nothing); else the stand-in's."""
-    import comfy.sd
-    if not REAL_HOST:
-        return comfy.sd.VAE()
+    """An SD-family VAE socket value (downscale factor 8): comfy's VAE built from the keys that mark an SD VAE, on
+    the meta device, without weights (its crop rule and factor are real, it encodes nothing); the stand-in's
+    without a host."""
     import logging
+
+    from tve.engine import host
     from .e2e.tiny_sd15 import _SD_VAE_MARKERS
     markers = {key: torch.empty(shape, device="meta") for key, shape in _SD_VAE_MARKERS.items()}
     logging.disable(logging.WARNING)                    # "Missing VAE keys": the markers are all it is given
     try:
         with torch.device("meta"):
-            return comfy.sd.VAE(sd=markers)
+            return host.vae_from_state_dict(markers)
     finally:
         logging.disable(logging.NOTSET)
 
@@ -87,102 +93,19 @@ def _init_weights(module: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
 
 
-def _real_model(family: str, seed: int, **unet_overrides):
-    import comfy.model_base
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config_class = {"sd15": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
-                    "sdxl": comfy.supported_models.SDXL}[family]
-    mc = config_class(unet_config(family, **unet_overrides))
-    mc.unet_config.update(num_heads=-1, num_head_channels=HEAD_CHANNELS)
-    mc.set_inference_dtype(torch.float32, None)
-    model_type = comfy.model_base.ModelType.V_PREDICTION if family == "sd2" else comfy.model_base.ModelType.EPS
-    base = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
-    model = base(mc, model_type=model_type, device=torch.device("cpu"))
-    _init_weights(model, seed)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
-
-
-# ------------------------------------------------------------------------------------------ stand-in host
-def _stand_in_unet(family: str) -> nn.Module:
-    from comfy.ldm.modules.attention import SpatialTransformer
-    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
-
-    cfg = unet_config(family)
-    depth_out = list(cfg["transformer_depth_output"])
-    channels = [cfg["model_channels"] * m for m in cfg["channel_mult"]]
-
-    def spatial(ch: int, depth: int) -> list:
-        return [SpatialTransformer(ch, ch // HEAD_CHANNELS, HEAD_CHANNELS, depth)] if depth else []
-
-    unet = nn.Module()
-    inputs = [nn.Sequential(ResBlock())]
-    for level, ch in enumerate(channels):
-        inputs.append(nn.Sequential(ResBlock(), *spatial(ch, cfg["transformer_depth"][level])))
-        if level < len(channels) - 1:
-            inputs.append(nn.Sequential(Downsample()))
-    unet.input_blocks = nn.ModuleList(inputs)
-    unet.middle_block = nn.Sequential(ResBlock(), *spatial(channels[-1], cfg["transformer_depth_middle"]),
-                                      ResBlock())
-    outputs = []
-    for level in reversed(range(len(channels))):
-        for i in range(cfg["num_res_blocks"][level] + 1):
-            layers = [ResBlock(), *spatial(channels[level], depth_out.pop())]
-            if level and i == cfg["num_res_blocks"][level]:
-                layers.append(Upsample())
-            outputs.append(nn.Sequential(*layers))
-    unet.output_blocks = nn.ModuleList(outputs)
-    return unet
-
-
-def _stand_in_model(family: str, seed: int):
-    from comfy.model_patcher import ModelPatcher
-
-    import types
-
-    base = nn.Module()
-    base.diffusion_model = _stand_in_unet(family)
-    # What host.model_family / host.latent_channels read from a real BaseModel.
-    base.model_config = type({"sd15": "SD15", "sd2": "SD20", "sdxl": "SDXL"}[family], (), {})()
-    base.model_type = types.SimpleNamespace(name="V_PREDICTION" if family == "sd2" else "EPS")
-    base.latent_format = types.SimpleNamespace(latent_channels=4)
-    _init_weights(base, seed)
-    return ModelPatcher(base)
-
-
 def make_tiny_controlnet(family: str = "sd15", seed: int = 3, **unet_overrides):
-    """Real host: a ControlNet (comfy.cldm.cldm.ControlNet in comfy.controlnet.ControlNet) with the tiny UNet's
-    layout, seeded random weights, RGB hints."""
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.model_management as mm
-    import comfy.ops
-
-    config = {k: v for k, v in unet_config(family, **unet_overrides).items()
-              if k not in ("out_channels", "transformer_depth_output", "use_temporal_resblock",
-                           "use_temporal_attention")}
-    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, num_head_channels=HEAD_CHANNELS, dtype=torch.float32,
-                                               device=torch.device("cpu"), operations=comfy.ops.disable_weight_init,
-                                               **config)
-    _init_weights(control_model, seed)
-    control_model.eval()
-    return comfy.controlnet.ControlNet(control_model, load_device=mm.get_torch_device())
+    """Real host: a ControlNet (core's ControlNet around comfy's cldm ControlNet) with the tiny UNet's layout, seeded
+    random weights, RGB hints."""
+    from tve.engine import host
+    return host.build_controlnet(unet_config(family, num_heads=-1, num_head_channels=HEAD_CHANNELS, **unet_overrides),
+                                 lambda module: _init_weights(module, seed))
 
 
 def make_tiny_t2i_adapter(channels=(32, 64), seed: int = 4):
-    """Real host: a T2I-Adapter (comfy.t2i_adapter.adapter.Adapter in comfy.controlnet.T2IAdapter) whose features fit
-    a tiny UNet with ``num_res_blocks=[2, 2]`` (one feature every third input block, as SD1.5's)."""
-    import comfy.controlnet
-    from comfy.t2i_adapter.adapter import Adapter
-
-    adapter = Adapter(channels=list(channels), nums_rb=1, cin=3 * 64, ksize=1, sk=True, use_conv=False, xl=False)
-    _init_weights(adapter, seed)
-    adapter.eval()
-    return comfy.controlnet.T2IAdapter(adapter, 3, 8, "nearest-exact", device=torch.device("cpu"))
+    """Real host: a T2I-Adapter (core's T2IAdapter around comfy's Adapter) whose features fit a tiny UNet with
+    ``num_res_blocks=[2, 2]`` (one feature every third input block, as SD1.5's)."""
+    from tve.engine import host
+    return host.build_t2i_adapter(channels, lambda module: _init_weights(module, seed))
 
 
 def cond_chunks_split(model):
@@ -211,6 +134,16 @@ def with_context_windows(model, length: int, overlap: int = 0):
         set_step = handler.set_step
         handler.set_step = lambda timestep, model_options: set_step(timestep.reshape(-1)[:1], model_options)
     return m
+
+
+def core_context_handler(length: int, overlap: int, schedule: str = "standard_static", fuse: str = "pyramid"):
+    """Real host: the context handler core's Context Windows (Manual) node puts on a MODEL's ``model_options`` with
+    this schedule and fuse method; ``handler.context_schedule.func(frames, handler, model_options)`` are its
+    windows, ``handler.fuse_method.func(n)`` the weights of a window of ``n`` frames."""
+    from tve.engine import host
+    (m,) = host.run_core_node("ContextWindowsManual", model=make_tiny_model("sd15"), context_length=length,
+                              context_overlap=overlap, context_schedule=schedule, fuse_method=fuse)
+    return m.model_options["context_handler"]
 
 
 def context_window_calls(model, frames: int) -> list[tuple[int, ...]]:

@@ -74,9 +74,9 @@ class Recorder:
     """The passes of every UNet call, and each block's attn1 output (after to_out) per pass and cond chunk."""
 
     def __init__(self, model):
-        from comfy.patcher_extension import WrappersMP
+        from tve.engine import host
         self.calls, self.outputs = [], []
-        model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", self.unet_call)
+        host.add_wrapper(model, host.DIFFUSION_MODEL, "test_spy", self.unet_call)
         model.set_model_attn1_output_patch(self.attn1_output)
 
     def unet_call(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
@@ -93,17 +93,15 @@ class Recorder:
 
 
 def sampled(world, model, motion: list):
-    import comfy.sample
-    import comfy.samplers
+    from tve.engine import host
     from tve.engine.stack import stack_of
     # A model that reads the inversion edits its x_T (the start latent is checked against it before the first
     # step); otherwise the motion-dynamics latents, when the pair made them, are what it samples.
     use_motion = motion and stack_of(model).inversion is None
     latent, sigmas = (motion[-1].raw_latents, motion[-1].sigmas) if use_motion else (world["x_T"],
                                                                                     world["inversion"].sigmas)
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), 2.0, comfy.samplers.sampler_object("euler"),
-                                      sigmas, make_conditioning("sd15", 5), make_conditioning("sd15", 6), latent,
-                                      disable_pbar=True)
+    return host.sample(model, torch.zeros_like(latent), 2.0, "euler", sigmas, make_conditioning("sd15", 5),
+                       make_conditioning("sd15", 6), latent)
 
 
 def expected_passes(pair: tuple[str, str]) -> list[str]:

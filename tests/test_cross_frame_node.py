@@ -119,21 +119,20 @@ def test_bad_inputs_are_clear_errors():
 
 # ---------------------------------------------------------------------------------------------- real host
 def sample(model, family, frames=4, cfg=5.0, steps=2, seed=0):
-    import comfy.sample
-    latent = make_latent(frames, 8, 8)["samples"]
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", make_conditioning(family, 1),
-                               make_conditioning(family, 2), latent, disable_pbar=True, seed=seed)
+    """Core KSampler (its noise from ``seed``), euler / normal."""
+    (out,) = host.run_core_node("KSampler", model=model, seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
+                                scheduler="normal", positive=make_conditioning(family, 1),
+                                negative=make_conditioning(family, 2), latent_image=make_latent(frames, 8, 8))
+    return out["samples"]
 
 
 @pytest.mark.real_host
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", MODES)
 def test_sampling_with_each_mode_is_identical_with_cond_and_uncond_together_or_split(family, mode):
-    from comfy.patcher_extension import WrappersMP
     patched = apply(make_tiny_model(family), mode)
     layouts = []
-    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
+    host.add_wrapper(patched, host.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
         layouts.append(list(args[5]["cond_or_uncond"])), executor(*args, **kw))[1])
     together = sample(patched, family)
     split = sample(cond_chunks_split(patched), family)

@@ -194,9 +194,8 @@ def test_attention_callable_gives_the_default_result_without_nan(dtype):
 @pytest.mark.real_host
 @pytest.mark.parametrize("backend", ["sub_quad", "pytorch", "split", "basic"])
 def test_the_hosts_attention_backends_give_the_default_result(backend):
-    import comfy.ldm.modules.attention as host_attention
-    function = host_attention.attention_basic if backend == "basic" else \
-        host_attention.get_attention_function(backend)
+    from tve.engine import host
+    function = host.attention_backend(backend)
     grid = random_grid(frames=6, h=3, w=4, seed=11)
     q, k, v = tokens(grid, 2, 16, torch.float32)
     out = attend(q, k, v, grid, heads=2, chunks=2, attention=function)

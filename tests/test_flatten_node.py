@@ -85,11 +85,8 @@ def test_bad_choices_are_clear_errors():
 
 # ---------------------------------------------------------------------------------------------- real host
 def sample(model, x, sigmas, family, cfg=4.0):
-    import comfy.sample
-    import comfy.samplers
-    return comfy.sample.sample_custom(model, torch.zeros_like(x), cfg, comfy.samplers.sampler_object("euler"), sigmas,
-                                      make_conditioning(family, 5), make_conditioning(family, 6), x,
-                                      disable_pbar=True)
+    return host.sample(model, torch.zeros_like(x), cfg, "euler", sigmas, make_conditioning(family, 5),
+                       make_conditioning(family, 6), x)
 
 
 @pytest.mark.real_host

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchvision
 
+from tve.engine import host
 from tve.engine.optical_flow import NO_WEIGHTS
 from tve.nodes.flow_nodes import FlowTrajectories, OpticalFlow, PreviewFlow, PreviewTrajectories
 from tve.tests.hosts import REAL_HOST, make_vae
@@ -12,16 +13,12 @@ from tve.tools.video_world import frames_to_latent, render_clip
 
 
 @pytest.fixture
-def flow_folder(tmp_path, monkeypatch):
+def flow_folder(tmp_path):
     """A temporary models/optical_flow as the node sees it through folder_paths."""
-    import folder_paths
     folder = tmp_path / "optical_flow"
     folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "optical_flow",
-                        ([str(folder)], set(folder_paths.supported_pt_extensions)))
-    if hasattr(folder_paths, "filename_list_cache"):
-        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
+    with host.model_folder_at(host.OPTICAL_FLOW_FOLDER, str(folder)):
+        yield folder
 
 
 VAE = make_vae()
@@ -68,23 +65,24 @@ def test_empty_pickled_or_damaged_raft_files_are_one_error_saying_what_the_file_
 
 def test_dis_needs_no_weights_and_reports_progress_per_pair():
     updates = []
-    if not REAL_HOST:
-        import comfy.utils
-        comfy.utils.updates.clear()
-        updates = comfy.utils.updates
-    (flow,) = OpticalFlow().estimate(clip(4).frames, VAE, "dis", NO_WEIGHTS, 8)
+    host.report_progress_to(lambda done, total: updates.append((done, total)))
+    try:
+        (flow,) = OpticalFlow().estimate(clip(4).frames, VAE, "dis", NO_WEIGHTS, 8)
+    finally:
+        host.report_progress_to(None)
     assert flow.frames == 4 and flow.method == "dis"
-    if not REAL_HOST:
+    if not REAL_HOST:                    # 0.33 throttles updates closer than 0.1 s: only the stand-in sees each
         assert updates[-3:] == [(1, 3), (2, 3), (3, 3)]
 
 
-@pytest.mark.skipif(REAL_HOST, reason="sets the stand-in's interrupt flag")
 def test_cancel_stops_the_flow_node():
-    import comfy.model_management as mm
-    mm.interrupt_processing = True
-    with pytest.raises(mm.InterruptProcessingException):
-        OpticalFlow().estimate(clip(4).frames, VAE, "dis", NO_WEIGHTS, 1)
-    assert not mm.interrupt_processing
+    host.interrupt()
+    try:
+        with pytest.raises(host.Interrupted):
+            OpticalFlow().estimate(clip(4).frames, VAE, "dis", NO_WEIGHTS, 1)
+        assert not host.interrupt_requested()
+    finally:
+        host.interrupt(False)
 
 
 def test_fewer_than_two_frames_is_a_clear_error():
@@ -108,10 +106,9 @@ def shown_files(ui: dict) -> list:
     """The preview PNGs a node's ``ui.images`` names; on the real host each must exist in ComfyUI's temp folder."""
     files = ui["images"]
     if REAL_HOST:
-        import folder_paths
         for entry in files:
             assert entry["type"] == "temp"
-            assert os.path.isfile(os.path.join(folder_paths.get_temp_directory(), entry["subfolder"], entry["filename"]))
+            assert os.path.isfile(host.preview_path(entry))
     return files
 
 

@@ -58,8 +58,8 @@ def test_attention_across_frames_runs_in_overlapping_windows_holding_the_shared_
     model = windows(cross_frame(make_tiny_model("sd15"), mode), 6, 2)
     spy = recorded(model)
     x = make_latent(14, 8, 8)["samples"]
-    import comfy.samplers
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2)
+    from tve.engine import host
+    sigmas = host.sigma_grid(model, "normal", 2)
     edit(model, x, sigmas)
     edits = [ids for name, _, ids in spy.calls if name == "edit"][:3]              # the windows of the first step
     own = [sorted(set(ids)) for ids in edits]
@@ -79,8 +79,8 @@ def test_overlapping_windows_blend_so_a_frame_in_two_windows_gets_their_mean():
     from tve.engine.frame_windows import FrameWindows
     model = cross_frame(make_tiny_model("sd15"), "dense")
     x = make_latent(6, 8, 8)["samples"]
-    import comfy.samplers
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 1)
+    from tve.engine import host
+    sigmas = host.sigma_grid(model, "normal", 1)
     out = edit(windows(model, 4, 2), x, sigmas)
     first = edit(model, x[:4], sigmas)
     second = edit(model, x[2:], sigmas)

@@ -1,6 +1,8 @@
 """engine/host.py against the real ComfyUI: one test per ComfyUI internal the pack touches, so that a ComfyUI update
 that changes one fails here, by name, instead of deep inside sampling. (Model files, devices and progress are
 pinned in test_flow_nodes.py and test_pack_loading.py.)"""
+import os
+
 import pytest
 import torch
 
@@ -11,11 +13,12 @@ pytestmark = pytest.mark.real_host
 
 
 def sample(model, frames=2, steps=2, cfg=2.0, family="sd15"):
-    import comfy.sample
+    """Euler over ``steps`` steps of the normal schedule (what core's KSampler samples with these settings)."""
+    from tve.engine import host
     latent = make_latent(frames, 8, 8)["samples"]
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal",
-                               make_conditioning(family, 1), make_conditioning(family, 2), latent, disable_pbar=True)
+    return host.sample(model, noise, cfg, "euler", host.sigma_grid(model, "normal", steps),
+                       make_conditioning(family, 1), make_conditioning(family, 2), latent)
 
 
 def spy_every_block(model):
@@ -149,23 +152,25 @@ def test_sigma_grid_sigma_min_family_and_latent_spaces(family):
 
 
 def test_encode_conditioning_and_cond_for_frames_slice_per_frame_model_conds():
-    import comfy.conds
     from tve.engine import host
     model = make_tiny_model("sd15")
     x = torch.randn(4, 4, 8, 8)
     conds = host.encode_conditioning(model.model, make_conditioning(), x)
     assert conds[0]["model_conds"]["c_crossattn"].cond.shape == (1, 77, 768)
-    per_frame = dict(conds[0], model_conds={**conds[0]["model_conds"],
-                                            "y": comfy.conds.CONDRegular(torch.arange(4.0)[:, None])})
+    # SDXL's y (CONDRegular) is per frame when the pooled embedding is: one text embedding, four pooled rows
+    sdxl = make_tiny_model("sdxl")
+    text, pooled = make_conditioning("sdxl")[0][0], torch.arange(4.0)[:, None].expand(4, 1280)
+    per_frame = host.encode_conditioning(sdxl.model, [[text, {"pooled_output": pooled}]], x)[0]
+    y = per_frame["model_conds"]["y"]
+    assert y.cond.shape == (4, 2816)
     sliced = host.cond_for_frames(per_frame, torch.tensor([1, 3]), 4, (1, 3), 4)
-    assert type(sliced["model_conds"]["y"]) is comfy.conds.CONDRegular
-    assert sliced["model_conds"]["y"].cond.flatten().tolist() == [1.0, 3.0]
-    assert sliced["model_conds"]["c_crossattn"] is conds[0]["model_conds"]["c_crossattn"]     # shared: not sliced
+    assert type(sliced["model_conds"]["y"]) is type(y)
+    assert sliced["model_conds"]["y"].cond[:, 0].tolist() == [1.0, 3.0]
+    assert sliced["model_conds"]["c_crossattn"] is per_frame["model_conds"]["c_crossattn"]    # shared: not sliced
     assert per_frame["model_conds"]["y"].cond.shape[0] == 4
 
 
 def test_control_for_frames_copies_a_stack_with_the_frames_hints_and_its_run_state():
-    from comfy.controlnet import ControlNet
     from tve.engine import host
     model = make_tiny_model("sd15")
     hints = torch.arange(4.0)[:, None, None, None].expand(4, 3, 64, 64)
@@ -176,7 +181,7 @@ def test_control_for_frames_copies_a_stack_with_the_frames_hints_and_its_run_sta
         control.pre_run(model.model, lambda p: model.model.model_sampling.percent_to_sigma(p))
     cache = {}
     c = host.control_for_frames(second, (3, 1), 4, cache)
-    assert isinstance(c, ControlNet) and c is not second and host.control_for_frames(second, (3, 1), 4, cache) is c
+    assert type(c) is type(second) and c is not second and host.control_for_frames(second, (3, 1), 4, cache) is c
     assert c.cond_hint_original.shape[0] == 1                               # one shared image stays shared
     prev = c.previous_controlnet
     assert prev is not first and prev.cond_hint_original[:, 0, 0, 0].tolist() == [3.0, 1.0]
@@ -202,3 +207,163 @@ def test_sample_with_runs_a_k_diffusion_function_through_the_whole_stack_with_gu
     out = host.sample_with(model, one_step, {"scale": 2.0}, torch.tensor([1.0, 0.0]), make_conditioning(), latent)
     assert seen == [2.0] and out.shape == latent.shape
     assert torch.allclose(out, latent, atol=1e-5)                          # raw space in, raw space out
+
+
+# ---------------------------------------------------------------------------------------------- scripts and tests
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_model_is_comfys_model_of_the_config_with_the_layout_given(family):
+    from tve.engine import host
+    from tve.tests.hosts import HEAD_CHANNELS
+    model = make_tiny_model(family)
+    assert host.model_family(model) == {"sd15": "SD15/EPS", "sd2": "SD20/V_PREDICTION", "sdxl": "SDXL/EPS"}[family]
+    assert host.latent_channels(model) == 4 and host.needs_pooled_output(model) == (family == "sdxl")
+    assert host.context_dim(model) == {"sd15": 768, "sd2": 1024, "sdxl": 2048}[family]
+    blocks = host.attention_blocks(model)
+    assert {b.channels for b in blocks} == ({64} if family == "sdxl" else {32, 64})        # model_channels 32, x1 x2
+    assert all(host.attention_heads(model, b) == b.channels // HEAD_CHANNELS for b in blocks)  # the layout's heads
+    with pytest.raises(ValueError, match="config: expected one of"):
+        host.build_model("SD3", {}, "EPS")
+
+
+def test_checkpoint_model_loads_a_checkpoint_file_as_core_checkpoint_loader_does(tmp_path):
+    import safetensors.torch
+    from tve.engine import host
+    from tve.tests.e2e.tiny_sd15 import UNET
+    layout = dict(UNET, channel_mult=[1], num_res_blocks=[1], transformer_depth=[1], transformer_depth_output=[1, 1])
+    built = host.build_model("SD15", layout)            # 320 channels: a layout core's detection takes for SD1.5
+    state = {f"model.{k}": torch.full_like(v, i * 1e-3, dtype=torch.float16)
+             for i, (k, v) in enumerate(built.model.state_dict().items()) if k.startswith("diffusion_model.")}
+    safetensors.torch.save_file(state, str(tmp_path / "tiny.safetensors"))
+    model = host.checkpoint_model(str(tmp_path / "tiny.safetensors"))
+    assert host.model_family(model) == "SD15/EPS"
+    assert [b.key for b in host.attention_blocks(model)] == [b.key for b in host.attention_blocks(built)]
+    key = host.attention_blocks(model)[0].path + ".attn1.to_q.weight"
+    assert torch.equal(model.get_model_object(key).half(), state[f"model.{key}"])
+
+
+def test_sample_is_a_core_ksampler_with_its_noise_and_honours_mask_seed_and_callback():
+    from tve.engine import host
+    model = make_tiny_model("sd15")
+    latent = make_latent(2, 8, 8)["samples"]
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
+    ours = host.sample(model, noise, 2.0, "euler", host.sigma_grid(model, "normal", 3), make_conditioning(seed=1),
+                       make_conditioning(seed=2), latent)
+    (core,) = host.run_core_node("KSampler", model=model, seed=7, steps=3, cfg=2.0, sampler_name="euler",
+                                 scheduler="normal", positive=make_conditioning(seed=1),
+                                 negative=make_conditioning(seed=2), latent_image={"samples": latent})
+    assert torch.allclose(ours, core["samples"], atol=1e-6)
+    sigmas = host.sigma_grid(model, "normal", 2)
+    steps = []
+    kept = host.sample(model, noise, 2.0, "euler", sigmas, make_conditioning(), make_conditioning(), latent,
+                       noise_mask=torch.zeros(1, 8, 8), callback=lambda i, x0, x, total: steps.append((i, total)))
+    assert torch.allclose(kept, latent, atol=1e-5) and steps == [(0, 2), (1, 2)]       # nothing inside the mask
+    ancestral = [host.sample(model, noise, 2.0, "euler_ancestral", sigmas, make_conditioning(), make_conditioning(),
+                             latent, seed=seed) for seed in (0, 0, 1)]
+    assert torch.equal(ancestral[0], ancestral[1]) and not torch.allclose(ancestral[0], ancestral[2])
+    assert {"euler", "euler_ancestral", "dpm_2", "dpmpp_2m"} <= set(host.sampler_names())
+
+
+def test_diffusion_model_wrappers_see_every_unet_call_in_the_order_added():
+    from tve.engine import host
+    model = make_tiny_model("sd15").clone()
+    seen = []
+    for name in ("first", "second"):
+        host.add_wrapper(model, host.DIFFUSION_MODEL, f"test_{name}", lambda executor, *args, name=name, **kw: (
+            seen.append((name, args[0].shape, float(args[5]["sigmas"][0]))), executor(*args, **kw))[1])
+    sample(model, steps=2)
+    grid = host.sigma_grid(model, "normal", 2)
+    assert seen == [(name, (4, 4, 8, 8), pytest.approx(float(s))) for s in grid[:2] for name in ("first", "second")]
+
+
+def test_add_lora_patches_a_clone_and_load_model_patches_the_weights_in():
+    from tve.engine import host
+    model = make_tiny_model("sd15")
+    block = host.attention_blocks(model)[0]
+    key = f"{block.path}.attn1.to_q.weight"
+    lora_key = "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+    state = {f"{lora_key}.lora_up.weight": torch.ones(32, 1), f"{lora_key}.lora_down.weight": torch.ones(1, 32),
+             f"{lora_key}.alpha": torch.tensor(1.0)}
+    patched = host.add_lora(model, state, 0.5)
+    assert list(patched.patches) == [key] and not model.patches
+    base = model.get_model_object(key).clone()
+    host.load_model(patched)
+    try:
+        assert host.helper_loaded(patched)
+        assert torch.allclose(model.get_model_object(key), base + 0.5)              # W + 0.5 · up·down
+    finally:
+        host.unload_models()
+    assert not host.helper_loaded(patched) and torch.equal(model.get_model_object(key), base)
+    hooked = model.clone()
+    hooked.add_hook_patches(host.new_weight_hook(), {key: (torch.ones(32, 32),)}, 1.0)
+    assert host.weights_fingerprint(hooked).patches != host.weights_fingerprint(model).patches
+
+
+def test_controls_built_by_the_host_change_sampling_through_core_controlnet_apply():
+    from tve.engine import host
+    from tve.tests.hosts import make_tiny_t2i_adapter
+    layout = dict(num_res_blocks=[2, 2], transformer_depth=[1, 1, 1, 1], transformer_depth_output=[1] * 6)
+    model = make_tiny_model("sd15", **layout)
+    hints = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    latent = make_latent(2, 8, 8)["samples"]
+
+    def sampled(control):
+        positive, negative = make_conditioning(seed=1), make_conditioning(seed=2)
+        if control is not None:
+            positive, negative = host.run_core_node("ControlNetApplyAdvanced", positive=positive, negative=negative,
+                                                    control_net=control, image=hints, strength=1.0,
+                                                    start_percent=0.0, end_percent=1.0)
+        return host.sample(model, torch.zeros_like(latent), 2.0, "euler", host.sigma_grid(model, "normal", 1),
+                           positive, negative, latent)
+
+    plain = sampled(None)
+    for control in (make_tiny_controlnet("sd15", **layout), make_tiny_t2i_adapter()):
+        assert host.control_hint_counts(control) == []                        # no hint until a node sets one
+        assert not torch.allclose(sampled(control), plain, atol=1e-4)
+
+
+def test_vae_from_state_dict_is_comfys_sd_vae_and_attention_backends_are_softmax_attention():
+    from tve.engine import host
+    from tve.tests.hosts import make_vae
+    assert host.vae_downscale_ratio(make_vae()) == 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 16, generator=g) for _ in range(3))
+    split = lambda t: t.reshape(2, 16, 2, 8).transpose(1, 2)  # noqa: E731
+    expected = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    for name in ("basic", "pytorch", "sub_quad", "split"):
+        out = host.attention_backend(name)(q, k, v, 2)
+        assert torch.allclose(out, expected.transpose(1, 2).reshape(2, 16, 16), atol=1e-5), name
+
+
+def test_progress_reaches_the_global_hook_and_an_interrupt_stops_the_next_update():
+    import re
+    from tve.engine import host
+    updates = []
+    host.report_progress_to(lambda done, total: updates.append((done, total)))
+    try:
+        update = host.progress(3)
+        update(1, 3)
+        update(3, 3)                      # a first and a last update always reach it (0.33 throttles the others)
+        host.interrupt()
+        assert host.interrupt_requested()
+        with pytest.raises(host.Interrupted):
+            host.progress(2)(1, 2)
+        assert not host.interrupt_requested()                                 # raised once, then cleared
+    finally:
+        host.report_progress_to(None)
+        host.interrupt(False)
+    assert updates == [(1, 3), (3, 3)]
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", host.comfyui_version())
+
+
+def test_model_folder_at_points_a_folder_at_a_path_and_restores_it(tmp_path):
+    from tve.engine import host
+    host.register_adapter_folder()                                            # as the pack does when it loads
+    before = host.adapter_folders()
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    (tmp_path / "b.pth").write_bytes(b"")
+    with host.model_folder_at(host.ADAPTER_FOLDER, str(tmp_path)):
+        assert host.adapter_folders() == [str(tmp_path)] and host.adapter_files() == ["a.safetensors"]
+    assert host.adapter_folders() == before
+    with host.model_folder_at(host.OPTICAL_FLOW_FOLDER, str(tmp_path)):
+        assert host.optical_flow_files() == ["a.safetensors", "b.pth"]
+    assert host.default_model_folder("x").endswith(os.path.join("models", "x"))

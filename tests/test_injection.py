@@ -8,10 +8,8 @@ pytestmark = pytest.mark.real_host
 
 
 def run_edit(model, x_T, positive, negative, sigmas, cfg=1.0):
-    import comfy.sample
-    import comfy.samplers
-    return comfy.sample.sample_custom(model, torch.zeros_like(x_T), cfg, comfy.samplers.sampler_object("euler"),
-                                      sigmas, positive, negative, x_T, disable_pbar=True)
+    from tve.engine import host
+    return host.sample(model, torch.zeros_like(x_T), cfg, "euler", sigmas, positive, negative, x_T)
 
 
 class UNetInputs:
@@ -38,12 +36,12 @@ def inverted(family="sd15", frames=3, steps=4):
 
 @pytest.mark.parametrize("order", ["sigma-matched", "clean-first"])
 def test_source_pass_at_step_i_reads_the_latent_stored_for_its_sigma(order):
-    from comfy.patcher_extension import WrappersMP
+    from tve.engine import host
     from tve.engine.injection import apply_feature_injection
     model, cond, x_T, inversion = inverted(steps=4)
     patched = apply_feature_injection(model, inversion, 1.0, 1.0, "tokenflow", order)
     spy = UNetInputs()
-    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", spy)
+    host.add_wrapper(patched, host.DIFFUSION_MODEL, "test_spy", spy)
     run_edit(patched, x_T, make_conditioning(seed=5), make_conditioning(seed=6), inversion.sigmas)
     sources = [c for c in spy.calls if c[0] == "source"]
     edits = [c for c in spy.calls if c[0] == "edit"]
@@ -58,12 +56,12 @@ def test_source_pass_at_step_i_reads_the_latent_stored_for_its_sigma(order):
 
 
 def test_injection_stops_at_its_schedule_fraction():
-    from comfy.patcher_extension import WrappersMP
+    from tve.engine import host
     from tve.engine.injection import apply_feature_injection
     model, cond, x_T, inversion = inverted(steps=4)
     patched = apply_feature_injection(model, inversion, 0.25, 0.5, "tokenflow", "sigma-matched")
     spy = UNetInputs()
-    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", spy)
+    host.add_wrapper(patched, host.DIFFUSION_MODEL, "test_spy", spy)
     run_edit(patched, x_T, make_conditioning(seed=5), make_conditioning(seed=6), inversion.sigmas, cfg=2.0)
     assert [c[0] for c in spy.calls] == ["source", "edit", "source", "edit", "edit", "edit"]
 

@@ -170,11 +170,8 @@ def analytic_model(s: float = 1.0):
 
 
 def reconstruct(model, x_T, conditioning, sigmas):
-    import comfy.sample
-    import comfy.samplers
-    sampler = comfy.samplers.sampler_object("euler")
-    return comfy.sample.sample_custom(model, torch.zeros_like(x_T), 1.0, sampler, sigmas, conditioning, conditioning,
-                                      x_T, disable_pbar=True)
+    from tve.engine import host
+    return host.sample(model, torch.zeros_like(x_T), 1.0, "euler", sigmas, conditioning, conditioning, x_T)
 
 
 @real_host
@@ -241,13 +238,12 @@ def test_inversion_keys_are_the_sampling_grid_sigmas_and_float32_latents_are_kep
 def test_next_sigma_shows_the_unet_each_latent_as_it_is_at_its_own_sigma(family):
     """TokenFlow's step, through the host's sampling: the diffusion model's input at step i is the latent x_i as
     the model would see it at σ_i (x_0 itself first), while its timestep is that of σ_{i+1}."""
-    from comfy.patcher_extension import WrappersMP
     from tve.engine import host
     from tve.engine.inversion import invert
     model = make_tiny_model(family)
     calls = []
     spy = model.clone()
-    spy.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
+    host.add_wrapper(spy, host.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
         calls.append((args[0].clone(), float(args[5]["sigmas"].reshape(-1)[0]))), executor(*args, **kw))[1])
     latent = make_latent(2, 8, 8)["samples"]
     _, inversion = invert(spy, latent, make_conditioning(family), 3, "ddim_uniform", formula="next_sigma")
@@ -304,13 +300,12 @@ def test_subdivided_ddim_uniform_grid_is_part_of_the_finer_ddim_uniform_grid():
 
 @real_host
 def test_finer_inversion_keeps_the_source_on_the_sampling_grid_and_x_T_at_its_top():
-    from comfy.patcher_extension import WrappersMP
     from tve.engine import host
     from tve.engine.inversion import invert
     model = make_tiny_model("sd15")
     calls = []
     spy = model.clone()
-    spy.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
+    host.add_wrapper(spy, host.DIFFUSION_MODEL, "test_spy", lambda executor, *args, **kw: (
         calls.append(float(args[5]["sigmas"].reshape(-1)[0])), executor(*args, **kw))[1])
     latent = make_latent(2, 8, 8)["samples"]
     x_T, inversion = invert(spy, latent, make_conditioning(), 4, "ddim_uniform", multiple=5, formula="current_sigma")
@@ -327,8 +322,7 @@ def test_finer_inversion_keeps_the_source_on_the_sampling_grid_and_x_T_at_its_to
 
 @real_host
 def test_finer_inversion_reconstructs_the_trained_models_clip_more_faithfully():
-    import comfy.sample
-    import comfy.samplers
+    from tve.engine import host
     from tve.engine.inversion import invert
     from tve.tests.trained_model import load_trained_model, trained_conditioning
     from tve.tools.train_test_model import HELD_OUT_SEED, render_frames
@@ -338,8 +332,7 @@ def test_finer_inversion_reconstructs_the_trained_models_clip_more_faithfully():
     errors = []
     for multiple in (1, 5):       # current_sigma: next_sigma at 1x is already as close (bench/inversion.py)
         x_T, inversion = invert(model, raw, cond, 10, "ddim_uniform", multiple, formula="current_sigma")
-        recon = comfy.sample.sample_custom(model, torch.zeros_like(x_T), 1.0, comfy.samplers.sampler_object("euler"),
-                                           inversion.sigmas, cond, cond, x_T, disable_pbar=True)
+        recon = host.sample(model, torch.zeros_like(x_T), 1.0, "euler", inversion.sigmas, cond, cond, x_T)
         errors.append(float((recon - raw).norm() / raw.norm()))
     assert errors[1] < 0.8 * errors[0], errors
 @pytest.mark.parametrize("weights, kept", [(torch.float32, torch.float32), (torch.float16, torch.float16),

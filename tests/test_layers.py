@@ -1,6 +1,7 @@
 """The pack's layers, read from its source: no import circle anywhere, the engine never imports the node classes,
 the host-free packages import no ComfyUI and nothing above them, and only the host adapter imports comfy
-internals (the node classes import ComfyUI's public node API only)."""
+internals (the node classes import ComfyUI's public node API only). The tests reach the host only through the host
+adapter too (issue 21): a core refactor then breaks a test only where it breaks the pack."""
 import ast
 from pathlib import Path
 
@@ -8,6 +9,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("attention", "flow", "engine", "nodes")
+# ComfyUI's top-level modules and packages (a custom node pack shares its interpreter)
+COMFYUI = ("comfy", "comfy_extras", "comfy_api", "comfy_api_nodes", "comfy_config", "comfy_execution",
+           "comfyui_version", "folder_paths", "nodes", "node_helpers", "server", "execution", "latent_preview")
+# Test files that import ComfyUI themselves, each module with the reason it does not go through engine/host.py.
+TEST_IMPORTS_ALLOWED = {
+    # the stand-in-only check of which ``comfy`` package the harness put first on sys.path: it reads the package's
+    # file name, nothing inside it, and the host adapter would only hand the same package back
+    ("test_pack_loading.py", "comfy"): "which comfy the suite runs against",
+    # the e2e harness's checkpoint writer (another work item owns tests/e2e's harness files): it builds comfy's SD1.5
+    # UNet, CLIP-L, VAE and cldm ControlNet on the meta device for the names and shapes of the files it writes
+    ("e2e/tiny_sd15.py", "comfy.sd"): "e2e checkpoint layout",
+    ("e2e/tiny_sd15.py", "comfy.sd1_clip"): "e2e checkpoint layout",
+    ("e2e/tiny_sd15.py", "comfy.supported_models"): "e2e checkpoint layout",
+    ("e2e/tiny_sd15.py", "comfy.cldm.cldm"): "e2e ControlNet file layout",
+    ("e2e/tiny_sd15.py", "comfy.ops"): "e2e ControlNet file layout",
+}
 
 
 def modules() -> dict[str, Path]:
@@ -27,7 +44,11 @@ def runtime_imports(path: Path) -> list[tuple[str, bool]]:
     for node in ast.walk(tree):
         if id(node) in type_only:
             continue
-        if isinstance(node, ast.Import):
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+                in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)):
+            found.append((node.args[0].value, False))       # importlib.import_module("comfy.sd"), __import__(...)
+        elif isinstance(node, ast.Import):
             found += [(alias.name, False) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level == 0:
@@ -79,11 +100,46 @@ def test_a_layer_never_imports_the_layers_above_it(package, forbidden):
             assert not above, f"{name} imports {above}"
 
 
+def comfyui_imports(path: Path) -> list[str]:
+    return sorted({module for module, ours in runtime_imports(path) if not ours and module.split(".")[0] in COMFYUI})
+
+
 def test_only_the_host_adapter_imports_comfy_internals_and_nodes_import_only_the_public_node_api():
     for name, path in modules().items():
-        comfy = sorted({module for module, ours in runtime_imports(path) if not ours
-                        and module.split(".")[0] in ("comfy", "comfy_extras", "folder_paths", "nodes", "server",
-                                                    "comfy_execution")})
+        comfy = comfyui_imports(path)
         if name == "engine.host":
             continue
         assert not comfy, f"{name} imports {comfy}: go through engine/host.py"
+
+
+def suite_files() -> list[Path]:
+    """Every Python file of tests/ (the harness, helpers and e2e included) but the stand-in host."""
+    tests = ROOT / "tests"
+    return sorted(p for p in tests.rglob("*.py") if (tests / "stand_in") not in p.parents)
+
+
+def test_no_test_imports_comfyui_but_through_the_host_adapter():
+    found = {}
+    for path in suite_files():
+        name = path.relative_to(ROOT / "tests").as_posix()
+        imported = [m for m in comfyui_imports(path) if (name, m) not in TEST_IMPORTS_ALLOWED]
+        if imported:
+            found[name] = imported
+    assert not found, f"tests import ComfyUI {found}: reach it through tve.engine.host (a function of the host " \
+                      "adapter, a core node through host.run_core_node, or a wrapper, patch or callback on a MODEL)"
+
+
+def test_the_allowed_imports_are_still_there():
+    stale = [key for key in TEST_IMPORTS_ALLOWED if key[1] not in comfyui_imports(ROOT / "tests" / key[0])]
+    assert not stale, f"TEST_IMPORTS_ALLOWED lists imports no test makes any more: {stale}"
+
+
+def test_the_import_check_finds_every_form_of_import(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import comfy.sd\nfrom comfy_extras.nodes_train import BiasDiff\nimport folder_paths as fp\n"
+                     "def f():\n    from nodes import KSampler\n    import importlib\n"
+                     "    importlib.import_module('comfy_api.latest')\n    __import__('server')\n"
+                     "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import latent_preview\n"
+                     "import tve.engine.host\n")
+    assert comfyui_imports(probe) == ["comfy.sd", "comfy_api.latest", "comfy_extras.nodes_train", "folder_paths",
+                                      "nodes", "server"]

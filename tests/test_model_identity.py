@@ -21,24 +21,20 @@ def difference(a, b):
 
 
 def lora(model, strength, seed=0, rank=2):
-    """A clone with a LoRA on every attention projection, through core's LoRA loader (comfy.sd.load_lora_for_models:
-    the LoraLoaderModelOnly path) from a kohya-style state dict."""
-    import comfy.lora
-    import comfy.sd
+    """A clone with a LoRA on every attention projection, through core's LoRA loader (``host.add_lora``: the
+    LoraLoaderModelOnly path) from a kohya-style state dict (``lora_unet_`` and the weight's UNet path with ``_``
+    for ``.``), in the UNet's weight order."""
     g = torch.Generator().manual_seed(seed)
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    state, done = {}, set()
-    for lora_key, weight_key in key_map.items():
-        if (not lora_key.startswith("lora_unet_") or weight_key in done
-                or not any(p in weight_key for p in (".to_q.", ".to_k.", ".to_v."))):
-            continue
-        done.add(weight_key)
-        out_features, in_features = model.get_model_object(weight_key.rsplit(".", 1)[0]).weight.shape
+    keys = [f"{block.path}.{attn}.{proj}.weight" for block in host.attention_blocks(model)
+            for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v")]
+    state = {}
+    for weight_key, (out_features, in_features) in host.weight_shapes(model, keys).items():
+        lora_key = "lora_unet_" + weight_key[len("diffusion_model."):-len(".weight")].replace(".", "_")
         state[f"{lora_key}.lora_up.weight"] = torch.randn(out_features, rank, generator=g)
         state[f"{lora_key}.lora_down.weight"] = torch.randn(rank, in_features, generator=g)
         state[f"{lora_key}.alpha"] = torch.tensor(float(rank))
     assert state
-    patched, _ = comfy.sd.load_lora_for_models(model, None, state, strength, 0.0)
+    patched = host.add_lora(model, state, strength)
     assert len(patched.patches) == len(state) // 3
     return patched
 
@@ -123,19 +119,18 @@ def test_the_same_weights_in_fp16_or_bf16_are_the_same_model_and_in_fp8_they_are
 
 
 def test_while_a_lora_clone_is_loaded_with_its_weights_patched_in_place_the_base_still_reads_as_the_base():
-    import comfy.model_management
     model = make_tiny_model("sd15")
     patched = lora(model, 1.0)
     before_base, before_lora = fingerprint(model), fingerprint(patched)
-    comfy.model_management.load_models_gpu([patched], force_full_load=True)
+    host.load_model(patched)
     try:
         key = next(iter(patched.patches))
-        live = comfy.utils.get_attr(model.model, key)
+        live = model.get_model_object(key)
         assert key in patched.backup and not torch.equal(live, patched.backup[key].weight)  # patched in place
         assert validation.weights_difference(before_base, fingerprint(model)) is None
         assert validation.weights_difference(before_lora, fingerprint(patched)) is None
     finally:
-        comfy.model_management.unload_all_models()
+        host.unload_models()
 
 
 def test_same_weights_names_the_wire_and_says_what_differs():
@@ -150,10 +145,9 @@ def test_same_weights_names_the_wire_and_says_what_differs():
 
 
 def test_hook_patches_are_part_of_the_weights_whatever_order_the_hooks_were_added_in():
-    import comfy.hooks
     model = make_tiny_model("sd15")
     keys = [host.query_weight_keys(b)[0] for b in host.attention_blocks(model)[:2]]
-    hooks = [comfy.hooks.WeightHook(), comfy.hooks.WeightHook()]
+    hooks = [host.new_weight_hook(), host.new_weight_hook()]
 
     def hooked(order):
         m = model.clone()

@@ -129,9 +129,7 @@ def test_gradient_checkpointing_gives_the_same_tuning_as_plain_backward():
     assert not any("forward" in m.__dict__ for m in unet.modules())             # core's forwards are back
 
 
-def test_save_then_load_reproduces_the_tuned_outputs(tmp_path, monkeypatch):
-    import folder_paths
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, host.ADAPTER_FOLDER, ([str(tmp_path)], {".safetensors"}))
+def test_save_then_load_reproduces_the_tuned_outputs(adapter_folder):
     model, samples, cond = make_tiny_model("sd2"), make_latent(3, 8, 8)["samples"], make_conditioning("sd2")
     tuned, adapter, _ = OneShotTune().tune(model, {"samples": samples}, cond, 2, 1e-2, 0, "stam",
                                            "temporal+queries", True)
@@ -191,24 +189,21 @@ def test_bad_input_is_one_clear_error_with_nothing_patched(case, error):
 
 
 def test_progress_shows_every_step_and_cancel_stops_tuning():
-    import comfy.model_management
-    import comfy.utils
-
     model, samples, cond = make_tiny_model("sd15"), make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
     updates = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    host.report_progress_to(lambda value, total: updates.append((value, total)))
     try:
         tune(model, samples, cond, 3, 1e-3, 0, "stam")
         assert updates == [(1, 3), (2, 3), (3, 3)]
 
         def cancel(step, loss):
-            comfy.model_management.interrupt_current_processing(True)
+            host.interrupt()
 
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
+        with pytest.raises(host.Interrupted):
             tune(model, samples, cond, 5, 1e-3, 0, "stam", on_step=cancel)
     finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+        host.report_progress_to(None)
+        host.interrupt(False)
     assert not any("forward" in m.__dict__ for m in model.get_model_object("diffusion_model").modules())
 
 
@@ -240,8 +235,6 @@ def random_adapter(model, kind, seed=3):
 
 
 def test_inside_core_context_windows_the_temporal_attention_sees_the_windows_frames_only():
-    import comfy.sample
-    import comfy.samplers
     from tve.tests.hosts import context_window_calls, with_context_windows
 
     model = make_tiny_model("sd15")
@@ -251,9 +244,8 @@ def test_inside_core_context_windows_the_temporal_attention_sees_the_windows_fra
     sigmas = host.sigma_grid(model, "normal", 1)            # one step: every window starts from the same latents
 
     def sample(m, frames):
-        return comfy.sample.sample_custom(m, noise[frames], 5.0, comfy.samplers.sampler_object("euler"), sigmas,
-                                          make_conditioning("sd15", 1), make_conditioning("sd15", 2),
-                                          latent[frames], disable_pbar=True)
+        return host.sample(m, noise[frames], 5.0, "euler", sigmas, make_conditioning("sd15", 1),
+                           make_conditioning("sd15", 2), latent[frames])
 
     windowed_model = with_context_windows(adapted, 4)
     windowed = sample(windowed_model, slice(0, 8))
@@ -267,10 +259,9 @@ def test_inside_core_context_windows_the_temporal_attention_sees_the_windows_fra
 
 # ---------------------------------------------------------------------------------------------- adapter identity (issue 24)
 @pytest.fixture
-def adapter_folder(tmp_path, monkeypatch):
-    import folder_paths
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, host.ADAPTER_FOLDER, ([str(tmp_path)], {".safetensors"}))
-    return tmp_path
+def adapter_folder(tmp_path):
+    with host.model_folder_at(host.ADAPTER_FOLDER, str(tmp_path)):
+        yield tmp_path
 
 
 def saved(adapter, name="a"):

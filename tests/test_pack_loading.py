@@ -1,5 +1,4 @@
 """The pack loads the way ComfyUI loads custom nodes, from a folder of any name, and registers V1 nodes."""
-import asyncio
 import importlib.util
 import os
 import sys
@@ -48,24 +47,21 @@ def test_root_registers_every_node_with_prefix_category_and_v1_shape(odd_folder)
 
 
 def test_optical_flow_folder_keeps_paths_from_extra_model_paths():
-    import folder_paths
-
     from tve.engine import host
-    folder_paths.folder_names_and_paths["optical_flow"] = (["/artist/flow"], set())
-    host.register_optical_flow_folder()
-    paths = folder_paths.get_folder_paths("optical_flow")
-    assert paths == [os.path.join(folder_paths.models_dir, "optical_flow"), "/artist/flow"]
-    host.register_optical_flow_folder()
-    assert folder_paths.get_folder_paths("optical_flow") == paths
+    with host.model_folder_at("optical_flow", "/artist/flow"):                # what extra_model_paths.yaml made
+        host.register_optical_flow_folder()
+        paths = host.optical_flow_folders()
+        assert paths == [host.default_model_folder("optical_flow"), "/artist/flow"]
+        host.register_optical_flow_folder()
+        assert host.optical_flow_folders() == paths
 
 
 @pytest.mark.real_host
 def test_comfyui_loads_the_pack_from_custom_nodes_under_any_folder_name(odd_folder):
-    import nodes
-    ok = asyncio.run(nodes.load_custom_node(odd_folder, module_parent="custom_nodes"))
-    assert ok
-    assert EXPECTED_NODES <= set(nodes.NODE_CLASS_MAPPINGS)
-    info = nodes.NODE_CLASS_MAPPINGS["TVE_ApplyCrossFrameAttention"].INPUT_TYPES()
+    from tve.engine import host
+    assert host.load_custom_nodes(odd_folder)
+    assert EXPECTED_NODES <= host.node_ids()
+    info = host.core_node_class("TVE_ApplyCrossFrameAttention").INPUT_TYPES()
     assert "model" in info["required"]
 
 

@@ -15,8 +15,8 @@ def sampler_names():
     """Every core sampler (the stand-in host has none; these tests skip there)."""
     if not REAL_HOST:
         return ["euler"]
-    import comfy.samplers
-    return list(comfy.samplers.SAMPLER_NAMES)
+    from tve.engine import host
+    return host.sampler_names()
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,9 @@ class SourceInputs:
     """Per UNet call: the pass, its σ and the model-space latent it was given (EPS: x·sqrt(σ²+1))."""
 
     def __init__(self, model):
-        from comfy.patcher_extension import WrappersMP
+        from tve.engine import host
         self.calls = []
-        model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", self)
+        host.add_wrapper(model, host.DIFFUSION_MODEL, "test_spy", self)
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         from tve.engine.run import current_pass
@@ -53,11 +53,9 @@ def interpolated(inversion, sigma):
 
 
 def edit(model, x_T, sigmas, sampler):
-    import comfy.sample
-    import comfy.samplers
-    return comfy.sample.sample_custom(model, torch.zeros_like(x_T), 2.0, comfy.samplers.sampler_object(sampler),
-                                      sigmas, make_conditioning("sd15", 5), make_conditioning("sd15", 6), x_T,
-                                      disable_pbar=True, seed=0)
+    from tve.engine import host
+    return host.sample(model, torch.zeros_like(x_T), 2.0, sampler, sigmas, make_conditioning("sd15", 5),
+                       make_conditioning("sd15", 6), x_T, seed=0)
 
 
 @pytest.mark.parametrize("feature", ["injection", "TokenFlow"])

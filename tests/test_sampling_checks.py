@@ -9,12 +9,10 @@ pytestmark = pytest.mark.real_host
 
 
 def sample(model, latent, sigmas, noise=None, noise_mask=None, seed=5, cfg=4.0):
-    import comfy.sample
-    import comfy.samplers
+    from tve.engine import host
     noise = torch.zeros_like(latent) if noise is None else noise
-    return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas,
-                                      make_conditioning(seed=seed), make_conditioning(seed=6), latent,
-                                      noise_mask=noise_mask, disable_pbar=True)
+    return host.sample(model, noise, cfg, "euler", sigmas, make_conditioning(seed=seed), make_conditioning(seed=6),
+                       latent, noise_mask=noise_mask)
 
 
 def inverted(frames=3, size=8, steps=4, seed=2):
@@ -31,8 +29,8 @@ def injected(model, inversion):
 
 
 def v_prediction(model):
-    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
-    return ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+    from tve.engine import host
+    return host.run_core_node("ModelSamplingDiscrete", model=model, sampling="v_prediction", zsnr=False)[0]
 
 
 # ---------------------------------------------------------------------------------------------- host pins
@@ -64,12 +62,12 @@ def test_ddim_uniform_inversion_grid_has_exactly_the_steps_asked_at_diffusers_ti
 
 
 def test_inversion_of_6_steps_runs_6_model_evaluations():
-    from comfy.patcher_extension import WrappersMP
+    from tve.engine import host
     from tve.engine.inversion import invert
     model = make_tiny_model("sd15").clone()
     calls = []
-    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "count",
-                               lambda executor, *args, **kwargs: calls.append(1) or executor(*args, **kwargs))
+    host.add_wrapper(model, host.DIFFUSION_MODEL, "count",
+                     lambda executor, *args, **kwargs: calls.append(1) or executor(*args, **kwargs))
     _, inversion = invert(model, make_latent(2, 8, 8)["samples"], make_conditioning(), 6, "ddim_uniform")
     assert len(calls) == 6 and len(inversion.sigmas) == 7
 
@@ -209,7 +207,7 @@ def test_a_masked_edit_changes_only_the_masked_region(method):
 
 
 def test_outside_the_mask_every_edit_step_sees_the_source_at_its_sigma():
-    from comfy.patcher_extension import WrappersMP
+    from tve.engine import host
     model, latent, x_T, inversion = inverted(frames=2, steps=4)
     patched = injected(model, inversion)
     seen = []
@@ -220,7 +218,7 @@ def test_outside_the_mask_every_edit_step_sees_the_source_at_its_sigma():
             seen.append((x.float() * (sigma ** 2 + 1) ** 0.5)[..., 4:].clone())
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
-    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", spy)
+    host.add_wrapper(patched, host.DIFFUSION_MODEL, "test_spy", spy)
     mask = torch.zeros(1, 8, 8)
     mask[..., :4] = 1.0
     sample(patched, x_T, inversion.sigmas, noise_mask=mask, cfg=1.0)
@@ -230,7 +228,6 @@ def test_outside_the_mask_every_edit_step_sees_the_source_at_its_sigma():
 
 
 def test_an_outer_sample_wrapper_sees_the_sampled_patcher():
-    from comfy.patcher_extension import WrappersMP
     from tve.engine import host
     model = make_tiny_model("sd15").clone()
     seen = {}
@@ -239,7 +236,7 @@ def test_an_outer_sample_wrapper_sees_the_sampled_patcher():
         seen["patcher"] = host.sampling_model(executor)
         return executor(*args, **kwargs)
 
-    model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "test_spy", outer)
+    host.add_wrapper(model, host.OUTER_SAMPLE, "test_spy", outer)
     sample(model, torch.zeros(1, 4, 8, 8), host.sigma_grid(model, "ddim_uniform", 2))
     assert seen["patcher"] is model
 

@@ -18,9 +18,8 @@ class RunsSeen:
     """DIFFUSION_MODEL wrapper: the SamplingRun of every UNet call."""
 
     def __init__(self, model):
-        from comfy.patcher_extension import WrappersMP
         self.runs = []
-        model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_runs", self)
+        host.add_wrapper(model, host.DIFFUSION_MODEL, "test_runs", self)
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         self.runs.append(current_run(transformer_options))

@@ -17,11 +17,9 @@ FRAMES, SIZE, STEPS = 3, 16, 2
 
 
 def sample(model, x_T, sigmas):
-    import comfy.sample
-    import comfy.samplers
-    return comfy.sample.sample_custom(model, torch.zeros_like(x_T), 5.0, comfy.samplers.sampler_object("euler"),
-                                      sigmas, make_conditioning("sd15", 2), make_conditioning("sd15", 3), x_T,
-                                      disable_pbar=True, seed=0)
+    from tve.engine import host
+    return host.sample(model, torch.zeros_like(x_T), 5.0, "euler", sigmas, make_conditioning("sd15", 2),
+                       make_conditioning("sd15", 3), x_T, seed=0)
 
 
 def audit(model, x_T, sigmas, sites=None) -> SyncAudit:

@@ -35,10 +35,9 @@ def adapter(kind="stam"):
 
 
 @pytest.fixture
-def adapter_folder(tmp_path, monkeypatch):
-    import folder_paths
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, host.ADAPTER_FOLDER, ([str(tmp_path)], {".safetensors"}))
-    return tmp_path
+def adapter_folder(tmp_path):
+    with host.model_folder_at(host.ADAPTER_FOLDER, str(tmp_path)):
+        yield tmp_path
 
 
 @pytest.mark.parametrize("kind", ["stam", "layernorm"])
@@ -83,13 +82,12 @@ def test_new_adapter_paths_count_up_inside_the_folder_and_never_leave_it(adapter
 
 
 def test_adapter_folder_keeps_paths_from_extra_model_paths():
-    import folder_paths
-    folder_paths.folder_names_and_paths[host.ADAPTER_FOLDER] = (["/artist/adapters"], set())
-    host.register_adapter_folder()
-    paths = folder_paths.get_folder_paths(host.ADAPTER_FOLDER)
-    assert paths == [os.path.join(folder_paths.models_dir, host.ADAPTER_FOLDER), "/artist/adapters"]
-    host.register_adapter_folder()
-    assert folder_paths.get_folder_paths(host.ADAPTER_FOLDER) == paths
+    with host.model_folder_at(host.ADAPTER_FOLDER, "/artist/adapters"):       # what extra_model_paths.yaml made
+        host.register_adapter_folder()
+        paths = host.adapter_folders()
+        assert paths == [host.default_model_folder(host.ADAPTER_FOLDER), "/artist/adapters"]
+        host.register_adapter_folder()
+        assert host.adapter_folders() == paths
 
 
 def test_loss_graph_is_an_image_with_the_curve_drawn_and_bad_losses_are_refused():

@@ -103,12 +103,12 @@ def sd15():
 @real_host
 @pytest.mark.parametrize("family", FAMILIES)
 def test_node_outputs_frames_at_sigma_t1_and_the_rest_of_the_grid(family):
-    import comfy.samplers
+    from tve.engine import host
     model = make_tiny_model(family)
     out_latent, sigmas, start = MotionDynamicsLatents().make(
         model, make_conditioning(family, seed=1), make_conditioning(family, seed=2), make_latent(2, 8, 8), seed=0,
         frames=3, motion_x=1.0, motion_y=0.0, **FAST)
-    grid = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", 6).float()
+    grid = host.sigma_grid(model, "ddim_uniform", 6)
     assert len(grid) == 8 and start == 7 - 1 - 4
     assert out_latent["samples"].shape == (3, 4, 8, 8)
     assert torch.isfinite(out_latent["samples"]).all()
@@ -134,13 +134,15 @@ def test_frames_differ_only_by_the_translation_before_renoising(sd15):
 
 @real_host
 def test_frame_zero_follows_a_core_ksampler_with_the_same_seed(sd15):
-    import comfy.sample
+    from tve.engine import host
     result = run(sd15, "sd15", seed=11)
     empty = torch.zeros(1, 4, 8, 8)
-    core = comfy.sample.sample(sd15, comfy.sample.prepare_noise(empty, 11), 6, 7.5, "euler", "ddim_uniform",
-                               make_conditioning("sd15", seed=1), make_conditioning("sd15", seed=2), empty,
-                               last_step=result.start_step, force_full_denoise=False, disable_pbar=True, seed=11)
-    assert torch.allclose(result.raw_latents[:1], core, atol=1e-5, rtol=1e-5)
+    (core,) = host.run_core_node("KSamplerAdvanced", model=sd15, add_noise="enable", noise_seed=11, steps=6, cfg=7.5,
+                                 sampler_name="euler", scheduler="ddim_uniform",
+                                 positive=make_conditioning("sd15", seed=1), negative=make_conditioning("sd15", seed=2),
+                                 latent_image={"samples": empty}, start_at_step=0, end_at_step=result.start_step,
+                                 return_with_leftover_noise="enable")          # stops at start_step, not denoised
+    assert torch.allclose(result.raw_latents[:1], core["samples"], atol=1e-5, rtol=1e-5)
 
 
 @real_host
@@ -152,14 +154,12 @@ def test_same_seed_same_latents_other_seed_other_latents(sd15):
 
 @real_host
 def test_a_core_sampler_continues_from_exactly_these_latents_at_sigma_t1(sd15):
-    import comfy.sample
-    import comfy.samplers
+    from tve.engine import host
     result = run(sd15, "sd15")
     seen = {}
-    comfy.sample.sample_custom(sd15, torch.zeros_like(result.raw_latents), 7.5, comfy.samplers.sampler_object("euler"),
-                               result.sigmas, make_conditioning("sd15", seed=1), make_conditioning("sd15", seed=2),
-                               result.raw_latents, callback=lambda i, x0, x, total: seen.setdefault(i, x.clone()),
-                               disable_pbar=True)
+    host.sample(sd15, torch.zeros_like(result.raw_latents), 7.5, "euler", result.sigmas,
+                make_conditioning("sd15", seed=1), make_conditioning("sd15", seed=2), result.raw_latents,
+                callback=lambda i, x0, x, total: seen.setdefault(i, x.clone()))
     assert sorted(seen) == list(range(len(result.sigmas) - 1))
     assert torch.allclose(seen[0], result.latents, atol=1e-5)
 

@@ -18,9 +18,9 @@ class ControlRecorder:
     """Per UNet call: the pass, the global frame ids and a copy of the control residuals it was given."""
 
     def __init__(self, model):
-        from comfy.patcher_extension import WrappersMP
+        from tve.engine import host
         self.calls = []
-        model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", self)
+        host.add_wrapper(model, host.DIFFUSION_MODEL, "test_spy", self)
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         from tve.engine.run import call_frame_ids, current_pass
@@ -44,19 +44,18 @@ def setup():
 
 def controlled(hints, controls):
     """Edit conditioning with ``controls`` stacked by core ControlNetApplyAdvanced, each with the per-frame hints."""
-    from nodes import ControlNetApplyAdvanced
+    from tve.engine import host
     positive, negative = make_conditioning("sd15", 5), make_conditioning("sd15", 6)
     for control in controls:
-        positive, negative = ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hints, 1.0,
-                                                                        0.0, 1.0)
+        positive, negative = host.run_core_node("ControlNetApplyAdvanced", positive=positive, negative=negative,
+                                                control_net=control, image=hints, strength=1.0, start_percent=0.0,
+                                                end_percent=1.0)
     return positive, negative
 
 
 def edit(model, x_T, sigmas, positive, negative):
-    import comfy.sample
-    import comfy.samplers
-    return comfy.sample.sample_custom(model, torch.zeros_like(x_T), 3.0, comfy.samplers.sampler_object("euler"),
-                                      sigmas, positive, negative, x_T, disable_pbar=True)
+    from tve.engine import host
+    return host.sample(model, torch.zeros_like(x_T), 3.0, "euler", sigmas, positive, negative, x_T)
 
 
 def rows(tensor, chunks, frame_positions):

@@ -31,11 +31,9 @@ def inverted(family="sd15", frames=16, steps=3, size=8):
 
 
 def edit(model, x_T, sigmas, family="sd15", cfg=4.0):
-    import comfy.sample
-    import comfy.samplers
-    return comfy.sample.sample_custom(model, torch.zeros_like(x_T), cfg, comfy.samplers.sampler_object("euler"),
-                                      sigmas, make_conditioning(family, 5), make_conditioning(family, 6), x_T,
-                                      disable_pbar=True)
+    from tve.engine import host
+    return host.sample(model, torch.zeros_like(x_T), cfg, "euler", sigmas, make_conditioning(family, 5),
+                       make_conditioning(family, 6), x_T)
 
 
 def tokenflow(model, inversion, interval=4, seed=7, mode="paper", attn=0.5, conv=0.8):
@@ -44,9 +42,9 @@ def tokenflow(model, inversion, interval=4, seed=7, mode="paper", attn=0.5, conv
 
 
 def recorded(model):
-    from comfy.patcher_extension import WrappersMP
+    from tve.engine import host
     spy = PassRecorder()
-    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", spy)
+    host.add_wrapper(model, host.DIFFUSION_MODEL, "test_spy", spy)
     return spy
 
 

@@ -13,15 +13,16 @@ MAX_BYTES = 5_000_000
 
 
 def _sample(model, noise: torch.Tensor, name: str, cfg: float, steps: int = 20) -> torch.Tensor:
-    import comfy.sample
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", trained_conditioning(name),
-                               trained_conditioning("empty"), torch.zeros_like(noise), disable_pbar=True, seed=0)
+    """Euler over ``steps`` steps of the normal schedule (what core's KSampler samples with these settings)."""
+    from tve.engine import host
+    return host.sample(model, noise, cfg, "euler", host.sigma_grid(model, "normal", steps), trained_conditioning(name),
+                       trained_conditioning("empty"), torch.zeros_like(noise), seed=0)
 
 
 def test_committed_weights_are_small_fp16_and_load_into_comfys_sd15_unet():
-    import comfy.model_base
-    import comfy.model_patcher
     from safetensors import safe_open
+
+    from tve.engine import host
 
     assert WEIGHTS.stat().st_size <= MAX_BYTES
     with safe_open(str(WEIGHTS), framework="pt") as f:
@@ -29,8 +30,7 @@ def test_committed_weights_are_small_fp16_and_load_into_comfys_sd15_unet():
         weights = {k: f.get_tensor(k) for k in f.keys()}
     assert {v.dtype for v in weights.values()} == {torch.float16}
     model = load_trained_model()
-    assert isinstance(model, comfy.model_patcher.ModelPatcher)
-    assert isinstance(model.model, comfy.model_base.BaseModel) and model.model.model_type.name == "EPS"
+    assert host.model_family(model) == "SD15/EPS"                  # comfy's SD15 config, an EPS BaseModel
     assert float(model.get_model_object("model_sampling").sigma_max) == pytest.approx(14.6146, rel=1e-4)  # SD1.5
     state = model.model.diffusion_model.state_dict()
     assert state.keys() == weights.keys()
@@ -42,16 +42,14 @@ def test_committed_weights_are_small_fp16_and_load_into_comfys_sd15_unet():
 
 
 def test_inversion_then_reconstruction_of_a_held_out_clip_is_faithful():
-    import comfy.sample
-    import comfy.samplers
+    from tve.engine import host
     from tve.engine.inversion import invert
 
     model = load_trained_model()
     cond = trained_conditioning("source")
     raw = render_frames(1, 3, HELD_OUT_SEED + 7)  # (3, 4, 16, 16), a world seed never trained on
     x_T, inversion = invert(model, raw, cond, 50, "ddim_uniform")
-    recon = comfy.sample.sample_custom(model, torch.zeros_like(x_T), 1.0, comfy.samplers.sampler_object("euler"),
-                                       inversion.sigmas, cond, cond, x_T, disable_pbar=True)
+    recon = host.sample(model, torch.zeros_like(x_T), 1.0, "euler", inversion.sigmas, cond, cond, x_T)
     error = float((recon - raw).norm() / raw.norm())  # raw and model space differ by one factor: same ratio
     assert error < 0.10
     assert float((x_T - raw).norm() / raw.norm()) > 1.0  # x_T really is the noisy end of the walk
@@ -78,9 +76,7 @@ def test_target_conditioning_recolours_to_the_warm_duotone():
 def test_full_injection_with_the_source_prompt_reproduces_the_reconstruction():
     """Issue #3 with a model that can invert: PnP injection of the source into an edit with the source prompt
     keeps the reconstruction (both near the source)."""
-    import comfy.sample
-    import comfy.samplers
-
+    from tve.engine import host
     from tve.engine.injection import apply_feature_injection
     from tve.engine.inversion import invert
     from tve.tests.trained_model import load_trained_model, trained_conditioning
@@ -92,8 +88,7 @@ def test_full_injection_with_the_source_prompt_reproduces_the_reconstruction():
     x_T, inversion = invert(model, x0, source, 25, "ddim_uniform")
 
     def sample(m):
-        return comfy.sample.sample_custom(m, torch.zeros_like(x_T), 1.0, comfy.samplers.sampler_object("euler"),
-                                          inversion.sigmas, source, source, x_T, disable_pbar=True)
+        return host.sample(m, torch.zeros_like(x_T), 1.0, "euler", inversion.sigmas, source, source, x_T)
 
     plain = sample(model)
     injected = sample(apply_feature_injection(model, inversion, 1.0, 1.0, "tokenflow", "sigma-matched"))

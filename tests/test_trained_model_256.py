@@ -26,11 +26,9 @@ def _clip(frames: int, index: int = 7):
 
 
 def _edit(model, x_T, sigmas, cfg: float = 5.0):
-    import comfy.sample
-    import comfy.samplers
-    return comfy.sample.sample_custom(model, torch.zeros_like(x_T), cfg, comfy.samplers.sampler_object("euler"), sigmas,
-                                      trained_conditioning("target", NAME), trained_conditioning("empty", NAME), x_T,
-                                      disable_pbar=True, seed=0)
+    from tve.engine import host
+    return host.sample(model, torch.zeros_like(x_T), cfg, "euler", sigmas, trained_conditioning("target", NAME),
+                       trained_conditioning("empty", NAME), x_T, seed=0)
 
 
 def test_weights_are_fp16_under_10_mb_with_sd15s_four_levels_and_attention_on_the_first_three():
@@ -53,15 +51,13 @@ def test_weights_are_fp16_under_10_mb_with_sd15s_four_levels_and_attention_on_th
 
 
 def test_inversion_then_reconstruction_of_a_held_out_clip_is_faithful():
-    import comfy.sample
-    import comfy.samplers
+    from tve.engine import host
     from tve.engine.inversion import invert
 
     model, cond = load_trained_model(NAME), trained_conditioning("source", NAME)
     raw = frames_to_latent(_clip(3).frames)  # (3, 4, 32, 32), a world seed never trained on
     x_T, inversion = invert(model, raw, cond, 25, "ddim_uniform")
-    recon = comfy.sample.sample_custom(model, torch.zeros_like(x_T), 1.0, comfy.samplers.sampler_object("euler"),
-                                       inversion.sigmas, cond, cond, x_T, disable_pbar=True)
+    recon = host.sample(model, torch.zeros_like(x_T), 1.0, "euler", inversion.sigmas, cond, cond, x_T)
     assert float((recon - raw).norm() / raw.norm()) < RECONSTRUCTION_BOUND
     assert float((x_T - raw).norm() / raw.norm()) > 1.0  # x_T really is the noisy end of the walk
 

@@ -61,10 +61,8 @@ def test_a_frame_in_no_window_with_weight_is_an_error():
 @pytest.mark.real_host
 @pytest.mark.parametrize("frames,size,overlap", [(16, 16, 4), (17, 16, 4), (64, 16, 4), (240, 12, 3), (30, 8, 0)])
 def test_schedules_and_weights_are_cores_standard_static_batched_and_pyramid(frames, size, overlap):
-    import types
-
-    import comfy.context_windows as cw
-    handler = types.SimpleNamespace(context_length=size, context_overlap=overlap)
-    assert overlapping_windows(frames, size, overlap) == cw.create_windows_static_standard(frames, handler, {})
-    assert batches(frames, size) == cw.create_windows_batched(frames, handler, {})
-    assert all(pyramid_weights(n) == cw.create_weights_pyramid(n) for n in range(1, 20))
+    from tve.tests.hosts import core_context_handler
+    static, batched = (core_context_handler(size, overlap, schedule) for schedule in ("standard_static", "batched"))
+    assert overlapping_windows(frames, size, overlap) == static.context_schedule.func(frames, static, {})
+    assert batches(frames, size) == batched.context_schedule.func(frames, batched, {})
+    assert all(pyramid_weights(n) == static.fuse_method.func(n) for n in range(1, 20))

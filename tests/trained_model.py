@@ -2,8 +2,8 @@
 host only.
 
 ``load_trained_model(testbed)`` builds comfy's SD15 ``BaseModel`` from the ``unet_config`` stored with the weights
-(``tools/train_test_model.load``: comfy's own classes), loads the fp16 weights into it (fp32, frozen) and returns
-a ``comfy.model_patcher.ModelPatcher``; ``trained_conditioning(name, testbed)`` is the CONDITIONING of one of the
+(``tools/train_test_model.load``: ``host.build_model``, comfy's own classes), loads the fp16 weights into it (fp32,
+frozen) and returns its ``ModelPatcher``; ``trained_conditioning(name, testbed)`` is the CONDITIONING of one of the
 embeddings it was trained with: ``source`` (frames as rendered), ``target`` (``target_style``) or ``empty``.
 ``testbed`` is a key of ``tools.train_test_model.TESTBEDS``: ``test_model`` (128 px frames, 16 x 16 latents, the
 default) or ``test_model_256`` (256 px, 32 x 32 latents, four UNet levels).

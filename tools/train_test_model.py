@@ -166,14 +166,10 @@ def conditioning_embeddings(seed: int = EMBEDDING_SEED) -> dict[str, torch.Tenso
 
 # ------------------------------------------------------------------------------------------ the model
 def build_model(unet_config: dict):
-    """comfy's SD15 config -> ``BaseModel`` (EPS, fp32, CPU) with uninitialised weights (comfy skips init)."""
-    import comfy.model_base
-    import comfy.supported_models
-
-    config = comfy.supported_models.SD15(unet_config)
-    config.unet_config.update(num_heads=unet_config["num_heads"], num_head_channels=unet_config["num_head_channels"])
-    config.set_inference_dtype(torch.float32, None)
-    return comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device=torch.device("cpu"))
+    """comfy's SD15 config with this UNet layout -> a MODEL (ModelPatcher around a ``BaseModel``, EPS, fp32, CPU)
+    with uninitialised weights (comfy skips init), built by the host adapter (``host.build_model``)."""
+    from tve.engine import host
+    return host.build_model("SD15", unet_config, "EPS")
 
 
 def initialise(unet: torch.nn.Module) -> None:
@@ -241,7 +237,7 @@ def train(bank: torch.Tensor, steps: int, batch: int, lr: float, seed: int, log_
     half the side; the UNet is convolutional and its attention is over the tokens it gets), the rest whole frames,
     so that attention learns the token count it meets at inference."""
     torch.manual_seed(seed)
-    model = build_model(testbed.unet_config)
+    model = build_model(testbed.unet_config).model
     unet = model.diffusion_model
     initialise(unet)
     unet.train()
@@ -303,19 +299,16 @@ def save(out: Path, ema: dict, seconds: float, steps: int, testbed: Testbed = TE
 
 
 def load(model_dir: Path):
-    """The saved model as a ``comfy.model_patcher.ModelPatcher`` (fp32, frozen) and its CONDITIONINGs by name."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.utils
+    """The saved model as a ModelPatcher (fp32, frozen) and its CONDITIONINGs by name."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
-    weights, metadata = comfy.utils.load_torch_file(str(model_dir / "unet.safetensors"), safe_load=True,
-                                                    return_metadata=True)
-    model = build_model(json.loads(metadata["unet_config"]))
-    model.diffusion_model.load_state_dict(weights)  # strict: every key, every shape
-    model.eval().requires_grad_(False)  # as a loaded checkpoint is used: sampling builds no autograd graph
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    embeddings = comfy.utils.load_torch_file(str(model_dir / "conditioning.safetensors"), safe_load=True)
+    with safe_open(str(model_dir / "unet.safetensors"), framework="pt") as f:
+        unet_config = json.loads(f.metadata()["unet_config"])
+    patcher = build_model(unet_config)
+    patcher.model.diffusion_model.load_state_dict(load_file(str(model_dir / "unet.safetensors")))  # strict
+    patcher.model.eval().requires_grad_(False)  # as a loaded checkpoint is used: sampling builds no autograd graph
+    embeddings = load_file(str(model_dir / "conditioning.safetensors"))
     return patcher, {name: [[embedding.float(), {}]] for name, embedding in embeddings.items()}
 
 

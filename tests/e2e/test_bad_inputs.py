@@ -350,5 +350,197 @@ def _wait(comfyui, prompt_id: str) -> dict:
     return comfyui.wait(prompt_id)
 
 
+# ==============================================================================================================
+# Issue 24: damaged, foreign and mismatched temporal adapter files, and noise masks the edit could not use. Self-
+# contained: the adapter files are written into the server's models/tve_adapters by ``adapter_files``; each probe
+# also says what its error must say beyond naming the input.
+# ==============================================================================================================
+@dataclass(frozen=True)
+class SaysProbe(Probe):
+    says: str = ""                  # a regex the error message must hold (why it was refused)
 
-# =======================================================================================================
+
+ADAPTER_FILES = {                   # file -> how it is damaged (see ``adapter_files``)
+    "tve_e2e_good.safetensors": "an adapter for the e2e checkpoint",
+    "tve_e2e_half.safetensors": "cut to half its bytes",
+    "tve_e2e_empty.safetensors": "0 bytes",
+    "tve_e2e_pickle.safetensors": "a torch.save checkpoint renamed",
+    "tve_e2e_no_blocks.safetensors": "no 'blocks' metadata",
+    "tve_e2e_steps_x.safetensors": "metadata steps='x'",
+    "tve_e2e_no_gain.safetensors": "one tensor missing",
+    "tve_e2e_k_shape.safetensors": "a temporal tensor of another shape",
+    "tve_e2e_query_shape.safetensors": "a query delta that does not fit the model's weight",
+    "tve_e2e_other_checkpoint.safetensors": "tuned on another checkpoint of the family",
+}
+
+
+def _e2e_unet(checkpoint_file, seed: int | None = None):
+    """The e2e checkpoint's MODEL as the server's CheckpointLoaderSimple loads it (comfy's loader, on the CPU), or
+    with random weights of ``seed`` instead (another checkpoint of the same family and layout)."""
+    from tve.engine import host
+    from tve.tests.hosts import _init_weights
+    model = host.checkpoint_model(str(checkpoint_file))
+    if seed is not None:
+        _init_weights(model.model, seed)
+    return model
+
+
+def _e2e_adapter(model, identity_of):
+    """An untuned 'stam' adapter with random query deltas for ``model``'s layout, recording ``identity_of``'s
+    weights."""
+    import torch
+    from tve.attention.temporal import TemporalAttention
+    from tve.engine import host
+    from tve.engine.temporal_adapter import TemporalAdapter, model_blocks
+    g = torch.Generator().manual_seed(0)
+    blocks = model_blocks(model)
+    temporal = {name: TemporalAttention(c, h, "stam", g).state_dict() for name, (c, h) in blocks.items()}
+    diffs = {key: 1e-3 * torch.randn(model.get_model_object(key.rsplit(".", 1)[0]).weight.shape, generator=g)
+             for b in host.attention_blocks(model) for key in host.query_weight_keys(b)}
+    return TemporalAdapter("stam", host.model_family(model), blocks, temporal, diffs, "temporal+queries", 0, (),
+                           identity=host.weights_fingerprint(identity_of))
+
+
+@pytest.fixture(scope="module")
+def adapter_files(e2e_root, checkpoint_file):
+    """Every file of ``ADAPTER_FILES`` in the server's models/tve_adapters (``--base-directory``'s models)."""
+    import pickle
+    import safetensors
+    import safetensors.torch
+    import torch
+    from tve.engine.temporal_adapter import save_adapter
+    folder = e2e_root / "base" / "models" / "tve_adapters"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = _e2e_unet(checkpoint_file)
+    good = folder / "tve_e2e_good.safetensors"
+    save_adapter(_e2e_adapter(model, model), str(good))
+    save_adapter(_e2e_adapter(model, _e2e_unet(checkpoint_file, seed=1)), str(folder / "tve_e2e_other_checkpoint"
+                                                                                       ".safetensors"))
+    data = good.read_bytes()
+    (folder / "tve_e2e_half.safetensors").write_bytes(data[:len(data) // 2])
+    (folder / "tve_e2e_empty.safetensors").write_bytes(b"")
+    torch.save({"q": torch.zeros(2)}, folder / "tve_e2e_pickle.safetensors", pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with safetensors.safe_open(str(good), framework="pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+
+    def variant(name, meta=None, drop=(), **changed):
+        ts = {k: v for k, v in tensors.items() if k not in drop}
+        ts.update({k.replace("__", "."): fn(ts[k.replace("__", ".")]) for k, fn in changed.items()})
+        safetensors.torch.save_file(ts, str(folder / name), metadata={k: v for k, v in {**metadata, **(meta or {})}
+                                                                      .items() if v is not None})
+
+    block = next(k for k in tensors if k.startswith("temporal.")).rsplit(".", 1)[0]
+    query = next(k for k in tensors if k.startswith("query."))
+    variant("tve_e2e_no_blocks.safetensors", {"blocks": None})
+    variant("tve_e2e_steps_x.safetensors", {"steps": "x"})
+    variant("tve_e2e_no_gain.safetensors", drop=[f"{block}.gain"])
+    variant("tve_e2e_k_shape.safetensors", **{f"{block}.k".replace(".", "__"): lambda t: t[:, :8].contiguous()})
+    variant("tve_e2e_query_shape.safetensors", **{query.replace(".", "__"): lambda t: t[:, :8].contiguous()})
+    assert sorted(p.name for p in folder.glob("tve_e2e_*.safetensors")) == sorted(ADAPTER_FILES)
+    return folder
+
+
+def _load_adapter_only(name: str, allow: bool | None = None) -> Callable[[Graph], None]:
+    """The graph becomes: the checkpoint → Load Temporal Adapter (TVE) ``name`` → Save Temporal Adapter (TVE)."""
+    from tve.tests.e2e.session_files import CHECKPOINT
+
+    def mutate(g: Graph) -> None:
+        g.nodes.clear()
+        model = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+        inputs = {"model": model, "adapter_name": name, **({} if allow is None else {"allow_other_checkpoint": allow})}
+        load = g.add("TVE_LoadTemporalAdapter", **inputs)
+        g.add("TVE_SaveTemporalAdapter", adapter=[load[0], 1], filename_prefix="e2e_probe/resaved")
+    return mutate
+
+
+def _solid_mask(g: Graph, value: float, width: int = WIDTH, height: int = HEIGHT) -> list:
+    return g.add("SolidMask", value=value, width=width, height=height)
+
+
+def _masked(g: Graph, latent: list, mask: list) -> list:
+    return g.add("SetLatentNoiseMask", samples=latent, mask=mask)
+
+
+def _mask_with_a_nan_square(g: Graph) -> list:
+    """A mask of the frames' size, 1 but for an 8x8 square of NaN (64 of WIDTH·HEIGHT values)."""
+    return g.add("MaskComposite", destination=_solid_mask(g, 1.0), source=_solid_mask(g, math.nan, 8, 8), x=8, y=8,
+                 operation="multiply")
+
+
+def _four_masks(g: Graph) -> list:
+    image = g.add("MaskToImage", mask=_solid_mask(g, 1.0))
+    return g.add("ImageToMask", image=g.add("RepeatImageBatch", image=image, amount=4), channel="red")
+
+
+_L = "TVE_LoadTemporalAdapter"
+ISSUE_24_PROBES = [
+    SaysProbe("load_adapter_cut_to_half_its_bytes", _L, FILE, EI2, _load_adapter_only("tve_e2e_half.safetensors"),
+              "adapter_name", says=r"tve_e2e_half.safetensors is truncated: \d+ bytes, but its header"),
+    SaysProbe("load_adapter_of_0_bytes", _L, FILE, EI2, _load_adapter_only("tve_e2e_empty.safetensors"),
+              "adapter_name", says=r"tve_e2e_empty.safetensors is an empty file \(0 bytes\)"),
+    SaysProbe("load_adapter_that_is_a_renamed_torch_checkpoint", _L, FILE, EI2,
+              _load_adapter_only("tve_e2e_pickle.safetensors"), "adapter_name",
+              says=r"is a PyTorch zip checkpoint \(torch.save\), not a safetensors file"),
+    SaysProbe("load_adapter_without_blocks", _L, FILE, EI2, _load_adapter_only("tve_e2e_no_blocks.safetensors"),
+              "adapter_name", says=r"its metadata has no 'blocks'; expected a JSON object"),
+    SaysProbe("load_adapter_with_steps_x", _L, FILE, EI2, _load_adapter_only("tve_e2e_steps_x.safetensors"),
+              "adapter_name", says=r"its metadata 'steps' is 'x'; expected a whole number"),
+    SaysProbe("load_adapter_missing_a_tensor", _L, FILE, EI2, _load_adapter_only("tve_e2e_no_gain.safetensors"),
+              "adapter_name", says=r"lacks temporal\.[\w.]+\.gain; a 'stam' temporal attention of block"),
+    SaysProbe("load_adapter_with_a_tensor_of_another_shape", _L, FILE, EI2,
+              _load_adapter_only("tve_e2e_k_shape.safetensors"), "adapter_name",
+              says=r"its tensor 'temporal\.[\w.]+\.k' has shape \(320, 8\); expected \(320, 320\)"),
+    SaysProbe("load_adapter_whose_query_delta_does_not_fit", _L, MISMATCH, EI2,
+              _load_adapter_only("tve_e2e_query_shape.safetensors"), "adapter_name",
+              says=r"its query delta for diffusion_model\.\S+\.to_q\.weight is \(320, 8\) but this model's weight is "
+                   r"\(320, 320\)"),
+    SaysProbe("load_adapter_tuned_on_another_checkpoint", _L, MISMATCH, EI2,
+              _load_adapter_only("tve_e2e_other_checkpoint.safetensors"), "adapter_name",
+              says=r"was tuned on a model whose weights differ from this model's: other base weights .*set "
+                   r"allow_other_checkpoint"),
+    SaysProbe("inversion_nan_noise_mask", "TVE_DDIMInversion", NON_FINITE, PNP,
+              _wire("TVE_DDIMInversion", "latent", lambda g: _masked(g, g.out("VAEEncode"), _solid_mask(g, math.nan))),
+              "latent", says=rf"its noise_mask has {WIDTH * HEIGHT} of {WIDTH * HEIGHT} values NaN or infinite"),
+    SaysProbe("inversion_noise_mask_with_64_nan", "TVE_DDIMInversion", NON_FINITE, PNP,
+              _wire("TVE_DDIMInversion", "latent", lambda g: _masked(g, g.out("VAEEncode"), _mask_with_a_nan_square(g))),
+              "latent", says=rf"its noise_mask has 64 of {WIDTH * HEIGHT} values NaN or infinite"),
+    SaysProbe("inversion_4_masks_on_6_frames", "TVE_DDIMInversion", MISMATCH, PNP,
+              _wire("TVE_DDIMInversion", "latent", lambda g: _masked(g, g.out("VAEEncode"), _four_masks(g))),
+              "latent", says=rf"its noise_mask has 4 masks but the latent has {FRAMES} frames; expected one mask per "
+                             rf"frame \({FRAMES}\) or one for all frames"),
+    SaysProbe("edit_with_a_nan_noise_mask_set_after_the_inversion", "TVE_ApplyFeatureInjection", NON_FINITE, PNP,
+              _wire("SamplerCustomAdvanced", "latent_image",
+                    lambda g: _masked(g, g.out("TVE_DDIMInversion"), _mask_with_a_nan_square(g))), "latent_image",
+              raised_by="SamplerCustomAdvanced", says=r"its noise_mask has \d+ of \d+ values NaN or infinite"),
+]
+ISSUE_24_HANDLED = [
+    Probe("load_adapter_for_this_checkpoint", _L, FILE, EI2, _load_adapter_only("tve_e2e_good.safetensors"), ""),
+    Probe("load_adapter_of_another_checkpoint_when_allowed", _L, MISMATCH, EI2,
+          _load_adapter_only("tve_e2e_other_checkpoint.safetensors", allow=True), ""),
+]
+
+
+@pytest.mark.parametrize("probe", ISSUE_24_PROBES, ids=lambda p: p.name)
+def test_a_damaged_or_foreign_adapter_file_or_an_unusable_noise_mask_is_refused_naming_the_input(
+        probe, comfyui, object_info, adapter_files):
+    status, body = queue(comfyui, broken(probe, object_info))
+    assert status == 200, body
+    entry = _wait(comfyui, body["prompt_id"])
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "error" and errors, f"{probe.name} ran to the end: nothing may be silent"
+    error = errors[0]
+    assert error["node_type"] == (probe.raised_by or probe.node), error
+    assert error["exception_type"] == "ValueError", error
+    message = error["exception_message"]
+    assert re.match(rf"{re.escape(probe.input)}: ", message) and re.search(probe.says, message), message
+    last_frame = [line for line in error["traceback"] if line.lstrip().startswith("File ")][-1]
+    assert PACK_FOLDER in last_frame, f"raised outside the pack:\n{''.join(error['traceback'])}"
+
+
+@pytest.mark.parametrize("probe", ISSUE_24_HANDLED, ids=lambda p: p.name)
+def test_an_adapter_for_this_checkpoint_or_one_explicitly_allowed_loads(probe, comfyui, object_info, adapter_files):
+    status, body = queue(comfyui, broken(probe, object_info))
+    assert status == 200, body
+    entry = _wait(comfyui, body["prompt_id"])
+    errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "success", errors

@@ -20,6 +20,11 @@ def intermediate_device() -> torch.device:
     return torch.device("cpu")
 
 
+def interrupt_current_processing(value=True) -> None:
+    global interrupt_processing
+    interrupt_processing = value
+
+
 def processing_interrupted() -> bool:
     return interrupt_processing
 

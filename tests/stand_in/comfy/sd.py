@@ -1,8 +1,9 @@
-"""Stand-in for comfy.sd: a VAE with the crop rule of ``VAE.vae_encode_crop_pixels`` and no weights."""
+"""Stand-in for comfy.sd: an SD-family VAE (factor 8, whatever state dict it is given) with the crop rule of
+``VAE.vae_encode_crop_pixels`` and no weights."""
 
 
 class VAE:
-    def __init__(self, downscale_ratio: int = 8):
+    def __init__(self, sd=None, downscale_ratio: int = 8):
         self.downscale_ratio = downscale_ratio
         self.crop_input = True
 

@@ -1,4 +1,4 @@
-"""Stand-in for comfy.utils: ProgressBar (records its updates) and the safe weight loader."""
+"""Stand-in for comfy.utils: ProgressBar (records its updates, calls the global hook) and the safe weight loader."""
 import safetensors.torch
 import torch
 
@@ -6,17 +6,25 @@ PROGRESS_BAR_HOOK = None
 updates: list = []          # (value, total) of every ProgressBar update, for tests
 
 
+def set_progress_bar_global_hook(function):
+    global PROGRESS_BAR_HOOK
+    PROGRESS_BAR_HOOK = function
+
+
 class ProgressBar:
     def __init__(self, total, node_id=None):
         self.total = total
         self.current = 0
         self.node_id = node_id
+        self.hook = PROGRESS_BAR_HOOK
 
     def update_absolute(self, value, total=None, preview=None):
         if total is not None:
             self.total = total
         self.current = min(value, self.total)
         updates.append((self.current, self.total))
+        if self.hook is not None:
+            self.hook(self.current, self.total, preview, node_id=self.node_id)
 
     def update(self, value):
         self.update_absolute(self.current + value)
