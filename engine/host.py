@@ -1185,3 +1185,50 @@ def vae_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Any:
     VAELoader does with a VAE file's weights."""
     import comfy.sd
     return comfy.sd.VAE(sd=dict(state_dict))
+
+
+# ---------------------------------------------------------------------------------------------- frame-pooled norms
+def resblock_group_norms(model: Any) -> dict[str, torch.nn.Module]:
+    """The GroupNorms FLATTEN's inflated UNet runs on video tensors (Cong et al. 2024; the official code's
+    ``ResnetBlock3D.norm1/norm2`` and ``conv_norm_out``), by module path under the ModelPatcher's model: both norms
+    of every ResBlock (``in_layers[0]``, ``out_layers[0]``) and the output norm (``out[0]``), in module order. The
+    transformers' own GroupNorm (``SpatialTransformer.norm``) stays per frame there too, so it is not listed."""
+    unet = model.get_model_object("diffusion_model")
+    norms: dict[str, torch.nn.Module] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, openaimodel.ResBlock):
+            for part in ("in_layers", "out_layers"):
+                norms[f"diffusion_model.{name}.{part}.0"] = getattr(module, part)[0]
+    out = getattr(unet, "out", None)
+    if not norms or not isinstance(out, torch.nn.Sequential) or not isinstance(out[0], torch.nn.GroupNorm):
+        raise ValueError(f"model: {type(unet).__name__} has no ResBlocks with an output GroupNorm; TVE supports "
+                         "SD1.x, SD2.x and SDXL models")
+    norms["diffusion_model.out.0"] = out[0]
+    for path, module in norms.items():
+        if not isinstance(module, torch.nn.GroupNorm):
+            raise ValueError(f"model: {path} is a {type(module).__name__}, not a GroupNorm")
+    return norms
+
+
+@contextlib.contextmanager
+def calls_in_layout(modules: Iterable[torch.nn.Module], to_layout: Callable[[torch.Tensor], torch.Tensor],
+                    from_layout: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """While the context is open, each of ``modules`` is called on ``to_layout(x)`` instead of its input ``x`` and
+    its output ``out`` is returned as ``from_layout(out)``: the module computes with its own weights, casts and
+    weight patches, on another layout of the same values (a GroupNorm on the (chunks, C, F, h, w) view pools its
+    statistics over the frames). Forward hooks for one sampling run: nothing stays on the shared UNet afterwards."""
+    def pre(module: torch.nn.Module, args: tuple) -> tuple:
+        return (to_layout(args[0]), *args[1:])
+
+    def post(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return from_layout(out)
+
+    handles = []
+    try:
+        for module in dict.fromkeys(modules):
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -11,6 +11,8 @@ A method is an immutable settings object applied by one node (``node``). It may:
 - name the frames every frame window must hold besides its own (``shared_frames``);
 - read features of the step's source pass, in its ``source_order`` (``source_reads``: blocks whose self-attention input, output blocks whose
   ResBlock branch, the engine keeps from the source pass) and use them (``attention_input``, ``run_hooks``);
+- pool the statistics of some GroupNorms over the frames of each chunk in all its passes, the inversion's
+  included (``frame_pooled_norms``: FLATTEN's inflated UNet);
 - run a whole step itself (``drives_step``, ``drive_step``): TokenFlow's keyframe and propagation passes;
 - check the sampled latent before the first step (``check_latent``);
 - name the sources it was built from (``sources``: an INVERSION, TRAJECTORIES) and the inversion it reads;
@@ -92,6 +94,11 @@ class Method:
     def run_hooks(self, model: Any, run: "SamplingRun") -> Mapping[torch.nn.Module, Callable]:
         """Forward hooks for one sampling run: module -> ``fn(output) -> output or None`` (a replacement)."""
         return {}
+
+    def frame_pooled_norms(self, model: Any) -> Sequence[torch.nn.Module]:
+        """GroupNorms of ``model`` whose statistics pool the frames of each CFG chunk of every call of a sampling run
+        (inversion included), as on the (chunks, C, F, h, w) video tensor; frames per chunk: the pass's."""
+        return ()
 
     # ------------------------------------------------------------------------------------------ the step
     def drive_step(self, step: "Step") -> list:

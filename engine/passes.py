@@ -3,9 +3,10 @@ attention patches ask the methods of the model being sampled.
 
 ``outer_sample`` (OUTER_SAMPLE) makes a fresh ``SamplingRun`` for every sampling call, puts it into that call's
 ``transformer_options``, refuses a latent, σ schedule, noise or model the methods cannot use before any step, and
-installs the methods' forward hooks for the run only. ``calc_cond_batch`` (CALC_COND_BATCH) is one step over the
-call's frames (the host may have split them into a core context window): a ``Step`` whose passes run, in frame
-windows of the model's ``FrameWindows``, as
+installs the methods' forward hooks for the run only (and the frame-pooled GroupNorms of FLATTEN's inflated UNet,
+inversion included: statistics over the frames each pass holds, per CFG chunk). ``calc_cond_batch``
+(CALC_COND_BATCH) is one step over the call's frames (the host may have split them into a core context window): a
+``Step`` whose passes run, in frame windows of the model's ``FrameWindows``, as
   SOURCE     when a method reads the source video: the inversion's source latents at this σ with the source
              conditioning (PnP, Tumanyan et al. 2023 §4; TokenFlow §3.2),
   EDIT       the sampler's call on the window's frames;
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from ..attention.group_norm import frame_layout, video_layout
 from . import frame_windows, host, validation
 from .masked_source import MaskedSource
 from .run import Pass, SamplingRun, SourceFeatures, call_frame_ids, current_run
@@ -124,7 +126,7 @@ class Step:
 def outer_sample(executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
                  sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """OUTER_SAMPLE: a fresh SamplingRun for this sampling call; refuse, before any step, what the methods cannot
-    use (``validation.sampling_run``); the methods' forward hooks for this run only; keep the source outside a
+    use (``validation.sampling_run``); the methods' forward hooks and frame-pooled norms for this run only; keep the source outside a
     LATENT's noise_mask (``masked_source.py``)."""
     patcher = host.sampling_model(executor)
     stack = host.get_attachment(patcher)                # the MethodStack ``stack.install`` attached
@@ -141,7 +143,9 @@ def outer_sample(executor: Callable, noise: torch.Tensor, latent_image: torch.Te
     host.set_sampling_run(executor, run)
     hooks = {} if stack.inverting else {module: fn for m in stack.methods
                                         for module, fn in m.run_hooks(patcher, run).items()}
-    with host.forward_hooks(hooks):
+    pooled = [module for m in stack.methods for module in m.frame_pooled_norms(patcher)]
+    with host.forward_hooks(hooks), host.calls_in_layout(pooled, lambda x: video_layout(x, run.frames_per_chunk()),
+                                                         frame_layout):
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
     if editing:
         denoise_mask = args[0] if args else kwargs.get("denoise_mask")

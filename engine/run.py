@@ -55,6 +55,10 @@ class SamplingRun:
     controls: dict = field(default_factory=dict)  # ControlNet copies per (control, frame ids), host.control_for_frames
     method_state: dict = field(default_factory=dict)   # id(method) -> what a step-driving method keeps for a step
 
+    def frames_per_chunk(self) -> int:
+        """Frames each CFG chunk of the current UNet call holds: those of the pass now running, else the call's."""
+        return len(self.pass_frame_ids if self.pass_frame_ids is not None else self.frame_ids)
+
     def positions_of(self, frame_ids: tuple[int, ...]) -> torch.Tensor:
         """Call positions of ``frame_ids``."""
         where = {f: p for p, f in enumerate(self.frame_ids)}

@@ -150,3 +150,100 @@ def test_trajectories_of_another_latent_size_or_frame_count_are_refused():
         sample(model, make_latent(8, 8, 16)["samples"], sigmas, "sd15")
     with pytest.raises(ValueError, match="trajectories"):
         sample(model, make_latent(6, 8, 8)["samples"], sigmas, "sd15")
+
+
+# ---------------------------------------------------------------------------------------------- frame-pooled norm
+def pooled_by_hand(x: torch.Tensor, frames: int, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm of each chunk's (C, F, h, w) video tensor, written out: per chunk of ``frames`` consecutive rows
+    and per group, the mean and biased variance of all its values (frames × channels × pixels), float64."""
+    x = x.double()
+    groups, out = norm.num_groups, torch.empty_like(x)
+    for start in range(0, x.shape[0], frames):
+        chunk = x[start:start + frames].transpose(0, 1)                              # (C, F, h, w)
+        values = chunk.reshape(groups, -1)                                           # (G, C/G·F·h·w)
+        mean = values.mean(dim=1, keepdim=True)
+        var = ((values - mean) ** 2).mean(dim=1, keepdim=True)
+        normed = ((values - mean) / (var + norm.eps).sqrt()).reshape(chunk.shape)
+        out[start:start + frames] = normed.transpose(0, 1)
+    return out * norm.weight.double().view(1, -1, 1, 1) + norm.bias.double().view(1, -1, 1, 1)
+
+
+def probe_norms(model):
+    """What every ResBlock / output GroupNorm of ``model`` is called with and what the UNet goes on with (the input
+    of the SiLU after it): a list of (norm, x, normed) per call, and the probes' handles."""
+    calls, handles = [], []
+    for path, norm in host.resblock_group_norms(model).items():
+        silu = model.get_model_object(path[:-1] + "1")
+        pending = []
+        handles.append(norm.register_forward_pre_hook(lambda m, args, p=pending: p.append(args[0].detach().clone())))
+        handles.append(silu.register_forward_pre_hook(
+            lambda m, args, p=pending, n=norm: calls.append((n, p.pop(), args[0].detach().clone()))))
+    return calls, handles
+
+
+def probed(model, run):
+    calls, handles = probe_norms(model)
+    try:
+        out = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, calls
+
+
+@pytest.mark.real_host
+@pytest.mark.parametrize("windows", [None, (2, 1)])
+def test_frame_pooled_norm_is_group_norm_of_each_chunks_video_tensor_in_inversion_and_edit(windows):
+    """Every ResBlock and output GroupNorm, in the inversion and the edit (source pass and CFG chunks): GroupNorm of
+    the (C, F, h, w) tensor of the frames the pass holds (a frame window's with Frame Windows)."""
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.inversion import invert
+    from tve.engine.stack import apply_frame_windows
+    frames = 3
+    model = apply(make_tiny_model("sd15"), trajectories_for(frames))
+    if windows is not None:
+        model = apply_frame_windows(model, *windows)
+    per_pass = frames if windows is None else windows[0]
+    (x_T, inversion), inverted = probed(model, lambda: invert(model, make_latent(frames, 8, 8)["samples"],
+                                                              make_conditioning("sd15"), 2, "ddim_uniform"))
+    edit = apply_feature_injection(model, inversion, 0.5, 0.8, "flatten", "sigma-matched")
+    _, edited = probed(edit, lambda: sample(edit, x_T, inversion.sigmas, "sd15"))
+    rows = {x.shape[0] for _, x, _ in inverted + edited}
+    assert rows == {per_pass, 2 * per_pass}                  # one chunk (inversion, source pass) and two (CFG)
+    for norm, x, normed in inverted + edited:
+        expected = pooled_by_hand(x, per_pass, norm)
+        assert torch.allclose(normed.double(), expected, atol=1e-4), (norm, x.shape)
+        assert not torch.allclose(normed.double(), pooled_by_hand(x, 1, norm), atol=1e-4)   # not per frame
+
+
+@pytest.mark.real_host
+def test_frame_pooled_norm_off_leaves_every_norm_per_frame_and_the_edit_as_before():
+    from tve.engine.stack import stack_of
+    frames = 3
+    trajectories = trajectories_for(frames)
+    base = make_tiny_model("sd15")
+    off = ApplyFLATTEN().apply(base, trajectories, "highest resolution", "dense_output", False)[0]
+    on = apply(base, trajectories)
+    assert [m.pooled_norm for m in stack_of(off).methods] == [False]
+    x = make_latent(frames, 8, 8)["samples"]
+    sigmas = host.sigma_grid(base, "ddim_uniform", 2)
+    out_off, calls = probed(off, lambda: sample(off, x, sigmas, "sd15"))
+    for norm, x_, normed in calls:                           # plain per-frame GroupNorm, bit for bit
+        assert torch.equal(normed, torch.nn.functional.group_norm(x_, norm.num_groups, norm.weight, norm.bias,
+                                                                  norm.eps))
+    assert not any(n._forward_pre_hooks or n._forward_hooks for n in host.resblock_group_norms(base).values())
+    assert not torch.allclose(sample(on, x, sigmas, "sd15"), out_off, atol=1e-4)
+
+
+@pytest.mark.real_host
+def test_frame_pooled_norm_over_identical_frames_is_per_frame_norm():
+    """Every frame the same: the pooled statistics are each frame's own, so the edit is the per-frame one."""
+    frames = 3
+    trajectories = trajectories_for(frames)
+    base = make_tiny_model("sd15")
+    off = ApplyFLATTEN().apply(base, trajectories, "highest resolution", "dense_output", False)[0]
+    on = apply(base, trajectories)
+    x = make_latent(1, 8, 8)["samples"].repeat(frames, 1, 1, 1)
+    sigmas = host.sigma_grid(base, "ddim_uniform", 2)
+    pooled, per_frame = sample(on, x, sigmas, "sd15"), sample(off, x, sigmas, "sd15")
+    assert torch.allclose(pooled, per_frame, atol=1e-4 * per_frame.abs().max())

@@ -367,3 +367,38 @@ def test_model_folder_at_points_a_folder_at_a_path_and_restores_it(tmp_path):
     with host.model_folder_at(host.OPTICAL_FLOW_FOLDER, str(tmp_path)):
         assert host.optical_flow_files() == ["a.safetensors", "b.pth"]
     assert host.default_model_folder("x").endswith(os.path.join("models", "x"))
+
+
+# ---------------------------------------------------------------------------------------------- frame-pooled norms
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resblock_group_norms_are_every_unet_group_norm_but_the_transformers_own(family):
+    from tve.engine import host
+    model = make_tiny_model(family)
+    norms = host.resblock_group_norms(model)
+    unet = model.get_model_object("diffusion_model")
+    every = {f"diffusion_model.{name}": m for name, m in unet.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    transformers = {path for path in every if path.endswith(".norm")
+                    and hasattr(model.get_model_object(path.rsplit(".", 1)[0]), "proj_in")}
+    assert set(norms) == set(every) - transformers and transformers
+    assert list(norms)[-1] == "diffusion_model.out.0"
+    assert all(model.get_model_object(path) is module for path, module in norms.items())
+    resblock_parts = [path for path in norms if path.endswith((".in_layers.0", ".out_layers.0"))]
+    assert len(resblock_parts) == len(norms) - 1 and len(resblock_parts) % 2 == 0
+
+
+def test_calls_in_layout_call_a_module_on_another_layout_for_the_run_only():
+    from tve.engine import host
+    model = make_tiny_model("sd15")
+    out_norm = host.resblock_group_norms(model)["diffusion_model.out.0"]
+    seen = []
+    reference = sample(model.clone())
+    with host.calls_in_layout([out_norm], lambda x: x.unsqueeze(2), lambda y: torch.zeros_like(y.squeeze(2))):
+        probe = out_norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+        try:
+            zeroed = sample(model.clone())
+        finally:
+            probe.remove()
+    assert seen and all(len(shape) == 5 and shape[2] == 1 for shape in seen)     # the module saw the new layout
+    assert not torch.allclose(zeroed, reference)                                 # and its output came back mapped
+    assert torch.equal(sample(model.clone()), reference)                         # the hooks are gone
+    assert not out_norm._forward_hooks and not out_norm._forward_pre_hooks
