@@ -43,9 +43,11 @@ class Flatten(Method):
     qk_source: str
     attention_blocks: frozenset = field()
     pooled_norm: bool = True                      # ResBlock and output GroupNorms pool the frames of each chunk
+    first_block: tuple | None = None              # the UNet's first self-attention block: before any text
     indices: dict = field(default_factory=dict, compare=False, repr=False)
     node = identity.FLATTEN
     attends_across_frames = True
+    computes_alike_chunks_once = True
 
     def __deepcopy__(self, memo: dict) -> "Flatten":
         return self
@@ -83,8 +85,12 @@ class Flatten(Method):
                 return trajectory_attention(dense, dense, dense, index, heads, chunks)
             return trajectory_attention(q_, k_, dense, index, heads, chunks)
 
-        # cond and uncond chunks that are still equal (the first block, before any text) are computed once
-        return once_per_distinct_chunk(flatten, q, k, v, layout.chunks)
+        # cond and uncond chunks that are still equal (the first block, before any text) are computed once; which
+        # ones are, the engine read once per UNet call from its inputs (``run.alike_chunks``)
+        kinds = run.alike_chunks
+        if kinds is None or len(kinds) != layout.chunks or host.block_key(extra_options) != self.first_block:
+            kinds = tuple(range(layout.chunks))
+        return once_per_distinct_chunk(flatten, q, k, v, kinds)
 
     def check_latent(self, latent_image: torch.Tensor) -> None:
         validation.latent_fits_trajectories(latent_image, self.trajectories)
@@ -110,4 +116,4 @@ def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_s
     if frame_pooled_norm:
         host.resblock_group_norms(model)          # a UNet without them is refused here, not at the first step
     return apply(model, Flatten(trajectories, chosen, qk_source, frozenset(b.key for b in blocks),
-                                bool(frame_pooled_norm)))
+                                bool(frame_pooled_norm), blocks[0].key))

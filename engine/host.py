@@ -1232,3 +1232,37 @@ def calls_in_layout(modules: Iterable[torch.nn.Module], to_layout: Callable[[tor
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------- CFG chunks alike
+# transformer patches that act only after the first self-attention has read its q, k, v
+_AFTER_FIRST_SELF_ATTENTION = frozenset({"attn1_output_patch", "middle_patch", "attn2_patch", "attn2_output_patch",
+                                         "output_block_patch"})
+
+
+def chunks_alike_before_text(x: torch.Tensor, t: torch.Tensor, c_concat: torch.Tensor | None, control: Any,
+                             transformer_options: Mapping[str, Any], kwargs: Mapping[str, Any],
+                             own_patches: Iterable[Callable] = ()) -> tuple[int, ...]:
+    """For each CFG chunk of one UNet call (an APPLY_MODEL wrapper's arguments), the first chunk whose inputs up to
+    the UNet's first cross-attention equal its own, so that the first self-attention block sees equal q, k, v in
+    both: the same latents, timesteps, concat latents and per-row extra conds (``y``: SDXL's pooled text and sizes)
+    chunk for chunk, no ControlNet / T2I-Adapter residuals (they are computed from the text), and no other pack's
+    transformer patch before that block (``own_patches`` are the caller's, known to treat chunks alike). Everything
+    else is the text context (``c_crossattn``), which enters at the first cross-attention. Reads the inputs' values
+    (``torch.equal``): call it once per UNet call, outside the UNet, never per block."""
+    chunks = len(transformer_options.get("cond_or_uncond", ())) or 1
+    own = set(own_patches)
+    rows = x.shape[0]
+    distinct = tuple(range(chunks))
+    if chunks == 1 or rows % chunks or control is not None:
+        return distinct
+    for name, fns in transformer_options.get("patches", {}).items():
+        if name not in _AFTER_FIRST_SELF_ATTENTION and any(fn not in own for fn in fns):
+            return distinct
+    inputs = [x, t, c_concat, *kwargs.values()]
+    per_row = [v.unflatten(0, (chunks, rows // chunks)) for v in inputs
+               if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows]       # (chunks, F, ...) each
+    kinds: list[int] = []
+    for c in range(chunks):
+        kinds.append(next((d for d in sorted(set(kinds)) if all(torch.equal(v[c], v[d]) for v in per_row)), c))
+    return tuple(kinds)

@@ -13,8 +13,9 @@ inversion included: statistics over the frames each pass holds, per CFG chunk). 
 or as a step-driving method runs them (TokenFlow's KEYFRAMES and propagated EDIT passes). INVERSION labels every
 call while DDIM Inversion (TVE) inverts with the model. Frame ids are global throughout (``run.py``).
 
-``route_attention`` (attn1 replace) runs, per block, the last method that computes self-attention there with the
-ones applied before it as its inner attention; ``route_attention_input`` (attn1 patch) keeps the source pass's
+``apply_model`` (APPLY_MODEL) tells, per UNet call, which CFG chunks are still alike at the first self-attention
+block. ``route_attention`` (attn1 replace) runs, per block, the last method that computes self-attention there with
+the ones applied before it as its inner attention; ``route_attention_input`` (attn1 patch) keeps the source pass's
 tokens the methods read and gives the edit the tokens a method injects.
 """
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Step:
             conds = [self._conds_for(c, positions) for c in conds]
         run.pass_, run.pass_positions, run.pass_frame_ids = pass_, positions, run.frame_ids_at(positions)
         try:
+            prepare_pass(run, x.device)
             return self.executor(self.model, conds, x, timestep, self.model_options)
         finally:
             run.pass_, run.pass_positions, run.pass_frame_ids = None, None, None
@@ -109,6 +111,7 @@ class Step:
         run.source = SourceFeatures(positions=positions)
         run.pass_, run.pass_positions, run.pass_frame_ids = Pass.SOURCE, positions, ids
         try:
+            prepare_pass(run, x_src.device)
             self.executor(self.model, [conds], x_src, t_src, self.model_options)
         finally:
             run.pass_, run.pass_positions, run.pass_frame_ids = None, None, None
@@ -176,6 +179,29 @@ def calc_cond_batch(executor: Callable, model: Any, conds: list, x_in: torch.Ten
         run.step, run.steps = inversion.step_of(step.sigma), inversion.steps
     driver = stack.step_driver
     return driver.drive_step(step) if driver is not None else step.in_windows(Pass.EDIT)
+
+
+def prepare_pass(run: SamplingRun, device: torch.device) -> None:
+    """What the methods' attention reads during the pass now starting, on ``device``, once per pass."""
+    for method in run.stack.methods:
+        method.prepare_pass(run, device)
+
+
+def apply_model(executor: Callable, x: torch.Tensor, t: torch.Tensor, c_concat: Any = None, c_crossattn: Any = None,
+                control: Any = None, transformer_options: dict | None = None, **kwargs: Any) -> Any:
+    """APPLY_MODEL: around each UNet call, which of its CFG chunks are still alike at the first self-attention block
+    (``host.chunks_alike_before_text``: one read of the call's inputs, never one per block) for methods that compute
+    such chunks once."""
+    options = {} if transformer_options is None else transformer_options
+    run = current_run(options)
+    if run is None or not any(m.computes_alike_chunks_once for m in run.stack.methods):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    run.alike_chunks = host.chunks_alike_before_text(x, t, c_concat, control, options, kwargs,
+                                                     own_patches=(route_attention_input,))
+    try:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    finally:
+        run.alike_chunks = None
 
 
 def begin_call(run: SamplingRun, frames: int, timestep: torch.Tensor, transformer_options: dict) -> None:

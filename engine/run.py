@@ -53,7 +53,9 @@ class SamplingRun:
     pass_frame_ids: tuple[int, ...] | None = None  # their frame ids
     source: SourceFeatures = field(default_factory=SourceFeatures)
     controls: dict = field(default_factory=dict)  # ControlNet copies per (control, frame ids), host.control_for_frames
-    method_state: dict = field(default_factory=dict)   # id(method) -> what a step-driving method keeps for a step
+    method_state: dict = field(default_factory=dict)   # id(method) -> what a method keeps for a step or a pass
+    alike_chunks: tuple[int, ...] | None = None   # per CFG chunk of the UNet call now running, the first chunk equal
+    #                                               to it up to the first cross-attention (None: not known)
 
     def frames_per_chunk(self) -> int:
         """Frames each CFG chunk of the current UNet call holds: those of the pass now running, else the call's."""

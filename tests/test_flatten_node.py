@@ -65,9 +65,12 @@ def test_equal_cfg_chunks_are_computed_once_with_the_result_of_computing_every_c
 
     monkeypatch.setattr(flatten_node, "dense_attention", spy)
     run = SamplingRun(stack=stack_of(model))
+    run.alike_chunks = tuple(pattern.index(p) for p in pattern)        # what the engine read from the call's inputs
+    name, block_id, index = flatten.first_block
+    extra.update(block=(name, block_id), block_index=index)
     once = flatten.attend(q, k, v, extra, run, inner=None)
-    monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", lambda attend, q_, k_, v_, chunks:
-                        attend(q_, k_, v_, chunks))
+    monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", lambda attend, q_, k_, v_, kinds:
+                        attend(q_, k_, v_, len(kinds)))
     every = flatten.attend(q, k, v, extra, run, inner=None)
     assert computed == [len(set(pattern)), len(pattern)]
     assert once.dtype == dtype and once.shape == v.shape
@@ -125,16 +128,16 @@ def test_flatten_edit_computes_the_first_blocks_equal_cfg_chunks_once_and_is_unc
     computed = []
     shared = flatten_node.once_per_distinct_chunk
 
-    def spy(attend, q, k, v, chunks):
+    def spy(attend, q, k, v, kinds):
         def counted(q_, k_, v_, n):
-            computed.append((chunks, n))
+            computed.append((len(kinds), n))
             return attend(q_, k_, v_, n)
-        return shared(counted, q, k, v, chunks)
+        return shared(counted, q, k, v, kinds)
 
     monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", spy)
     once = sample(edit, x_T, inversion.sigmas, "sd15")
-    monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", lambda attend, q, k, v, chunks:
-                        attend(q, k, v, chunks))
+    monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", lambda attend, q, k, v, kinds:
+                        attend(q, k, v, len(kinds)))
     every = sample(edit, x_T, inversion.sigmas, "sd15")
     steps = len(inversion.sigmas) - 1
     assert computed.count((2, 1)) == steps                   # the first block, every step of the edit pass

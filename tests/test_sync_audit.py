@@ -105,13 +105,13 @@ def _cross_frame(mode):
     return apply
 
 
-TODAY = "issue 25: per-block syncs left (once_per_distinct_chunk, index copies, TokenFlow checks) to move per step"
+TODAY = "issue 25: per-block syncs left (TokenFlow's index copies and checks) to move per step"
 METHODS = [
     pytest.param(_pnp, id="pnp"),
     pytest.param(_pnp_windows, id="pnp-frame-windows"),
-    pytest.param(_flatten, id="flatten", marks=pytest.mark.xfail(strict=True, reason=TODAY)),
+    pytest.param(_flatten, id="flatten"),
     pytest.param(_tokenflow, id="tokenflow", marks=pytest.mark.xfail(strict=True, reason=TODAY)),
-    pytest.param(_cross_frame("keyframes"), id="keyframes", marks=pytest.mark.xfail(strict=True, reason=TODAY)),
+    pytest.param(_cross_frame("keyframes"), id="keyframes"),
     pytest.param(_cross_frame("anchor"), id="anchor"),
     pytest.param(_cross_frame("dense"), id="dense"),
 ]
