@@ -8,7 +8,8 @@ from tve.engine import host, passes
 from tve.engine.run import SamplingRun
 from tve.engine.stack import stack_of
 from tve.nodes.edit_nodes import ApplyFLATTEN
-from tve.tests.hosts import FAMILIES, cond_chunks_split, make_conditioning, make_latent, make_tiny_model
+from tve.tests.hosts import (FAMILIES, cond_chunks_split, make_conditioning, make_latent, make_tiny_model,
+                             with_context_windows)
 from tve.tools.video_world import render_clip
 
 
@@ -173,14 +174,22 @@ def pooled_by_hand(x: torch.Tensor, frames: int, norm: torch.nn.GroupNorm) -> to
 
 def probe_norms(model):
     """What every ResBlock / output GroupNorm of ``model`` is called with and what the UNet goes on with (the input
-    of the SiLU after it): a list of (norm, x, normed) per call, and the probes' handles."""
-    calls, handles = [], []
+    of the SiLU after it), with the frames each chunk of that UNet call holds (its rows over its CFG chunks): a list
+    of (norm, frames, x, normed) per call, and the probes' handles."""
+    calls, handles, frames = [], [], [0]
+
+    def unet_call(executor, x, *args, **kwargs):
+        options = args[4] if len(args) > 4 else kwargs["transformer_options"]
+        frames[0] = x.shape[0] // len(options["cond_or_uncond"])
+        return executor(x, *args, **kwargs)
+
+    host.add_wrapper(model, host.DIFFUSION_MODEL, "test_probe_norms", unet_call)
     for path, norm in host.resblock_group_norms(model).items():
         silu = model.get_model_object(path[:-1] + "1")
         pending = []
         handles.append(norm.register_forward_pre_hook(lambda m, args, p=pending: p.append(args[0].detach().clone())))
         handles.append(silu.register_forward_pre_hook(
-            lambda m, args, p=pending, n=norm: calls.append((n, p.pop(), args[0].detach().clone()))))
+            lambda m, args, p=pending, n=norm: calls.append((n, frames[0], p.pop(), args[0].detach().clone()))))
     return calls, handles
 
 
@@ -195,26 +204,31 @@ def probed(model, run):
 
 
 @pytest.mark.real_host
-@pytest.mark.parametrize("windows", [None, (2, 1)])
+@pytest.mark.parametrize("windows", [None, "frame windows", "core context windows"])
 def test_frame_pooled_norm_is_group_norm_of_each_chunks_video_tensor_in_inversion_and_edit(windows):
     """Every ResBlock and output GroupNorm, in the inversion and the edit (source pass and CFG chunks): GroupNorm of
-    the (C, F, h, w) tensor of the frames the pass holds (a frame window's with Frame Windows)."""
+    the (C, F, h, w) tensor of the frames the pass holds (a frame window's with Frame Windows, the call's with core's
+    context windows)."""
     from tve.engine.injection import apply_feature_injection
     from tve.engine.inversion import invert
     from tve.engine.stack import apply_frame_windows
     frames = 3
     model = apply(make_tiny_model("sd15"), trajectories_for(frames))
-    if windows is not None:
-        model = apply_frame_windows(model, *windows)
-    per_pass = frames if windows is None else windows[0]
-    (x_T, inversion), inverted = probed(model, lambda: invert(model, make_latent(frames, 8, 8)["samples"],
-                                                              make_conditioning("sd15"), 2, "ddim_uniform"))
+    if windows == "frame windows":
+        model = apply_frame_windows(model, 2, 1)
+    elif windows == "core context windows":
+        model = with_context_windows(model, 2, 1)
+    inverting = model.clone()
+    (x_T, inversion), inverted = probed(inverting, lambda: invert(
+        inverting, make_latent(frames, 8, 8)["samples"], make_conditioning("sd15"), 2, "ddim_uniform"))
     edit = apply_feature_injection(model, inversion, 0.5, 0.8, "flatten", "sigma-matched")
-    _, edited = probed(edit, lambda: sample(edit, x_T, inversion.sigmas, "sd15"))
-    rows = {x.shape[0] for _, x, _ in inverted + edited}
-    assert rows == {per_pass, 2 * per_pass}                  # one chunk (inversion, source pass) and two (CFG)
-    for norm, x, normed in inverted + edited:
-        expected = pooled_by_hand(x, per_pass, norm)
+    probe = edit.clone()
+    _, edited = probed(probe, lambda: sample(probe, x_T, inversion.sigmas, "sd15"))
+    held = {n for _, n, _, _ in inverted + edited}
+    assert held == {frames} if windows is None else (held == {2} if windows == "frame windows" else 2 in held)
+    assert {x.shape[0] // n for _, n, x, _ in inverted + edited} == {1, 2}   # one chunk (inversion, source), two
+    for norm, n, x, normed in inverted + edited:
+        expected = pooled_by_hand(x, n, norm)
         assert torch.allclose(normed.double(), expected, atol=1e-4), (norm, x.shape)
         assert not torch.allclose(normed.double(), pooled_by_hand(x, 1, norm), atol=1e-4)   # not per frame
 
@@ -230,8 +244,9 @@ def test_frame_pooled_norm_off_leaves_every_norm_per_frame_and_the_edit_as_befor
     assert [m.pooled_norm for m in stack_of(off).methods] == [False]
     x = make_latent(frames, 8, 8)["samples"]
     sigmas = host.sigma_grid(base, "ddim_uniform", 2)
-    out_off, calls = probed(off, lambda: sample(off, x, sigmas, "sd15"))
-    for norm, x_, normed in calls:                           # plain per-frame GroupNorm, bit for bit
+    probe = off.clone()
+    out_off, calls = probed(probe, lambda: sample(probe, x, sigmas, "sd15"))
+    for norm, _, x_, normed in calls:                           # plain per-frame GroupNorm, bit for bit
         assert torch.equal(normed, torch.nn.functional.group_norm(x_, norm.num_groups, norm.weight, norm.bias,
                                                                   norm.eps))
     assert not any(n._forward_pre_hooks or n._forward_hooks for n in host.resblock_group_norms(base).values())
