@@ -129,8 +129,8 @@ class Step:
 def outer_sample(executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
                  sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """OUTER_SAMPLE: a fresh SamplingRun for this sampling call; refuse, before any step, what the methods cannot
-    use (``validation.sampling_run``); the methods' forward hooks and frame-pooled norms for this run only; keep the source outside a
-    LATENT's noise_mask (``masked_source.py``)."""
+    use (``validation.sampling_run``); the methods' forward hooks and frame-pooled norms for this run only; keep
+    the source outside a LATENT's noise_mask (``masked_source.py``)."""
     patcher = host.sampling_model(executor)
     stack = host.get_attachment(patcher)                # the MethodStack ``stack.install`` attached
     for method in stack.methods:
