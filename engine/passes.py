@@ -90,10 +90,11 @@ class Step:
         if positions is not None or (self.windowed and self.video_frames is not None):
             conds = [self._conds_for(c, positions) for c in conds]
         run.pass_, run.pass_positions, run.pass_frame_ids = pass_, positions, run.frame_ids_at(positions)
+        run.find_source_rows(positions, x.device)
         try:
             return self.executor(self.model, conds, x, timestep, self.model_options)
         finally:
-            run.pass_, run.pass_positions, run.pass_frame_ids = None, None, None
+            run.pass_, run.pass_positions, run.pass_frame_ids, run.pass_source_rows = None, None, None, None
 
     def source_pass(self, positions: torch.Tensor | None) -> None:
         """SOURCE over the call ``positions`` (None: all): the inverted source at this σ, source conditioning."""
