@@ -4,12 +4,19 @@ propagation of diffusion features. It runs its own steps (§3.2–3.3, Alg. 1); 
 
 Per denoising step:
   1. one random keyframe per window of ``interval`` frames, re-drawn every step (``pick_keyframes``);
-  2. source pass: the inverted source at this σ; every block's normed self-attention input is kept (NN field);
+  2. source pass: the inverted source at this σ with per-frame attention; every block's normed self-attention input
+     is kept (NN field) — over every frame (``paper``) or over the keyframes only (``official``: the keyframe pass's
+     source branch, whose self-attention outputs are kept too);
   3. keyframe pass: the keyframes only, with the attention applied before TokenFlow (else extended attention among
      them, §3.2 Eq. 3) and PnP injection; every block's self-attention output is kept;
   4. full pass: every frame; each block's self-attention output is replaced by the keyframe outputs gathered
-     through the nearest-neighbour field of the source tokens and blended between the two nearest keyframes
-     (Eq. 5; self-attention itself is never computed for the full pass). Its output is the step's result.
+     through the nearest-neighbour field of the source tokens and blended between two keyframes (Eq. 5;
+     self-attention itself is never computed for the full pass). Its output is the step's result. ``paper``: the
+     fields of the per-frame source of step 2 and PnP's ResBlock feature from it. ``official`` (omerbt/TokenFlow's
+     full pass, which propagates into all three chunks of its batch, the source chunk included): first the full
+     pass's source branch runs as a source pass of every frame whose self-attention outputs are the keyframes'
+     source outputs of step 2 propagated; each block's field is taken from that branch's own tokens there (so from
+     the second block on, from the *propagated* source), and PnP injects that branch's ResBlock feature.
 With frame windows (the reference code's ``batch_size``) the frames run in batches: keyframes are drawn once per step
 on all of the call's frames, the keyframe pass runs per group of keyframes (each with the neighbouring groups'
 nearest keyframes as context, so no seam shows), and each batch's full pass propagates from the keyframes it needs;
