@@ -105,6 +105,7 @@ class TokenFlow(Method):
                 held = sorted(context) if self.propagates_source else sorted(set(batch) | context)
                 if held:
                     step.source_pass(None if len(held) == frames else torch.tensor(held, dtype=torch.long))
+                    kept.source_passes += 1
                 for own, held_slots in keyframe_passes:
                     step.run_pass(Pass.KEYFRAMES, keyframes[held_slots])
                     kept.keep(own, held_slots, run)
@@ -244,7 +245,8 @@ class FrameBatch:
 
     def with_keyframe_tokens(self, source: torch.Tensor, keyframe_source: torch.Tensor) -> torch.Tensor:
         """``source`` (B, T, C) with a keyframe's row replaced by the tokens its keyframe pass saw (N, T, C), so
-        a keyframe maps to itself exactly (its own output tokens)."""
+        a keyframe maps to itself exactly (its own output tokens); only the keyframes whose tokens were kept from
+        an earlier per-frame source pass than this batch's (the others are those very tokens)."""
         if not self.keyframe_rows.shape[0]:
             return source
         return source.index_copy(0, self.keyframe_rows, keyframe_source[self.keyframe_index])
@@ -265,6 +267,8 @@ class KeyframeStep:
     source_batch_out: dict = field(default_factory=dict)  # block -> (held, T, C): the per-frame source pass's
     fields: dict = field(default_factory=dict)    # block -> NN field of the current batch
     batch: FrameBatch | None = None               # the frame batch whose full pass runs next
+    source_passes: int = 0                        # per-frame source passes run so far this step
+    kept_from: dict = field(default_factory=dict)  # slot -> the per-frame source pass its tokens were kept from
     propagating_source: bool = False              # the source pass now running is the full pass's source branch
 
     def needed(self, positions: torch.Tensor) -> torch.Tensor:
@@ -279,7 +283,8 @@ class KeyframeStep:
         propagation = Propagation.of(torch.searchsorted(needed, pair), weights, len(needed), device)
         slot_of = {int(k): j for j, k in enumerate(self.keyframes.tolist())}
         index = {j: n for n, j in enumerate(needed.tolist())}
-        swap = [(r, index[slot_of[f]]) for r, f in enumerate(positions.tolist()) if slot_of.get(f) in index]
+        swap = [(r, index[slot_of[f]]) for r, f in enumerate(positions.tolist())
+                if slot_of.get(f) in index and self.kept_from[slot_of[f]] != self.source_passes]   # else the same
         rows = torch.tensor([r for r, _ in swap], dtype=torch.long).to(device)
         return FrameBatch(needed.tolist(), propagation, rows,
                           torch.tensor([n for _, n in swap], dtype=torch.long).to(device))
@@ -294,6 +299,7 @@ class KeyframeStep:
         rows = run.source_rows(self.keyframes[context])
         rows = torch.arange(len(context)) if rows is None else rows
         at = {j: i for i, j in enumerate(context)}
+        self.kept_from.update({j: self.source_passes for j in owned})
         for store, features in ((self.source, run.source.tokens), (self.source_out, self.source_batch_out)):
             for key, tokens in features.items():                                      # (held, T, C)
                 kept = store.setdefault(key, {})
