@@ -214,8 +214,10 @@ def test_official_full_pass_propagates_its_source_branch_and_reads_fields_from_i
     """The official full pass (tokenflow_utils.py, the non-pivotal TokenFlow block) gathers the keyframes' outputs
     into all three chunks, the source chunk included: so the source branch's first block is the keyframes'
     per-frame source outputs propagated (written out here), its second block's tokens are no longer the per-frame
-    source's, and the fields of block 2 (and the ResBlock feature the edit gets) are the propagated source's.
-    ``paper`` keeps the per-frame source. Step 0 of each run; the keyframe draw is the same in both modes."""
+    source's, and the fields of block 2 (and the ResBlock feature the edit gets) are the propagated source's. At
+    every block the branch's own field gathers the keyframes' per-frame source outputs into it and the keyframe
+    pass's outputs into the edit (the reference's blend, written out). ``paper`` keeps the per-frame source. Step 0
+    of each run; the keyframe draw is the same in both modes."""
     frames, interval = 8, 4
     official = tokenflow_records("official", monkeypatch, frames, interval)
     paper = tokenflow_records("paper", monkeypatch, frames, interval)
@@ -254,6 +256,20 @@ def test_official_full_pass_propagates_its_source_branch_and_reads_fields_from_i
         1, paper_pair[:, :, None].expand(-1, -1, official_field.shape[-1]))
     assert (paper[2]["field"][second] == paper_expected).float().mean() > 0.99
     assert not edited["field"] and not propagated["field"].keys() - propagated["n"].keys()   # the edit reuses them
+
+    # every block: the field of the propagated branch's own tokens, which both its outputs and the edit's read
+    keyframes_pass = official[1]
+    for key, tokens in propagated["n"].items():
+        field = propagated["field"][key]                                                  # (F, 2, T)
+        assert (field == at_pairs(cosine_argmax(tokens, per_frame_keyframes["n"][key]))).float().mean() > 0.99, key
+        for out, keyframe_out in ((propagated["out"][key], per_frame_keyframes["out"][key]),
+                                  (edited["out"][key], keyframes_pass["out"][key])):
+            chunks = keyframe_out.shape[0] // len(keyframe_ids)
+            keyframe_out = keyframe_out.view(chunks, len(keyframe_ids), *keyframe_out.shape[1:])
+            expected = torch.stack([torch.stack([w * kf[own][field[f, 0]] + (1 - w) * kf[prev][field[f, 1]]
+                                                 for f, (own, prev, w) in enumerate(official_pairs(frames, interval))])
+                                    for kf in keyframe_out]).flatten(0, 1)
+            assert torch.allclose(out, expected, atol=1e-5 * float(expected.abs().max())), key
 
     # the ResBlock feature the edit gets is the propagated source's (and not the per-frame source's)
     chunks = edited["resblock"].shape[0] // frames
