@@ -9,7 +9,8 @@ windows of the model's ``FrameWindows``, as
   SOURCE     when a method reads the source video: the inversion's source latents at this σ with the source
              conditioning (PnP, Tumanyan et al. 2023 §4; TokenFlow §3.2),
   EDIT       the sampler's call on the window's frames;
-or as a step-driving method runs them (TokenFlow's KEYFRAMES and propagated EDIT passes). INVERSION labels every
+or as a step-driving method runs them (TokenFlow's KEYFRAMES and propagated EDIT passes; with its
+``official`` propagation, a SOURCE pass whose self-attention is propagated too). INVERSION labels every
 call while DDIM Inversion (TVE) inverts with the model. Frame ids are global throughout (``run.py``).
 
 ``route_attention`` (attn1 replace) runs, per block, the last method that computes self-attention there with the
