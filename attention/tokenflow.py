@@ -3,8 +3,16 @@
 TokenFlow (Geyer et al., ICLR 2024), §3.2–3.3: one random keyframe per window of frames is drawn every step
 (``pick_keyframes``) and the keyframes are edited jointly; every other frame's
 self-attention output tokens (after ``to_out``) are the keyframes' output tokens gathered through the
-nearest-neighbour field of the SOURCE video's tokens (cosine similarity, argmax; the official code matches the
-normed self-attention input of the source branch at the same step) and blended between two keyframes (Eq. 5).
+nearest-neighbour field of the SOURCE video's tokens (cosine similarity, argmax) and blended between two keyframes
+(Eq. 5). The official code (omerbt/TokenFlow ``tokenflow_utils.py``) matches the normed self-attention input of the
+source branch at the same step: in its keyframe pass that branch is a per-frame source pass over the keyframes; in
+its full pass the source branch is propagated like the edit (its self-attention output is the keyframes' source
+outputs gathered and blended), so from the second block on the fields come from the *propagated* source. The
+engine (``engine/tokenflow.py``) runs either; this module holds the math both share.
+
+A frame batch's ``Propagation`` (which keyframes each frame blends, with which weights, which (frame, keyframe)
+fields to compute) is checked and laid out on the device once per batch: its ``field`` and ``blend``, called per
+attention block, then read no value on the host.
 
 Two blending rules (``PROPAGATION_MODES``):
 
@@ -30,6 +38,7 @@ same), so a frame matched to itself, or a static region, maps by identity even w
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -77,7 +86,9 @@ def nearest_neighbour_field(source_frames: torch.Tensor, source_keyframes: torch
     frame_index = torch.arange(frames).repeat_interleave(keyframes)                   # (F·K,)
     keyframe_index = torch.arange(keyframes).repeat(frames)                            # (F·K,)
     per_chunk = None if chunk_size is None else _check_chunk_size(chunk_size) * keyframes
-    return _field(source_frames, source_keyframes, frame_index, keyframe_index, per_chunk).view(
+    device = source_frames.device
+    return _field(source_frames, source_keyframes, frame_index.to(device), keyframe_index.to(device),
+                  per_chunk).view(
         frames, keyframes, tokens)
 
 
@@ -90,11 +101,11 @@ def pair_nearest_neighbour_field(source_frames: torch.Tensor, source_keyframes: 
     """
     frames, tokens, keyframes = _check_sources(source_frames, source_keyframes)
     _check_pair(pair, frames, keyframes)
-    pair = pair.to(torch.long).cpu()
-    couples, inverse = torch.unique(torch.arange(frames)[:, None] * keyframes + pair, return_inverse=True)
+    frame_index, keyframe_index, couple = _couples(pair, keyframes)
+    device = source_frames.device
     per_chunk = None if chunk_size is None else _check_chunk_size(chunk_size) * 2      # about chunk_size frames
-    field = _field(source_frames, source_keyframes, couples // keyframes, couples % keyframes, per_chunk)
-    return field[inverse.to(field.device)]                                               # (F, 2, T)
+    field = _field(source_frames, source_keyframes, frame_index.to(device), keyframe_index.to(device), per_chunk)
+    return field[couple.to(device)]                                                     # (F, 2, T)
 
 
 def propagation_weights(frame_ids: Sequence[int] | torch.Tensor, keyframe_ids: Sequence[int] | torch.Tensor,
@@ -138,34 +149,90 @@ def propagate(keyframe_out: torch.Tensor, field: torch.Tensor, pair: torch.Tenso
     if keyframe_out.ndim != 4:
         raise ValueError(f"keyframe_out: expected (chunks, keyframes, tokens, channels), "
                          f"got {tuple(keyframe_out.shape)}")
-    chunks, keyframes, tokens, channels = keyframe_out.shape
+    tokens = keyframe_out.shape[2]
     if field.ndim != 3 or field.shape[1:] != (2, tokens):
         raise ValueError(f"field: expected (frames, 2, {tokens}), got {tuple(field.shape)}")
-    frames = field.shape[0]
-    _check_pair(pair, frames, keyframes)
-    if tuple(weights.shape) != (frames, 2):
-        raise ValueError(f"weights: expected ({frames}, 2), got {tuple(weights.shape)}")
-    if not torch.allclose(weights.sum(1).float(), torch.ones((), device=weights.device), atol=1e-4):
-        raise ValueError(f"weights: expected rows summing to 1, got sums {weights.sum(1).tolist()}")
-    device = keyframe_out.device
-    flat = keyframe_out.reshape(chunks, keyframes * tokens, channels)                  # (chunks, K·T, C)
-    index = pair.to(device, torch.long)[:, :, None] * tokens + field.to(device, torch.long)  # (F, 2, T)
-    w_second = weights[:, 1].to(device, torch.float32)                                 # (F,)
-    out = keyframe_out.new_empty(chunks, frames, tokens, channels)
-    per_chunk = max(1, PROPAGATION_BUDGET // max(1, 3 * chunks * tokens * channels))   # frames per float32 slice
-    for start in range(0, frames, per_chunk):
-        rows = slice(start, start + per_chunk)
-        first = flat[:, index[rows, 0].reshape(-1)].float()                            # (chunks, f·T, C)
-        second = flat[:, index[rows, 1].reshape(-1)].float()                           # (chunks, f·T, C)
-        w = w_second[rows].repeat_interleave(tokens)[:, None]                          # (f·T, 1)
-        out[:, rows] = torch.lerp(first, second, w).view(chunks, -1, tokens, channels).to(out.dtype)
-    return out
+    _check_pair(pair, field.shape[0], keyframe_out.shape[1])
+    return Propagation.of(pair, weights, keyframe_out.shape[1], keyframe_out.device).blend(keyframe_out, field)
+
+
+@dataclass(frozen=True)
+class Propagation:
+    """One frame batch's propagation from the keyframes it holds (TokenFlow Eq. 5), checked and laid out on the
+    device once (``of``), so that the per-block ``field`` and ``blend`` read no value on the host."""
+    pair: torch.Tensor            # (F, 2) long: the two keyframes (indices into the batch's keyframes) of each frame
+    w_second: torch.Tensor        # (F,) float32: the weight of pair[:, 1] (pair[:, 0] gets the rest)
+    frame_index: torch.Tensor     # (P,) long: the distinct (frame, keyframe) couples a field holds ...
+    keyframe_index: torch.Tensor  # (P,) long
+    couple: torch.Tensor          # (F, 2) long: ... and the couple of each entry of pair
+    keyframes: int
+
+    @classmethod
+    def of(cls, pair: torch.Tensor, weights: torch.Tensor, keyframes: int, device: torch.device) -> "Propagation":
+        """pair (frames, 2) and weights (frames, 2) from ``propagation_weights`` (pair re-indexed into the
+        ``keyframes`` keyframes the batch holds), checked here (host values), placed on ``device``."""
+        frames = pair.shape[0] if pair.ndim == 2 else -1
+        _check_pair(pair, frames, keyframes)
+        if tuple(weights.shape) != (frames, 2):
+            raise ValueError(f"weights: expected ({frames}, 2), got {tuple(weights.shape)}")
+        weights = weights.detach().to("cpu", torch.float32)
+        if not torch.allclose(weights.sum(1), torch.ones(()), atol=1e-4):
+            raise ValueError(f"weights: expected rows summing to 1, got sums {weights.sum(1).tolist()}")
+        frame_index, keyframe_index, couple = _couples(pair, keyframes)
+        return cls(pair.to("cpu", torch.long).to(device), weights[:, 1].to(device), frame_index.to(device),
+                   keyframe_index.to(device), couple.to(device), keyframes)
+
+    @property
+    def frames(self) -> int:
+        return self.pair.shape[0]
+
+    def field(self, source_frames: torch.Tensor, source_keyframes: torch.Tensor,
+              chunk_size: int | None = None) -> torch.Tensor:
+        """``pair_nearest_neighbour_field`` of the batch: source_frames (frames, T, C), source_keyframes
+        (keyframes, T, C), on the propagation's device -> (frames, 2, T) long."""
+        frames, _, keyframes = _check_sources(source_frames, source_keyframes)
+        if (frames, keyframes) != (self.frames, self.keyframes):
+            raise ValueError(f"source_frames, source_keyframes: expected {self.frames} frames and {self.keyframes} "
+                             f"keyframes, got {frames} and {keyframes}")
+        per_chunk = None if chunk_size is None else _check_chunk_size(chunk_size) * 2
+        return _field(source_frames, source_keyframes, self.frame_index, self.keyframe_index, per_chunk)[self.couple]
+
+    def blend(self, keyframe_out: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+        """``propagate`` of the batch: keyframe_out (chunks, keyframes, T, C), field (frames, 2, T) ->
+        (chunks, frames, T, C) in keyframe_out's dtype."""
+        if keyframe_out.ndim != 4 or keyframe_out.shape[1] != self.keyframes:
+            raise ValueError(f"keyframe_out: expected (chunks, {self.keyframes}, tokens, channels), "
+                             f"got {tuple(keyframe_out.shape)}")
+        chunks, keyframes, tokens, channels = keyframe_out.shape
+        if field.ndim != 3 or field.shape != (self.frames, 2, tokens):
+            raise ValueError(f"field: expected ({self.frames}, 2, {tokens}), got {tuple(field.shape)}")
+        frames = self.frames
+        flat = keyframe_out.reshape(chunks, keyframes * tokens, channels)              # (chunks, K·T, C)
+        index = self.pair[:, :, None] * tokens + field.to(torch.long)                   # (F, 2, T)
+        out = keyframe_out.new_empty(chunks, frames, tokens, channels)
+        per_chunk = max(1, PROPAGATION_BUDGET // max(1, 3 * chunks * tokens * channels))   # frames per float32 slice
+        for start in range(0, frames, per_chunk):
+            rows = slice(start, start + per_chunk)
+            first = flat[:, index[rows, 0].reshape(-1)].float()                        # (chunks, f·T, C)
+            second = flat[:, index[rows, 1].reshape(-1)].float()                       # (chunks, f·T, C)
+            w = self.w_second[rows].repeat_interleave(tokens)[:, None]                 # (f·T, 1)
+            out[:, rows] = torch.lerp(first, second, w).view(chunks, -1, tokens, channels).to(out.dtype)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- internals
+def _couples(pair: torch.Tensor, keyframes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct (frame, keyframe) couples of ``pair`` (frames, 2), on the host: frame index (P,), keyframe
+    index (P,), and the couple of each entry of pair (frames, 2)."""
+    pair = pair.to("cpu", torch.long)
+    couples, couple = torch.unique(torch.arange(pair.shape[0])[:, None] * keyframes + pair, return_inverse=True)
+    return couples // keyframes, couples % keyframes, couple
+
+
 def _field(source_frames: torch.Tensor, source_keyframes: torch.Tensor, frame_index: torch.Tensor,
            keyframe_index: torch.Tensor, per_chunk: int | None) -> torch.Tensor:
-    """Argmax cosine similarity of the tokens of frame_index[p] over those of keyframe_index[p]: (P, tokens)."""
+    """Argmax cosine similarity of the tokens of frame_index[p] over those of keyframe_index[p]: (P, tokens).
+    frame_index and keyframe_index (P,) long on the sources' device."""
     tokens, channels = source_frames.shape[1:]
     device = source_frames.device
     if per_chunk is None:
@@ -174,8 +241,8 @@ def _field(source_frames: torch.Tensor, source_keyframes: torch.Tensor, frame_in
     same_position = torch.arange(tokens, device=device)                                # (T,)
     fields = []
     for start in range(0, len(frame_index), per_chunk):
-        fi = frame_index[start:start + per_chunk].to(device)                            # (P,)
-        ki = keyframe_index[start:start + per_chunk].to(device)                         # (P,)
+        fi = frame_index[start:start + per_chunk]                                       # (P,)
+        ki = keyframe_index[start:start + per_chunk]                                    # (P,)
         frame = source_frames[fi]                                                        # (P, T, C)
         # cosine similarity up to the positive factor |frame token|, which leaves the argmax over keyframe tokens
         similarity = torch.bmm(frame.float(), keyframes_unit[ki].transpose(1, 2))         # (P, T, T)

@@ -10,7 +10,8 @@ inversion included: statistics over the frames each pass holds, per CFG chunk). 
   SOURCE     when a method reads the source video: the inversion's source latents at this σ with the source
              conditioning (PnP, Tumanyan et al. 2023 §4; TokenFlow §3.2),
   EDIT       the sampler's call on the window's frames;
-or as a step-driving method runs them (TokenFlow's KEYFRAMES and propagated EDIT passes). INVERSION labels every
+or as a step-driving method runs them (TokenFlow's KEYFRAMES and propagated EDIT passes; with its
+``official`` propagation, a SOURCE pass whose self-attention is propagated too). INVERSION labels every
 call while DDIM Inversion (TVE) inverts with the model. Frame ids are global throughout (``run.py``).
 
 ``apply_model`` (APPLY_MODEL) tells, per UNet call, which CFG chunks are still alike at the first self-attention
@@ -93,11 +94,12 @@ class Step:
         if positions is not None or (self.windowed and self.video_frames is not None):
             conds = [self._conds_for(c, positions) for c in conds]
         run.pass_, run.pass_positions, run.pass_frame_ids = pass_, positions, run.frame_ids_at(positions)
+        run.find_source_rows(positions, x.device)
         try:
             prepare_pass(run, x.device)
             return self.executor(self.model, conds, x, timestep, self.model_options)
         finally:
-            run.pass_, run.pass_positions, run.pass_frame_ids = None, None, None
+            run.pass_, run.pass_positions, run.pass_frame_ids, run.pass_source_rows = None, None, None, None
 
     def source_pass(self, positions: torch.Tensor | None) -> None:
         """SOURCE over the call ``positions`` (None: all): the inverted source at this σ, source conditioning."""

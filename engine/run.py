@@ -52,6 +52,8 @@ class SamplingRun:
     pass_positions: torch.Tensor | None = None    # call positions of the pass now running (None: all)
     pass_frame_ids: tuple[int, ...] | None = None  # their frame ids
     source: SourceFeatures = field(default_factory=SourceFeatures)
+    pass_source_rows: Any = None                  # rows of ``source`` holding the pass's frames, on the device, set
+    #                                               once per pass (None: the same rows; an error: not all held)
     controls: dict = field(default_factory=dict)  # ControlNet copies per (control, frame ids), host.control_for_frames
     method_state: dict = field(default_factory=dict)   # id(method) -> what a method keeps for a step or a pass
     alike_chunks: tuple[int, ...] | None = None   # per CFG chunk of the UNet call now running, the first chunk equal
@@ -87,10 +89,22 @@ class SamplingRun:
             raise RuntimeError(f"TVE: the source pass of this step did not hold frames {missing}")
         return rows
 
+    def find_source_rows(self, positions: torch.Tensor | None, device: torch.device) -> None:
+        """Before a pass over call ``positions`` (once per pass, not per block): where its frames' source
+        features are, on ``device``, so ``source_at_pass`` reads no value on the host."""
+        try:
+            rows = self.source_rows(positions)
+        except RuntimeError as error:        # raised where a block reads the source of frames it did not hold
+            self.pass_source_rows = error
+            return
+        self.pass_source_rows = None if rows is None else rows.to(device)
+
     def source_at_pass(self, features: torch.Tensor) -> torch.Tensor:
         """The source pass's ``features`` (a row per frame it held) at the frames of the pass now running."""
-        rows = self.source_rows(self.pass_positions)
-        return features if rows is None else features[rows.to(features.device)]
+        rows = self.pass_source_rows
+        if isinstance(rows, RuntimeError):
+            raise rows
+        return features if rows is None else features[rows]
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

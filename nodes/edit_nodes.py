@@ -124,8 +124,10 @@ class ApplyTokenFlow:
                              "tooltip": "Seeds the keyframe draw (re-drawn every step). Fixed: it does not re-roll on "
                                         "every queue, so the inversion and the edit are not re-run."}),
             "propagation": (list(PROPAGATION_MODES), {"default": "paper", "tooltip": (
-                "paper: blend the two keyframes nearest in time, linear in their distance. official: the reference "
-                "code's rule (current and previous window, sigmoid weights).")}),
+                "paper: blend the two keyframes nearest in time, linear in their distance; fields from a "
+                "per-frame source pass. official: the reference code's computation: its rule (current and "
+                "previous window, sigmoid weights), and the source branch propagated too, fields and injected "
+                "features taken from it.")}),
             "attention_injection_end": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
                 "Fraction of the steps with PnP q/k injection in the keyframe pass (more keeps more of the source "
                 "layout).")}),

@@ -79,10 +79,11 @@ def test_pnp_injection_inside_core_windows_reads_the_source_of_each_calls_frames
     assert all([name for name, _ in group] == ["edit"] for group in groups[len(calls):])
 
 
-def test_tokenflow_inside_core_windows_draws_keyframes_and_propagates_within_each_call():
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_tokenflow_inside_core_windows_draws_keyframes_and_propagates_within_each_call(mode):
     model = make_tiny_model("sd15")
     x_T, inversion = inverted(model, FRAMES)
-    windowed = core_windows(tokenflow(model, inversion, 2))
+    windowed = core_windows(tokenflow(model, inversion, 2, mode))
     spy = recorded(windowed)
     out = edit(windowed, x_T, inversion.sigmas)
     assert torch.isfinite(out).all()

@@ -31,9 +31,9 @@ def cross_frame(model, mode, interval=4, anchor=0):
     return ApplyCrossFrameAttention().apply(model, mode, interval, anchor, False, 2, 7, "all", 0.0, 1.0)[0]
 
 
-def tokenflow(model, inversion, interval):
+def tokenflow(model, inversion, interval, mode="paper"):
     from tve.nodes.edit_nodes import ApplyTokenFlow
-    return ApplyTokenFlow().apply(model, inversion, interval, 7, "paper", 0.5, 0.8)[0]
+    return ApplyTokenFlow().apply(model, inversion, interval, 7, mode, 0.5, 0.8)[0]
 
 
 def test_per_frame_inversion_and_pnp_edit_in_batches_equal_one_batch_and_no_pass_holds_more():
@@ -90,27 +90,35 @@ def test_overlapping_windows_blend_so_a_frame_in_two_windows_gets_their_mean():
     assert torch.allclose(out, expected, atol=1e-4 * float(expected.abs().max()))
 
 
-def test_tokenflow_batches_hold_a_batch_and_a_few_keyframes_and_equal_the_single_pass():
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_tokenflow_batches_hold_a_batch_and_a_few_keyframes_and_equal_the_single_pass(mode):
     # interval 6 over 12 frames: two keyframes; each group's keyframe pass holds both (the other as context), so
-    # the batched edit computes what the single pass does, batch by batch
+    # the batched edit computes what the single pass does, batch by batch (official: the propagated source branch
+    # runs per batch too, the per-frame source pass holds the keyframes)
     model = make_tiny_model("sd15")
     whole, batched = windows(model, 0), windows(model, 6)
     x_T, inversion = inverted(whole, 12)
-    expected = edit(tokenflow(whole, inversion, 6), x_T, inversion.sigmas)
-    patched = tokenflow(batched, inversion, 6)
+    expected = edit(tokenflow(whole, inversion, 6, mode), x_T, inversion.sigmas)
+    patched = tokenflow(batched, inversion, 6, mode)
     spy = recorded(patched)
     out = edit(patched, x_T, inversion.sigmas)
-    step = [(name, ids) for name, _, ids in spy.calls][:5]
-    assert [name for name, _ in step] == ["source", "keyframes", "edit", "source", "edit"]   # batch 0 needs both
+    passes = {"paper": ["source", "keyframes", "edit", "source", "edit"],                     # batch 0 needs both
+              "official": ["source", "keyframes", "source", "edit"] * 2}[mode]    # batch 0 blends its own only
+    step = [(name, ids) for name, _, ids in spy.calls][:len(passes)]
+    assert [name for name, _ in step] == passes
     assert all(len(ids) == 2 for name, ids in step if name == "keyframes")
+    if mode == "official":                  # per batch: the keyframes' per-frame source, the propagated source
+        assert sorted(step[0][1]) == sorted(step[1][1]) == sorted(step[4][1]) == sorted(step[5][1])
+        assert [sorted(ids) for _, ids in (step[2], step[6])] == [list(range(6)), list(range(6, 12))]
     assert [sorted(ids) for name, ids in step if name == "edit"] == [list(range(6)), list(range(6, 12))]
     assert torch.allclose(out, expected, atol=1e-4 * float(expected.abs().max()))
 
 
-def test_long_tokenflow_keyframe_groups_are_bounded_and_every_frame_is_edited_once_per_step():
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_long_tokenflow_keyframe_groups_are_bounded_and_every_frame_is_edited_once_per_step(mode):
     model = windows(make_tiny_model("sd15"), 8)
     x_T, inversion = inverted(model, 40, steps=2)
-    patched = tokenflow(model, inversion, 4)
+    patched = tokenflow(model, inversion, 4, mode)
     spy = recorded(patched)
     out = edit(patched, x_T, inversion.sigmas)
     assert torch.isfinite(out).all()

@@ -93,9 +93,13 @@ def _flatten(model, inversion, trajectories):
                                    inversion, 0.5, 1.0, "flatten", "sigma-matched")
 
 
-def _tokenflow(model, inversion, trajectories):
-    from tve.engine.tokenflow import apply_tokenflow
-    return apply_tokenflow(model, inversion, 2, 0, "paper", 0.5, 1.0)
+def _tokenflow(mode, windows=0):
+    def apply(model, inversion, trajectories):
+        from tve.engine.stack import apply_frame_windows
+        from tve.engine.tokenflow import apply_tokenflow
+        patched = apply_tokenflow(model, inversion, 2, 0, mode, 0.5, 1.0)
+        return apply_frame_windows(patched, windows, 0) if windows else patched
+    return apply
 
 
 def _cross_frame(mode):
@@ -105,12 +109,14 @@ def _cross_frame(mode):
     return apply
 
 
-TODAY = "issue 25: per-block syncs left (TokenFlow's index copies and checks) to move per step"
 METHODS = [
     pytest.param(_pnp, id="pnp"),
     pytest.param(_pnp_windows, id="pnp-frame-windows"),
     pytest.param(_flatten, id="flatten"),
-    pytest.param(_tokenflow, id="tokenflow", marks=pytest.mark.xfail(strict=True, reason=TODAY)),
+    pytest.param(_tokenflow("paper"), id="tokenflow"),
+    pytest.param(_tokenflow("official"), id="tokenflow-official"),
+    pytest.param(_tokenflow("paper", 2), id="tokenflow-frame-windows"),
+    pytest.param(_tokenflow("official", 2), id="tokenflow-official-frame-windows"),
     pytest.param(_cross_frame("keyframes"), id="keyframes"),
     pytest.param(_cross_frame("anchor"), id="anchor"),
     pytest.param(_cross_frame("dense"), id="dense"),

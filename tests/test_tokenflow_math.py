@@ -126,6 +126,40 @@ def test_propagation_blends_the_two_gathered_keyframes_by_the_weights():
     assert torch.allclose(out[0, 0], expected, atol=1e-6)
 
 
+def test_official_propagation_is_the_reference_full_pass_block_written_out():
+    """The non-pivotal pass of omerbt/TokenFlow's TokenFlow block, written out as that code does it, batch by batch
+    (batch_size = the keyframe interval, one keyframe per batch): cosine similarity of the batch's tokens to the
+    keyframe tokens of batch i and i-1 (``batch_cosine_sim``), argmax, gather each keyframe's output of every chunk
+    (source, uncond, cond), blend with w1 = sigmoid(d2 / (d1 + d2)) of the distances to the two batch centres."""
+    frames, batch_size = 12, 4
+    g = generator(13)
+    source = torch.randn(frames, 10, 8, generator=g)                      # (F, T, C) the source branch's tokens
+    keyframe_ids = [1, 6, 8]                                              # one per batch of 4
+    pivot = source[keyframe_ids]                                          # the keyframe pass's source tokens
+    keyframe_out = torch.randn(3, len(keyframe_ids), 10, 8, generator=g)  # (chunks, K, T, C)
+    expected = []
+    for i, b in enumerate(range(0, frames, batch_size)):
+        n = batch_size
+        x = source[b:b + n].reshape(-1, 8)
+        idxs = [i] + ([i - 1] if i > 0 else [])
+        y = pivot[idxs].reshape(-1, 8)
+        sim = (x / x.norm(dim=-1, keepdim=True)) @ (y / y.norm(dim=-1, keepdim=True)).T
+        if len(idxs) == 2:
+            sim1, sim2 = sim.chunk(2, dim=1)
+            idx1, idx2 = sim1.argmax(-1), sim2.argmax(-1)                 # (n·T,)
+            attn_1 = keyframe_out[:, i].reshape(3, -1, 8)[:, idx1].view(3, n, 10, 8)
+            attn_2 = keyframe_out[:, i - 1].reshape(3, -1, 8)[:, idx2].view(3, n, 10, 8)
+            s = torch.arange(n) + i * n
+            d1, d2 = (s - (i * n + n // 2)).abs(), (s - ((i - 1) * n + n // 2)).abs()
+            w1 = torch.sigmoid(d2 / (d1 + d2))[None, :, None, None]
+            expected.append(w1 * attn_1 + (1 - w1) * attn_2)
+        else:
+            expected.append(keyframe_out[:, i].reshape(3, -1, 8)[:, sim.argmax(-1)].view(3, n, 10, 8))
+    expected = torch.cat(expected, 1)                                       # (chunks, F, T, C)
+    out = edit(range(frames), keyframe_ids, source, keyframe_out, "official", interval=batch_size)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_propagation_in_frame_slices_equals_the_per_frame_blend(dtype, monkeypatch):
     import tve.attention.tokenflow as tokenflow
