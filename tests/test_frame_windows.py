@@ -12,7 +12,8 @@ pytestmark = pytest.mark.real_host
 
 def windows(model, size, overlap=0):
     from tve.nodes.edit_nodes import ApplyFrameWindows
-    return ApplyFrameWindows().apply(model, size, overlap)[0]
+    out = ApplyFrameWindows().apply(model, size, overlap)
+    return (out["result"] if isinstance(out, dict) else out)[0]      # a dict with the note when applied again
 
 
 def inverted(model, frames, steps=2, size=8):
