@@ -152,12 +152,26 @@ def apply(model: Any, *methods: Method) -> Any:
     stack, notes = stack_of(model), []
     for method in methods:
         check_no_hidden_attention(model, method)
+        before = stack
         stack, replaced = stack.adding(method)
         notes += [f"{method.node}: applied again; these settings replace the earlier ones" if m.node == method.node
                   else f"{method.node}: its {method.what} replace the {m.what} {m.node} set on this model (one per "
                        "model; the later node's win)" for m in replaced]
+        notes += [_hidden_on_shared_blocks(method, m) for m in before.methods if m not in replaced
+                  and not method.runs_inner_attention and m.attention_blocks & method.attention_blocks]
     notes += inversion_weights(model, methods)
     return install(model.clone(), dataclasses.replace(stack, notes=tuple(notes)))
+
+
+def _hidden_on_shared_blocks(later: Method, earlier: Method) -> str:
+    """The note of a method that computes self-attention (without its inner attention) on some of the blocks an
+    earlier one does: there the later settings win."""
+    shared, total = len(later.attention_blocks & earlier.attention_blocks), len(earlier.attention_blocks)
+    if later.node == earlier.node:
+        return (f"{later.node}: applied again; these settings replace the earlier ones on {shared} of the {total} "
+                "blocks they were on (the later node's win per block)")
+    return (f"{later.node}: its {later.what} replace the {earlier.what} {earlier.node} set on {shared} of its "
+            f"{total} blocks (the later node's win per block)")
 
 
 def inversion_weights(model: Any, methods: Sequence[Method]) -> list[str]:

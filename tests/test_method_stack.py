@@ -38,6 +38,11 @@ def test_a_later_cross_frame_mode_wins_on_the_blocks_it_selects_and_one_wrapper_
     for block in host.attention_blocks(both):
         assert stack.attention_chain(block.key)[-1].mode == ("dense" if block.level == 1 else "keyframes"), block
     assert nodes_of(both) == [identity.CROSS_FRAME, identity.CROSS_FRAME]
+    latent_2 = sum(b.level == 1 for b in host.attention_blocks(model))
+    assert stack_of(both).notes == (f"{identity.CROSS_FRAME}: applied again; these settings replace the earlier ones "
+                                    f"on {latent_2} of the {len(host.attention_blocks(model))} blocks they were on "
+                                    "(the later node's win per block)",)
+    assert stack_of(cross_frame(model, "dense", "latent/2")).notes == ()
     covering = cross_frame(both, "anchor")                          # all blocks: both earlier modes are gone
     assert [m.mode for m in stack_of(covering).methods] == ["anchor"]
     assert stack_of(covering).notes == (f"{identity.CROSS_FRAME}: applied again; these settings replace the "
