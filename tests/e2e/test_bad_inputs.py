@@ -545,11 +545,18 @@ def refused_saying(probe: SaysProbe, comfyui, object_info) -> None:
 
 @pytest.mark.parametrize("probe", ISSUE_24_HANDLED, ids=lambda p: p.name)
 def test_an_adapter_for_this_checkpoint_or_one_explicitly_allowed_loads(probe, comfyui, object_info, adapter_files):
-    status, body = queue(comfyui, broken(probe, object_info))
+    graph = broken(probe, object_info)
+    status, body = queue(comfyui, graph)
     assert status == 200, body
     entry = _wait(comfyui, body["prompt_id"])
     errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert entry["status"]["status_str"] == "success", errors
+    (loader,) = [i for i, n in graph.items() if n["class_type"] == _L]
+    said = entry["outputs"].get(loader, {}).get("text", [])           # other weights let through: said on the node
+    if probe.kind == MISMATCH:
+        assert len(said) == 1 and "was tuned on other weights than this model's: other base weights" in said[0], said
+    else:
+        assert said == [], said
 
 
 # ==============================================================================================================
