@@ -289,8 +289,13 @@ def test_an_adapter_records_the_weights_it_was_tuned_on_and_loads_only_onto_them
                                              rf"differ from this model's: {what} .*set allow_other_checkpoint"):
             LoadTemporalAdapter().load(other, name)
         assert patch_state(other) == state                                       # nothing patched
-        allowed, _ = LoadTemporalAdapter().load(other, name, allow_other_checkpoint=True)
+        shown = LoadTemporalAdapter().load(other, name, allow_other_checkpoint=True)   # said on the node
+        (note,) = shown["ui"]["text"]
+        assert note.startswith(f"adapter_name: {path}: was tuned on other weights than this model's: {what}")
+        assert "loaded anyway (allow_other_checkpoint is on)" in note
+        allowed, _ = shown["result"]
         assert len(allowed.model_options["transformer_options"]["patches"]["middle_patch"]) == 1
+    assert isinstance(LoadTemporalAdapter().load(model.clone(), name, allow_other_checkpoint=True), tuple)  # no note
 
 
 def test_a_format_1_adapter_without_identity_loads_only_when_allowed(adapter_folder):
@@ -300,7 +305,8 @@ def test_a_format_1_adapter_without_identity_loads_only_when_allowed(adapter_fol
     with pytest.raises(ValueError, match=r"^adapter_name: .*old_00001.safetensors: records no identity of the model "
                                          r"it was tuned on \(saved in format tve_temporal_adapter/1\)"):
         LoadTemporalAdapter().load(model, name)
-    LoadTemporalAdapter().load(model, name, allow_other_checkpoint=True)
+    shown = LoadTemporalAdapter().load(model, name, allow_other_checkpoint=True)
+    assert "loaded unchecked (allow_other_checkpoint is on)" in shown["ui"]["text"][0]
 
 
 @pytest.mark.parametrize("case, error", [
