@@ -188,13 +188,16 @@ def test_bad_input_is_one_clear_error_with_nothing_patched(case, error):
     assert patch_state(model) == state
 
 
-def test_progress_shows_every_step_and_cancel_stops_tuning():
+def test_progress_runs_from_first_to_last_step_and_cancel_stops_tuning():
     model, samples, cond = make_tiny_model("sd15"), make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
     updates = []
     host.report_progress_to(lambda value, total: updates.append((value, total)))
     try:
         tune(model, samples, cond, 3, 1e-3, 0, "stam")
-        assert updates == [(1, 3), (2, 3), (3, 3)]
+        # core's bar always sends the first and the last update; 0.33's drops those in between that come sooner
+        # than its throttle interval after the last one sent, so which of them arrive depends on machine speed
+        assert updates[0] == (1, 3) and updates[-1] == (3, 3)
+        assert all(a < b for (a, _), (b, _) in zip(updates, updates[1:])) and {t for _, t in updates} == {3}
 
         def cancel(step, loss):
             host.interrupt()
