@@ -13,6 +13,7 @@ Two shapes of key set, both called ``query_frame_chunks`` frames at a time (neve
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -25,13 +26,31 @@ KeysValues = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 
+@dataclass(frozen=True)
+class KeyframeIndex:
+    """Keyframes checked against a call of ``frames`` frames, as a (K,) long tensor on the attention's device: made
+    once per pass by ``keyframe_index`` (outside the UNet), so that no block copies or checks them."""
+    index: torch.Tensor
+    frames: int
+
+
+def keyframe_index(keyframes: torch.Tensor | Sequence[int], frames: int, device: torch.device) -> KeyframeIndex:
+    """``keyframes`` (local indices, e.g. from ``pick_keyframes``) checked on the host and copied to ``device``."""
+    return KeyframeIndex(_check_keyframes(keyframes, frames).to(device), frames)
+
+
 def keyframe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, chunks: int,
-                       keyframes: torch.Tensor | Sequence[int], attention: Attention = sdpa_attention,
+                       keyframes: KeyframeIndex | torch.Tensor | Sequence[int], attention: Attention = sdpa_attention,
                        budget: int = ATTENTION_BUDGET) -> torch.Tensor:
     """TokenFlow's extended attention (Geyer et al., ICLR 2024, Fig. 4 step I): every frame's queries attend to
-    the concatenated keys/values of the keyframes of its own chunk. ``keyframes``: local frame indices."""
+    the concatenated keys/values of the keyframes of its own chunk. ``keyframes``: local frame indices (checked
+    and copied here), or a ``KeyframeIndex`` already on the device."""
     q4, k4, v4 = _frames(q, k, v, heads, chunks)
-    index = _check_keyframes(keyframes, q4.shape[1]).to(k.device)
+    if not isinstance(keyframes, KeyframeIndex):
+        keyframes = keyframe_index(keyframes, q4.shape[1], k.device)
+    elif keyframes.frames != q4.shape[1]:
+        raise ValueError(f"keyframes were checked for {keyframes.frames} frames, but the call holds {q4.shape[1]}")
+    index = keyframes.index
     k_set, v_set = (t.index_select(1, index).flatten(1, 2) for t in (k4, v4))     # (chunks, K·T, C)
     return batch_view(_attend_shared(q4, k_set, v_set, heads, attention, budget))
 

@@ -3,11 +3,11 @@
 ComfyUI hands a self-attention patch ``(chunks·F, T, C)`` tensors: ``chunks`` conditioning chunks (uncond,
 cond, ...), each holding the call's F frames in order. ``frames_view`` exposes the frame axis without copying;
 ``query_frame_chunks`` splits the query frames of a cross-frame attention into calls of bounded size;
-``once_per_distinct_chunk`` runs a chunk-wise attention once for chunks that hold the same q, k, v.
+``once_per_distinct_chunk`` runs a chunk-wise attention once for chunks the caller knows hold the same q, k, v.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,29 +33,27 @@ def batch_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def once_per_distinct_chunk(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            chunks: int) -> torch.Tensor:
-    """``attend(q, k, v, chunks)`` computed once per distinct chunk: a chunk whose q, k and v equal an earlier
-    chunk's (``torch.equal``: bit for bit) gets a copy of that chunk's output.
+                            kinds: Sequence[int]) -> torch.Tensor:
+    """``attend(q, k, v, chunks)`` computed once per kind of chunk: ``kinds`` (chunks,) names, for each chunk, the
+    first chunk whose q, k and v it equals (its own index when none does), as the caller knows it from the call's
+    inputs; a chunk of another's kind gets a copy of that chunk's output.
 
     For attention that treats chunks independently (every TVE mode: a frame attends within its own chunk) this is
     the same result. Cond and uncond chunks are equal where the text has not yet entered the UNet (the first
     transformer block's self-attention sees the same latents and timestep in both); a cross-frame attention costs
-    F times per-frame attention there, so it is computed once. q, k, v (chunks·F, T, C) -> (chunks·F, T, C).
+    F times per-frame attention there, so it is computed once. Reads no tensor value: chunks are picked by slicing.
+    q, k, v (chunks·F, T, C) -> (chunks·F, T, C).
     """
-    views = [frames_view(t, chunks) for t in (q, k, v)]                              # 3 × (chunks, F, T, C)
-    distinct: list[int] = []                                                         # first chunk of each kind
-    kind_of: list[int] = []                                                          # (chunks,) kind of each
-    for c in range(chunks):
-        kind = next((i for i, d in enumerate(distinct) if all(torch.equal(t[c], t[d]) for t in views)), None)
-        if kind is None:
-            kind = len(distinct)
-            distinct.append(c)
-        kind_of.append(kind)
+    chunks = len(kinds)
+    if any(not 0 <= kind <= c or kinds[kind] != kind for c, kind in enumerate(kinds)):
+        raise ValueError(f"kinds: expected each chunk's first equal chunk (one that is its own kind), got {kinds}")
+    distinct = [c for c, kind in enumerate(kinds) if kind == c]                      # first chunk of each kind
     if len(distinct) == chunks:
         return attend(q, k, v, chunks)
-    picked = torch.tensor(distinct, device=v.device)
-    out = attend(*(batch_view(t.index_select(0, picked)) for t in views), len(distinct))
-    return batch_view(frames_view(out, len(distinct)).index_select(0, torch.tensor(kind_of, device=v.device)))
+    views = [frames_view(t, chunks) for t in (q, k, v)]                              # 3 × (chunks, F, T, C)
+    picked = (batch_view(torch.stack([t[c] for c in distinct])) for t in views)     # (kinds·F, T, C)
+    out = frames_view(attend(*picked, len(distinct)), len(distinct))              # (kinds, F, T, C)
+    return batch_view(torch.stack([out[distinct.index(kind)] for kind in kinds]))
 
 
 def query_frame_chunks(frames: int, per_frame: int, budget: int = ATTENTION_BUDGET) -> list[slice]:

@@ -9,12 +9,31 @@ major (the F frames of one conditioning chunk consecutive); ``frame_pooled_group
 
     y = (x − μ_S) / √(σ²_S + eps) · γ_c + β_c,   σ²_S biased,
 
-so one frame is plain per-frame GroupNorm and chunks (cond, uncond) never mix. Statistics in float32 (float64
-stays float64), the result in the input's dtype; no device-to-host synchronisation.
+so one frame is plain per-frame GroupNorm and chunks (cond, uncond) never mix. ``video_layout`` / ``frame_layout``
+move between the two layouts without copying; ``frame_pooled_group_norm`` computes the statistics in float32
+(float64 stays float64) and returns the input's dtype; no device-to-host synchronisation.
 """
 from __future__ import annotations
 
 import torch
+
+
+def video_layout(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``(chunks·F, C, *spatial)`` -> ``(chunks, C, F, *spatial)``, the inflated UNet's layout (a view, no copy):
+    any GroupNorm of it pools its statistics over the F frames of each chunk."""
+    if x.ndim < 2:
+        raise ValueError(f"x: expected (chunks*frames, channels, ...), got shape {tuple(x.shape)}")
+    rows = x.shape[0]
+    if frames < 1 or rows == 0 or rows % frames:
+        raise ValueError(f"frames: expected a positive count dividing the {rows} rows of x, got {frames}")
+    return x.unflatten(0, (rows // frames, frames)).transpose(1, 2)
+
+
+def frame_layout(video: torch.Tensor) -> torch.Tensor:
+    """``(chunks, C, F, *spatial)`` -> ``(chunks·F, C, *spatial)``, the inverse of ``video_layout``."""
+    if video.ndim < 3:
+        raise ValueError(f"video: expected (chunks, channels, frames, ...), got shape {tuple(video.shape)}")
+    return video.transpose(1, 2).flatten(0, 1)
 
 
 def frame_pooled_group_norm(x: torch.Tensor, frames: int, groups: int, weight: torch.Tensor | None = None,
@@ -22,25 +41,17 @@ def frame_pooled_group_norm(x: torch.Tensor, frames: int, groups: int, weight: t
     """GroupNorm of ``x`` (chunks·F, C, *spatial) with statistics pooled over the ``frames`` (F) rows of each chunk.
 
     Equals ``torch.nn.functional.group_norm`` of the (chunks, C, F, *spatial) tensor, returned to ``x``'s layout.
-    ``weight``/``bias`` (C,) are the norm's affine parameters (None: none); ``eps`` as the module's.
+    ``weight``/``bias`` (C,) are the norm's affine parameters (None: none); ``eps`` as the module's. (The engine
+    calls the UNet's own GroupNorm module on ``video_layout(x)`` instead, so the module casts its own weights.)
     """
-    if x.ndim < 2:
-        raise ValueError(f"x: expected (chunks*frames, channels, ...), got shape {tuple(x.shape)}")
-    rows, channels = x.shape[:2]
-    if frames < 1 or rows == 0 or rows % frames:
-        raise ValueError(f"frames: expected a positive count dividing the {rows} rows of x, got {frames}")
+    video = video_layout(x, frames)                                             # (chunks, C, F, *spatial)
+    channels = x.shape[1]
     if groups < 1 or channels % groups:
         raise ValueError(f"groups: expected a positive count dividing the {channels} channels of x, got {groups}")
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None and tuple(param.shape) != (channels,):
             raise ValueError(f"{name}: expected shape ({channels},), got {tuple(param.shape)}")
     compute = torch.promote_types(x.dtype, torch.float32)
-    grouped = x.to(compute).reshape(rows // frames, frames, groups, -1)        # (chunks, F, G, C/G·spatial)
-    var, mean = torch.var_mean(grouped, dim=(1, 3), unbiased=False, keepdim=True)   # (chunks, 1, G, 1)
-    y = ((grouped - mean) * torch.rsqrt(var + eps)).reshape(x.shape)          # (chunks·F, C, *spatial)
-    affine = (channels,) + (1,) * (x.ndim - 2)
-    if weight is not None:
-        y = y * weight.to(compute).reshape(affine)
-    if bias is not None:
-        y = y + bias.to(compute).reshape(affine)
-    return y.to(x.dtype)
+    y = torch.nn.functional.group_norm(video.to(compute), groups, None if weight is None else weight.to(compute),
+                                       None if bias is None else bias.to(compute), eps)
+    return frame_layout(y).to(x.dtype)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from ..attention.cross_frame import anchor_attention, dense_attention, fine_coarse_attention, keyframe_attention
+from ..attention.cross_frame import (anchor_attention, dense_attention, fine_coarse_attention, keyframe_attention,
+                                     keyframe_index)
 from ..attention.tokenflow import pick_keyframes
 from . import host, identity, validation
 from .methods import Method, Refused
@@ -57,7 +58,11 @@ class CrossFrame(Method):
             return attention(q, k, v, heads)
         layout = call_layout(q.shape[0], extra_options)
         if self.mode == "keyframes":
-            keyframes = pick_keyframes(layout.frame_ids, self.keyframe_interval, self.seed, layout.step)
+            prepared = run.method_state.get(id(self))                 # drawn and on the device once per pass
+            if prepared is not None and prepared[0] == (layout.frame_ids, layout.step):
+                keyframes = prepared[1]
+            else:
+                keyframes = pick_keyframes(layout.frame_ids, self.keyframe_interval, self.seed, layout.step)
             return keyframe_attention(q, k, v, heads, layout.chunks, keyframes, attention=attention)
         if self.mode == "dense":
             return dense_attention(q, k, v, heads, layout.chunks, attention=attention)
@@ -67,6 +72,14 @@ class CrossFrame(Method):
                                     attention=attention)
         return fine_coarse_attention(q, k, v, heads, layout.chunks, layout.grid_hw, self.coarse_factor,
                                      attention=attention)
+
+    def prepare_pass(self, run: "SamplingRun", device: torch.device) -> None:
+        """keyframes: the pass's keyframe draw, checked and on ``device`` before its UNet calls."""
+        if self.mode != "keyframes" or run.pass_ is Pass.SOURCE or run.pass_frame_ids is None:
+            return
+        frame_ids = run.pass_frame_ids
+        keyframes = pick_keyframes(frame_ids, self.keyframe_interval, self.seed, run.sample_step)
+        run.method_state[id(self)] = ((frame_ids, run.sample_step), keyframe_index(keyframes, len(frame_ids), device))
 
     def shared_frames(self, own: Sequence[int], frame_ids: Sequence[int], step: int) -> list[int]:
         """anchor: the anchor frame (Text2Video-Zero prepends it to every chunk); keyframes: the step's keyframes of

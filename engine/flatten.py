@@ -4,6 +4,12 @@ Every self-attention block gets dense spatio-temporal attention (all frames of t
 grids, the dense output then attends along the flow trajectories of the source video (no new parameters; the math:
 ``attention/flatten.py``). Give the FLATTEN MODEL to DDIM Inversion (TVE) too: the paper inverts with the same
 attention.
+
+With ``frame_pooled_norm`` (the default) the UNet's ResBlock GroupNorms and its output norm take their statistics
+over all frames of each CFG chunk, as FLATTEN's inflated 3-D UNet computes them (the official code runs them on
+(b, c, f, h, w) tensors; its inversion and source features go through the same UNet): in every pass of the model,
+inversion included, over the frames that pass holds (a frame window's, a core context window's). The math:
+``attention/group_norm.py``.
 """
 from __future__ import annotations
 
@@ -36,15 +42,21 @@ class Flatten(Method):
     grids: frozenset                              # token grids (h, w) with trajectory attention
     qk_source: str
     attention_blocks: frozenset = field()
+    pooled_norm: bool = True                      # ResBlock and output GroupNorms pool the frames of each chunk
+    first_block: tuple | None = None              # the UNet's first self-attention block: before any text
     indices: dict = field(default_factory=dict, compare=False, repr=False)
     node = identity.FLATTEN
     attends_across_frames = True
+    computes_alike_chunks_once = True
 
     def __deepcopy__(self, memo: dict) -> "Flatten":
         return self
 
     def sources(self) -> list:
         return [self.trajectories]
+
+    def frame_pooled_norms(self, model: Any) -> list:
+        return list(host.resblock_group_norms(model).values()) if self.pooled_norm else []
 
     def index(self, grid_hw: tuple[int, int], frame_ids: tuple[int, ...]):
         key = (grid_hw, frame_ids)
@@ -73,8 +85,12 @@ class Flatten(Method):
                 return trajectory_attention(dense, dense, dense, index, heads, chunks)
             return trajectory_attention(q_, k_, dense, index, heads, chunks)
 
-        # cond and uncond chunks that are still equal (the first block, before any text) are computed once
-        return once_per_distinct_chunk(flatten, q, k, v, layout.chunks)
+        # cond and uncond chunks that are still equal (the first block, before any text) are computed once; which
+        # ones are, the engine read once per UNet call from its inputs (``run.alike_chunks``)
+        kinds = run.alike_chunks
+        if kinds is None or len(kinds) != layout.chunks or host.block_key(extra_options) != self.first_block:
+            kinds = tuple(range(layout.chunks))
+        return once_per_distinct_chunk(flatten, q, k, v, kinds)
 
     def check_latent(self, latent_image: torch.Tensor) -> None:
         validation.latent_fits_trajectories(latent_image, self.trajectories)
@@ -87,12 +103,17 @@ class Flatten(Method):
                           f"attention already attends across all frames; use one of them (neither order composes).")
 
 
-def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_source: str) -> Any:
+def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_source: str,
+                  frame_pooled_norm: bool = True) -> Any:
     validation.model(model)
     validation.choice(token_grids, "token_grids", GRID_CHOICES)
     validation.choice(qk_source, "qk_source", QK_SOURCES)
+    validation.boolean(frame_pooled_norm, "frame_pooled_norm")
     blocks = host.attention_blocks(model)
     grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])
     top_level = min(b.level for b in blocks)
     chosen = frozenset(grids) if token_grids == "all" else frozenset({grids[top_level]})
-    return apply(model, Flatten(trajectories, chosen, qk_source, frozenset(b.key for b in blocks)))
+    if frame_pooled_norm:
+        host.resblock_group_norms(model)          # a UNet without them is refused here, not at the first step
+    return apply(model, Flatten(trajectories, chosen, qk_source, frozenset(b.key for b in blocks),
+                                bool(frame_pooled_norm), blocks[0].key))

@@ -1196,3 +1196,84 @@ def context_window_length(model: Any) -> int | None:
     handler = model.model_options.get("context_handler")
     length = getattr(handler, "context_length", None)
     return int(length) if isinstance(length, int) and not isinstance(length, bool) else None
+
+
+# ---------------------------------------------------------------------------------------------- frame-pooled norms
+def resblock_group_norms(model: Any) -> dict[str, torch.nn.Module]:
+    """The GroupNorms FLATTEN's inflated UNet runs on video tensors (Cong et al. 2024; the official code's
+    ``ResnetBlock3D.norm1/norm2`` and ``conv_norm_out``), by module path under the ModelPatcher's model: both norms
+    of every ResBlock (``in_layers[0]``, ``out_layers[0]``) and the output norm (``out[0]``), in module order. The
+    transformers' own GroupNorm (``SpatialTransformer.norm``) stays per frame there too, so it is not listed."""
+    unet = model.get_model_object("diffusion_model")
+    norms: dict[str, torch.nn.Module] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, openaimodel.ResBlock):
+            for part in ("in_layers", "out_layers"):
+                norms[f"diffusion_model.{name}.{part}.0"] = getattr(module, part)[0]
+    out = getattr(unet, "out", None)
+    if not norms or not isinstance(out, torch.nn.Sequential) or not isinstance(out[0], torch.nn.GroupNorm):
+        raise ValueError(f"model: {type(unet).__name__} has no ResBlocks with an output GroupNorm; TVE supports "
+                         "SD1.x, SD2.x and SDXL models")
+    norms["diffusion_model.out.0"] = out[0]
+    for path, module in norms.items():
+        if not isinstance(module, torch.nn.GroupNorm):
+            raise ValueError(f"model: {path} is a {type(module).__name__}, not a GroupNorm")
+    return norms
+
+
+@contextlib.contextmanager
+def calls_in_layout(modules: Iterable[torch.nn.Module], to_layout: Callable[[torch.Tensor], torch.Tensor],
+                    from_layout: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """While the context is open, each of ``modules`` is called on ``to_layout(x)`` instead of its input ``x`` and
+    its output ``out`` is returned as ``from_layout(out)``: the module computes with its own weights, casts and
+    weight patches, on another layout of the same values (a GroupNorm on the (chunks, C, F, h, w) view pools its
+    statistics over the frames). Forward hooks for one sampling run: nothing stays on the shared UNet afterwards."""
+    def pre(module: torch.nn.Module, args: tuple) -> tuple:
+        return (to_layout(args[0]), *args[1:])
+
+    def post(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return from_layout(out)
+
+    handles = []
+    try:
+        for module in dict.fromkeys(modules):
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------- CFG chunks alike
+# transformer patches that act only after the first self-attention has read its q, k, v
+_AFTER_FIRST_SELF_ATTENTION = frozenset({"attn1_output_patch", "middle_patch", "attn2_patch", "attn2_output_patch",
+                                         "output_block_patch"})
+
+
+def chunks_alike_before_text(x: torch.Tensor, t: torch.Tensor, c_concat: torch.Tensor | None, control: Any,
+                             transformer_options: Mapping[str, Any], kwargs: Mapping[str, Any],
+                             own_patches: Iterable[Callable] = ()) -> tuple[int, ...]:
+    """For each CFG chunk of one UNet call (an APPLY_MODEL wrapper's arguments), the first chunk whose inputs up to
+    the UNet's first cross-attention equal its own, so that the first self-attention block sees equal q, k, v in
+    both: the same latents, timesteps, concat latents and per-row extra conds (``y``: SDXL's pooled text and sizes)
+    chunk for chunk, no ControlNet / T2I-Adapter residuals (they are computed from the text), and no other pack's
+    transformer patch before that block (``own_patches`` are the caller's, known to treat chunks alike). Everything
+    else is the text context (``c_crossattn``), which enters at the first cross-attention. Reads the inputs' values
+    (``torch.equal``): call it once per UNet call, outside the UNet, never per block."""
+    chunks = len(transformer_options.get("cond_or_uncond", ())) or 1
+    own = set(own_patches)
+    rows = x.shape[0]
+    distinct = tuple(range(chunks))
+    if chunks == 1 or rows % chunks or control is not None:
+        return distinct
+    for name, fns in transformer_options.get("patches", {}).items():
+        if name not in _AFTER_FIRST_SELF_ATTENTION and any(fn not in own for fn in fns):
+            return distinct
+    inputs = [x, t, c_concat, *kwargs.values()]
+    per_row = [v.unflatten(0, (chunks, rows // chunks)) for v in inputs
+               if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows]       # (chunks, F, ...) each
+    kinds: list[int] = []
+    for c in range(chunks):
+        kinds.append(next((d for d in sorted(set(kinds)) if all(torch.equal(v[c], v[d]) for v in per_row)), c))
+    return tuple(kinds)

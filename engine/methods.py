@@ -11,6 +11,11 @@ A method is an immutable settings object applied by one node (``node``). It may:
 - name the frames every frame window must hold besides its own (``shared_frames``);
 - read features of the step's source pass, in its ``source_order`` (``source_reads``: blocks whose self-attention input, output blocks whose
   ResBlock branch, the engine keeps from the source pass) and use them (``attention_input``, ``run_hooks``);
+- pool the statistics of some GroupNorms over the frames of each chunk in all its passes, the inversion's
+  included (``frame_pooled_norms``: FLATTEN's inflated UNet);
+- prepare what its attention needs on the device once per pass, outside the UNet (``prepare_pass``), and compute
+  CFG chunks that are still alike at the first self-attention block once (``computes_alike_chunks_once``): no
+  device->host synchronisation per block;
 - run a whole step itself (``drives_step``, ``drive_step``): TokenFlow's keyframe and propagation passes;
 - check the sampled latent before the first step (``check_latent``);
 - name the sources it was built from (``sources``: an INVERSION, TRAJECTORIES) and the inversion it reads, and
@@ -68,12 +73,17 @@ class Method:
     inversion: Any = None                         # the INVERSION whose source pass it reads (one per model)
     allow_other_weights: bool = False             # edit with other weights than the inversion's, on purpose
     source_order: str = "sigma-matched"           # which stored source latent a step reads (Inversion.source_at)
+    computes_alike_chunks_once: bool = False      # reads SamplingRun.alike_chunks (the engine then computes it)
 
     # ------------------------------------------------------------------------------------------ attention
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict, run: "SamplingRun",
                inner: Attention) -> torch.Tensor:
         """Self-attention on one of ``attention_blocks``: q, k, v (chunks·F, T, C) -> (chunks·F, T, C)."""
         return inner(q, k, v, extra_options)
+
+    def prepare_pass(self, run: "SamplingRun", device: torch.device) -> None:
+        """Before a pass's UNet calls (``run.pass_`` and its frames set): put what ``attend`` needs on ``device`` into
+        ``run.method_state``, so that no block copies or reads it."""
 
     def shared_frames(self, own: Sequence[int], frame_ids: Sequence[int], step: int) -> list[int]:
         """Call positions a frame window holding the call's positions ``own`` must hold besides them."""
@@ -95,6 +105,11 @@ class Method:
     def run_hooks(self, model: Any, run: "SamplingRun") -> Mapping[torch.nn.Module, Callable]:
         """Forward hooks for one sampling run: module -> ``fn(output) -> output or None`` (a replacement)."""
         return {}
+
+    def frame_pooled_norms(self, model: Any) -> Sequence[torch.nn.Module]:
+        """GroupNorms of ``model`` whose statistics pool the frames of each CFG chunk of every call of a sampling run
+        (inversion included), as on the (chunks, C, F, h, w) video tensor; frames per chunk: the pass's."""
+        return ()
 
     # ------------------------------------------------------------------------------------------ the step
     def drive_step(self, step: "Step") -> list:

@@ -13,7 +13,7 @@ import torch
 from ..flow.estimate import FlowField, build_raft, estimate_flow, flow_resolution, is_raft, raft_working_bytes
 from ..flow.latent_crop import LatentCrop, match_frames
 from ..flow.preview import draw_tracks, flow_to_color, occlusion_to_image
-from ..flow.trajectories import Trajectories, build_trajectories
+from ..flow.trajectories import MOTION_RULES, Trajectories, build_trajectories
 from . import host, validation
 
 FLOW_METHODS = ["raft_large", "raft_small", "dis"]
@@ -116,13 +116,19 @@ def estimate_optical_flow(images: torch.Tensor, vae: Any, method: str, raft_weig
                      occlusion=flow.occlusion.to(device), method=flow.method, crop=crop)
 
 
-def flow_trajectories(flow: FlowField, latent: dict, seed: int, cut_at_occlusions: bool) -> Trajectories:
-    """Flow Trajectories (TVE): FLATTEN's trajectories at every token grid of the latent, fingerprinted with it."""
+def flow_trajectories(flow: FlowField, latent: dict, seed: int, cut_at_occlusions: bool,
+                      motion: str = "cell_mean") -> Trajectories:
+    """Flow Trajectories (TVE): FLATTEN's trajectories at every token grid of the latent, fingerprinted with it;
+    ``motion`` how a cell's motion is read from the flow (``flow/trajectories.py``: ``cell_mean`` or the official
+    code's ``top_left``)."""
     validation.flow(flow, "flow")
     samples = validation.latent(latent, "latent")
     validation.integer(seed, "seed", 0)
+    validation.boolean(cut_at_occlusions, "cut_at_occlusions")
+    validation.choice(motion, "motion", list(MOTION_RULES))
     check_flow_matches_latent(flow, samples)
-    trajectories = build_trajectories(flow, tuple(samples.shape[-2:]), seed=seed, cut_occluded=cut_at_occlusions)
+    trajectories = build_trajectories(flow, tuple(samples.shape[-2:]), seed=seed, cut_occluded=cut_at_occlusions,
+                                      motion=motion)
     return dataclasses.replace(trajectories, source=validation.fingerprint(samples))
 
 

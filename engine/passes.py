@@ -3,9 +3,10 @@ attention patches ask the methods of the model being sampled.
 
 ``outer_sample`` (OUTER_SAMPLE) makes a fresh ``SamplingRun`` for every sampling call, puts it into that call's
 ``transformer_options``, refuses a latent, σ schedule, noise or model the methods cannot use before any step, and
-installs the methods' forward hooks for the run only. ``calc_cond_batch`` (CALC_COND_BATCH) is one step over the
-call's frames (the host may have split them into a core context window): a ``Step`` whose passes run, in frame
-windows of the model's ``FrameWindows``, as
+installs the methods' forward hooks for the run only (and the frame-pooled GroupNorms of FLATTEN's inflated UNet,
+inversion included: statistics over the frames each pass holds, per CFG chunk). ``calc_cond_batch``
+(CALC_COND_BATCH) is one step over the call's frames (the host may have split them into a core context window): a
+``Step`` whose passes run, in frame windows of the model's ``FrameWindows``, as
   SOURCE     when a method reads the source video: the inversion's source latents at this σ with the source
              conditioning (PnP, Tumanyan et al. 2023 §4; TokenFlow §3.2),
   EDIT       the sampler's call on the window's frames;
@@ -13,8 +14,9 @@ or as a step-driving method runs them (TokenFlow's KEYFRAMES and propagated EDIT
 ``official`` propagation, a SOURCE pass whose self-attention is propagated too). INVERSION labels every
 call while DDIM Inversion (TVE) inverts with the model. Frame ids are global throughout (``run.py``).
 
-``route_attention`` (attn1 replace) runs, per block, the last method that computes self-attention there with the
-ones applied before it as its inner attention; ``route_attention_input`` (attn1 patch) keeps the source pass's
+``apply_model`` (APPLY_MODEL) tells, per UNet call, which CFG chunks are still alike at the first self-attention
+block. ``route_attention`` (attn1 replace) runs, per block, the last method that computes self-attention there with
+the ones applied before it as its inner attention; ``route_attention_input`` (attn1 patch) keeps the source pass's
 tokens the methods read and gives the edit the tokens a method injects.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from ..attention.group_norm import frame_layout, video_layout
 from . import frame_windows, host, validation
 from .masked_source import MaskedSource
 from .run import Pass, SamplingRun, SourceFeatures, call_frame_ids, current_run
@@ -94,6 +97,7 @@ class Step:
         run.pass_, run.pass_positions, run.pass_frame_ids = pass_, positions, run.frame_ids_at(positions)
         run.find_source_rows(positions, x.device)
         try:
+            prepare_pass(run, x.device)
             return self.executor(self.model, conds, x, timestep, self.model_options)
         finally:
             run.pass_, run.pass_positions, run.pass_frame_ids, run.pass_source_rows = None, None, None, None
@@ -110,6 +114,7 @@ class Step:
         run.source = SourceFeatures(positions=positions)
         run.pass_, run.pass_positions, run.pass_frame_ids = Pass.SOURCE, positions, ids
         try:
+            prepare_pass(run, x_src.device)
             self.executor(self.model, [conds], x_src, t_src, self.model_options)
         finally:
             run.pass_, run.pass_positions, run.pass_frame_ids = None, None, None
@@ -127,8 +132,8 @@ class Step:
 def outer_sample(executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
                  sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """OUTER_SAMPLE: a fresh SamplingRun for this sampling call; refuse, before any step, what the methods cannot
-    use (``validation.sampling_run``); the methods' forward hooks for this run only; keep the source outside a
-    LATENT's noise_mask (``masked_source.py``)."""
+    use (``validation.sampling_run``); the methods' forward hooks and frame-pooled norms for this run only; keep
+    the source outside a LATENT's noise_mask (``masked_source.py``)."""
     patcher = host.sampling_model(executor)
     stack = host.get_attachment(patcher)                # the MethodStack ``stack.install`` attached
     for method in stack.methods:
@@ -147,7 +152,9 @@ def outer_sample(executor: Callable, noise: torch.Tensor, latent_image: torch.Te
     host.set_sampling_run(executor, run)
     hooks = {} if stack.inverting else {module: fn for m in stack.methods
                                         for module, fn in m.run_hooks(patcher, run).items()}
-    with host.forward_hooks(hooks):
+    pooled = [module for m in stack.methods for module in m.frame_pooled_norms(patcher)]
+    with host.forward_hooks(hooks), host.calls_in_layout(pooled, lambda x: video_layout(x, run.frames_per_chunk()),
+                                                         frame_layout):
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
     if editing:
         denoise_mask = args[0] if args else kwargs.get("denoise_mask")
@@ -189,6 +196,29 @@ def calc_cond_batch(executor: Callable, model: Any, conds: list, x_in: torch.Ten
         run.step, run.steps = inversion.step_of(step.sigma), inversion.steps
     driver = stack.step_driver
     return driver.drive_step(step) if driver is not None else step.in_windows(Pass.EDIT)
+
+
+def prepare_pass(run: SamplingRun, device: torch.device) -> None:
+    """What the methods' attention reads during the pass now starting, on ``device``, once per pass."""
+    for method in run.stack.methods:
+        method.prepare_pass(run, device)
+
+
+def apply_model(executor: Callable, x: torch.Tensor, t: torch.Tensor, c_concat: Any = None, c_crossattn: Any = None,
+                control: Any = None, transformer_options: dict | None = None, **kwargs: Any) -> Any:
+    """APPLY_MODEL: around each UNet call, which of its CFG chunks are still alike at the first self-attention block
+    (``host.chunks_alike_before_text``: one read of the call's inputs, never one per block) for methods that compute
+    such chunks once."""
+    options = {} if transformer_options is None else transformer_options
+    run = current_run(options)
+    if run is None or not any(m.computes_alike_chunks_once for m in run.stack.methods):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    run.alike_chunks = host.chunks_alike_before_text(x, t, c_concat, control, options, kwargs,
+                                                     own_patches=(route_attention_input,))
+    try:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    finally:
+        run.alike_chunks = None
 
 
 def begin_call(run: SamplingRun, frames: int, timestep: torch.Tensor, transformer_options: dict) -> None:

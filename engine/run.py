@@ -55,7 +55,13 @@ class SamplingRun:
     pass_source_rows: Any = None                  # rows of ``source`` holding the pass's frames, on the device, set
     #                                               once per pass (None: the same rows; an error: not all held)
     controls: dict = field(default_factory=dict)  # ControlNet copies per (control, frame ids), host.control_for_frames
-    method_state: dict = field(default_factory=dict)   # id(method) -> what a step-driving method keeps for a step
+    method_state: dict = field(default_factory=dict)   # id(method) -> what a method keeps for a step or a pass
+    alike_chunks: tuple[int, ...] | None = None   # per CFG chunk of the UNet call now running, the first chunk equal
+    #                                               to it up to the first cross-attention (None: not known)
+
+    def frames_per_chunk(self) -> int:
+        """Frames each CFG chunk of the current UNet call holds: those of the pass now running, else the call's."""
+        return len(self.pass_frame_ids if self.pass_frame_ids is not None else self.frame_ids)
 
     def positions_of(self, frame_ids: tuple[int, ...]) -> torch.Tensor:
         """Call positions of ``frame_ids``."""

@@ -233,4 +233,5 @@ def install(model: Any, stack: MethodStack) -> Any:
     host.set_attachment(model, stack)
     host.set_wrapper(model, host.OUTER_SAMPLE, passes.outer_sample)
     host.set_wrapper(model, host.CALC_COND_BATCH, passes.calc_cond_batch)
+    host.set_wrapper(model, host.APPLY_MODEL, passes.apply_model)
     return model

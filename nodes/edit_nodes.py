@@ -173,15 +173,20 @@ class ApplyFLATTEN:
             "qk_source": (QK_SOURCES, {"default": "dense_output", "tooltip": (
                 "dense_output: the dense-attention output is the trajectory attention's q, k and v (the paper). "
                 "projections: the block's own q/k with the dense output as v.")}),
+            "frame_pooled_norm": ("BOOLEAN", {"default": True, "tooltip": (
+                "On: the ResBlock GroupNorms and the output norm take their statistics over all frames a pass holds "
+                "(per CFG chunk; a frame window's frames with Frame Windows), as FLATTEN's official inflated UNet "
+                "does, in the inversion too. Off: each frame is normalised alone (plain SD).")}),
         }}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
     CATEGORY = CATEGORY
 
-    def apply(self, model, trajectories: Trajectories, token_grids: str, qk_source: str):
+    def apply(self, model, trajectories: Trajectories, token_grids: str, qk_source: str,
+              frame_pooled_norm: bool = True):
         sockets.expect(trajectories, Trajectories, "trajectories", sockets.TRAJECTORIES)
-        return with_notes(apply_flatten(model, trajectories, token_grids, qk_source))
+        return with_notes(apply_flatten(model, trajectories, token_grids, qk_source, frame_pooled_norm))
 
 
 class ApplyFrameWindows:

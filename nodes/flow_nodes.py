@@ -10,7 +10,7 @@ from ..engine import host, identity, sockets
 from ..engine.optical_flow import (DEFAULT_MAX_RESOLUTION, FLOW_METHODS, GRID_CHOICES, NO_WEIGHTS, flow_pictures,
                                    estimate_optical_flow, flow_trajectories, track_pictures)
 from ..flow.estimate import FlowField
-from ..flow.trajectories import Trajectories
+from ..flow.trajectories import MOTION_RULES, Trajectories
 
 CATEGORY = "video editing/TVE"
 
@@ -68,8 +68,15 @@ class FlowTrajectories:
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
                              "tooltip": "Tie-break: decides which trajectory continues when several land on one "
                                         "cell. Fixed: it does not re-roll on every queue."}),
-            "cut_at_occlusions": ("BOOLEAN", {"default": True,
-                                              "tooltip": "End a trajectory where its cell is mostly occluded."}),
+            "cut_at_occlusions": ("BOOLEAN", {"default": True, "tooltip": (
+                "On (TVE's default): a trajectory ends where its cell is more than half occluded in the next frame "
+                "(the flow's forward-backward check), so a cell never links to what covers it. Off: the official "
+                "FLATTEN code, which has no such cut.")}),
+            "motion": (list(MOTION_RULES), {"default": "cell_mean", "tooltip": (
+                "How far a cell moves. cell_mean (default): the flow averaged over the cell's pixels, so every pixel "
+                "counts and noise averages out. top_left: the official FLATTEN code's rule, the flow at the cell's "
+                "top-left pixel rounded half to even (one pixel decides; on a motion boundary its corner's side "
+                "wins).")}),
         }}
 
     RETURN_TYPES = (sockets.TRAJECTORIES,)
@@ -77,9 +84,9 @@ class FlowTrajectories:
     FUNCTION = "build"
     CATEGORY = CATEGORY
 
-    def build(self, flow: FlowField, latent: dict, seed: int, cut_at_occlusions: bool):
+    def build(self, flow: FlowField, latent: dict, seed: int, cut_at_occlusions: bool, motion: str = "cell_mean"):
         sockets.expect(flow, FlowField, "flow", sockets.FLOW)
-        return (flow_trajectories(flow, latent, seed, cut_at_occlusions),)
+        return (flow_trajectories(flow, latent, seed, cut_at_occlusions, motion),)
 
 
 class PreviewFlow:

@@ -8,7 +8,8 @@ from tve.engine import host, passes
 from tve.engine.run import SamplingRun
 from tve.engine.stack import stack_of
 from tve.nodes.edit_nodes import ApplyFLATTEN
-from tve.tests.hosts import FAMILIES, cond_chunks_split, make_conditioning, make_latent, make_tiny_model
+from tve.tests.hosts import (FAMILIES, cond_chunks_split, make_conditioning, make_latent, make_tiny_model,
+                             with_context_windows)
 from tve.tools.video_world import render_clip
 
 
@@ -65,9 +66,12 @@ def test_equal_cfg_chunks_are_computed_once_with_the_result_of_computing_every_c
 
     monkeypatch.setattr(flatten_node, "dense_attention", spy)
     run = SamplingRun(stack=stack_of(model))
+    run.alike_chunks = tuple(pattern.index(p) for p in pattern)        # what the engine read from the call's inputs
+    name, block_id, index = flatten.first_block
+    extra.update(block=(name, block_id), block_index=index)
     once = flatten.attend(q, k, v, extra, run, inner=None)
-    monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", lambda attend, q_, k_, v_, chunks:
-                        attend(q_, k_, v_, chunks))
+    monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", lambda attend, q_, k_, v_, kinds:
+                        attend(q_, k_, v_, len(kinds)))
     every = flatten.attend(q, k, v, extra, run, inner=None)
     assert computed == [len(set(pattern)), len(pattern)]
     assert once.dtype == dtype and once.shape == v.shape
@@ -125,16 +129,16 @@ def test_flatten_edit_computes_the_first_blocks_equal_cfg_chunks_once_and_is_unc
     computed = []
     shared = flatten_node.once_per_distinct_chunk
 
-    def spy(attend, q, k, v, chunks):
+    def spy(attend, q, k, v, kinds):
         def counted(q_, k_, v_, n):
-            computed.append((chunks, n))
+            computed.append((len(kinds), n))
             return attend(q_, k_, v_, n)
-        return shared(counted, q, k, v, chunks)
+        return shared(counted, q, k, v, kinds)
 
     monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", spy)
     once = sample(edit, x_T, inversion.sigmas, "sd15")
-    monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", lambda attend, q, k, v, chunks:
-                        attend(q, k, v, chunks))
+    monkeypatch.setattr(flatten_node, "once_per_distinct_chunk", lambda attend, q, k, v, kinds:
+                        attend(q, k, v, len(kinds)))
     every = sample(edit, x_T, inversion.sigmas, "sd15")
     steps = len(inversion.sigmas) - 1
     assert computed.count((2, 1)) == steps                   # the first block, every step of the edit pass
@@ -150,3 +154,114 @@ def test_trajectories_of_another_latent_size_or_frame_count_are_refused():
         sample(model, make_latent(8, 8, 16)["samples"], sigmas, "sd15")
     with pytest.raises(ValueError, match="trajectories"):
         sample(model, make_latent(6, 8, 8)["samples"], sigmas, "sd15")
+
+
+# ---------------------------------------------------------------------------------------------- frame-pooled norm
+def pooled_by_hand(x: torch.Tensor, frames: int, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm of each chunk's (C, F, h, w) video tensor, written out: per chunk of ``frames`` consecutive rows
+    and per group, the mean and biased variance of all its values (frames × channels × pixels), float64."""
+    x = x.double()
+    groups, out = norm.num_groups, torch.empty_like(x)
+    for start in range(0, x.shape[0], frames):
+        chunk = x[start:start + frames].transpose(0, 1)                              # (C, F, h, w)
+        values = chunk.reshape(groups, -1)                                           # (G, C/G·F·h·w)
+        mean = values.mean(dim=1, keepdim=True)
+        var = ((values - mean) ** 2).mean(dim=1, keepdim=True)
+        normed = ((values - mean) / (var + norm.eps).sqrt()).reshape(chunk.shape)
+        out[start:start + frames] = normed.transpose(0, 1)
+    return out * norm.weight.double().view(1, -1, 1, 1) + norm.bias.double().view(1, -1, 1, 1)
+
+
+def probe_norms(model):
+    """What every ResBlock / output GroupNorm of ``model`` is called with and what the UNet goes on with (the input
+    of the SiLU after it), with the frames each chunk of that UNet call holds (its rows over its CFG chunks): a list
+    of (norm, frames, x, normed) per call, and the probes' handles."""
+    calls, handles, frames = [], [], [0]
+
+    def unet_call(executor, x, *args, **kwargs):
+        options = args[4] if len(args) > 4 else kwargs["transformer_options"]
+        frames[0] = x.shape[0] // len(options["cond_or_uncond"])
+        return executor(x, *args, **kwargs)
+
+    host.add_wrapper(model, host.DIFFUSION_MODEL, "test_probe_norms", unet_call)
+    for path, norm in host.resblock_group_norms(model).items():
+        silu = model.get_model_object(path[:-1] + "1")
+        pending = []
+        handles.append(norm.register_forward_pre_hook(lambda m, args, p=pending: p.append(args[0].detach().clone())))
+        handles.append(silu.register_forward_pre_hook(
+            lambda m, args, p=pending, n=norm: calls.append((n, frames[0], p.pop(), args[0].detach().clone()))))
+    return calls, handles
+
+
+def probed(model, run):
+    calls, handles = probe_norms(model)
+    try:
+        out = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, calls
+
+
+@pytest.mark.real_host
+@pytest.mark.parametrize("windows", [None, "frame windows", "core context windows"])
+def test_frame_pooled_norm_is_group_norm_of_each_chunks_video_tensor_in_inversion_and_edit(windows):
+    """Every ResBlock and output GroupNorm, in the inversion and the edit (source pass and CFG chunks): GroupNorm of
+    the (C, F, h, w) tensor of the frames the pass holds (a frame window's with Frame Windows, the call's with core's
+    context windows)."""
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.inversion import invert
+    from tve.engine.stack import apply_frame_windows
+    frames = 3
+    model = apply(make_tiny_model("sd15"), trajectories_for(frames))
+    if windows == "frame windows":
+        model = apply_frame_windows(model, 2, 1)
+    elif windows == "core context windows":
+        model = with_context_windows(model, 2, 1)
+    inverting = model.clone()
+    (x_T, inversion), inverted = probed(inverting, lambda: invert(
+        inverting, make_latent(frames, 8, 8)["samples"], make_conditioning("sd15"), 2, "ddim_uniform"))
+    edit = apply_feature_injection(model, inversion, 0.5, 0.8, "flatten", "sigma-matched")
+    probe = edit.clone()
+    _, edited = probed(probe, lambda: sample(probe, x_T, inversion.sigmas, "sd15"))
+    held = {n for _, n, _, _ in inverted + edited}
+    assert held == {frames} if windows is None else (held == {2} if windows == "frame windows" else 2 in held)
+    assert {x.shape[0] // n for _, n, x, _ in inverted + edited} == {1, 2}   # one chunk (inversion, source), two
+    for norm, n, x, normed in inverted + edited:
+        expected = pooled_by_hand(x, n, norm)
+        assert torch.allclose(normed.double(), expected, atol=1e-4), (norm, x.shape)
+        assert not torch.allclose(normed.double(), pooled_by_hand(x, 1, norm), atol=1e-4)   # not per frame
+
+
+@pytest.mark.real_host
+def test_frame_pooled_norm_off_leaves_every_norm_per_frame_and_the_edit_as_before():
+    from tve.engine.stack import stack_of
+    frames = 3
+    trajectories = trajectories_for(frames)
+    base = make_tiny_model("sd15")
+    off = ApplyFLATTEN().apply(base, trajectories, "highest resolution", "dense_output", False)[0]
+    on = apply(base, trajectories)
+    assert [m.pooled_norm for m in stack_of(off).methods] == [False]
+    x = make_latent(frames, 8, 8)["samples"]
+    sigmas = host.sigma_grid(base, "ddim_uniform", 2)
+    probe = off.clone()
+    out_off, calls = probed(probe, lambda: sample(probe, x, sigmas, "sd15"))
+    for norm, _, x_, normed in calls:                           # plain per-frame GroupNorm, bit for bit
+        assert torch.equal(normed, torch.nn.functional.group_norm(x_, norm.num_groups, norm.weight, norm.bias,
+                                                                  norm.eps))
+    assert not any(n._forward_pre_hooks or n._forward_hooks for n in host.resblock_group_norms(base).values())
+    assert not torch.allclose(sample(on, x, sigmas, "sd15"), out_off, atol=1e-4)
+
+
+@pytest.mark.real_host
+def test_frame_pooled_norm_over_identical_frames_is_per_frame_norm():
+    """Every frame the same: the pooled statistics are each frame's own, so the edit is the per-frame one."""
+    frames = 3
+    trajectories = trajectories_for(frames)
+    base = make_tiny_model("sd15")
+    off = ApplyFLATTEN().apply(base, trajectories, "highest resolution", "dense_output", False)[0]
+    on = apply(base, trajectories)
+    x = make_latent(1, 8, 8)["samples"].repeat(frames, 1, 1, 1)
+    sigmas = host.sigma_grid(base, "ddim_uniform", 2)
+    pooled, per_frame = sample(on, x, sigmas, "sd15"), sample(off, x, sigmas, "sd15")
+    assert torch.allclose(pooled, per_frame, atol=1e-4 * per_frame.abs().max())

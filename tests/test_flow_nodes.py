@@ -252,3 +252,27 @@ def test_an_optical_flow_model_that_is_not_raft_is_refused_naming_the_input():
 def test_helpers_run_in_float32_on_the_cpu_as_comfy_does():
     from tve.engine import host
     assert host.helper_dtype(torch.device("cpu")) == torch.float32               # comfy: no fp16 on the CPU
+
+
+def test_the_motion_input_reaches_the_trajectories_cell_mean_by_default():
+    """Every cell's pixels move one cell right but its top-left pixel stays: the cell mean (63/64 of a cell) links
+    each cell to its right neighbour, the official top-left rule to itself."""
+    from tve.flow.estimate import FlowField
+    frames, h, w = 3, 4, 6
+    forward = torch.zeros(frames - 1, 2, 8 * h, 8 * w)
+    forward[:, 0] = 8.0
+    forward[:, 0, ::8, ::8] = 0.0                                   # the top-left pixel of every cell
+    flow = FlowField(forward, -forward, torch.zeros(frames - 1, 8 * h, 8 * w, dtype=torch.bool), "known motion")
+    latent = {"samples": torch.zeros(frames, 4, h, w)}
+    node = FlowTrajectories()
+
+    def next_cell(trajectories):
+        grid = trajectories.at((h, w))
+        return grid.tracks[grid.track_of[0, 2 * w + 1], 1].item()   # where cell (row 2, column 1) is in frame 1
+
+    assert next_cell(node.build(flow, latent, 0, False)[0]) == 2 * w + 2             # default: cell_mean
+    assert next_cell(node.build(flow, latent, 0, False, "cell_mean")[0]) == 2 * w + 2
+    assert next_cell(node.build(flow, latent, 0, False, "top_left")[0]) == 2 * w + 1
+    assert FlowTrajectories.INPUT_TYPES()["required"]["motion"][1]["default"] == "cell_mean"
+    with pytest.raises(ValueError, match="motion"):
+        node.build(flow, latent, 0, False, "nearest")

@@ -93,13 +93,14 @@ def chunked_tokens(pattern, dtype, frames=3, tokens=5, channels=8, equal_qk_only
 def test_once_per_distinct_chunk_computes_each_distinct_chunk_once_with_the_result_of_computing_all(
         dtype, pattern, distinct):
     q, k, v = chunked_tokens(pattern, dtype)
+    kinds = [pattern.index(p) for p in pattern]                      # each chunk's first equal chunk
     calls = []
 
     def attend(q_, k_, v_, chunks):
         calls.append((q_.clone(), chunks))
         return dense_attention(q_, k_, v_, 2, chunks)
 
-    out = once_per_distinct_chunk(attend, q, k, v, len(pattern))
+    out = once_per_distinct_chunk(attend, q, k, v, kinds)
     assert [c for _, c in calls] == [len(distinct)]
     assert torch.equal(calls[0][0], batch_view(frames_view(q, len(pattern))[distinct]))
     everything = dense_attention(q, k, v, 2, len(pattern))
@@ -110,7 +111,7 @@ def test_once_per_distinct_chunk_computes_each_distinct_chunk_once_with_the_resu
         assert torch.equal(views[c], views[pattern.index(p)])         # equal chunks get the very same output
 
 
-def test_chunks_that_share_only_q_and_k_are_all_computed():
+def test_chunks_of_their_own_kind_are_all_computed_and_bad_kinds_are_refused():
     q, k, v = chunked_tokens([0, 0], torch.float32, equal_qk_only=True)
     calls = []
 
@@ -118,5 +119,8 @@ def test_chunks_that_share_only_q_and_k_are_all_computed():
         calls.append(chunks)
         return dense_attention(q_, k_, v_, 2, chunks)
 
-    out = once_per_distinct_chunk(attend, q, k, v, 2)
+    out = once_per_distinct_chunk(attend, q, k, v, [0, 1])
     assert calls == [2] and torch.equal(out, dense_attention(q, k, v, 2, 2))
+    for bad in ([1, 0], [0, 2], [1, 1]):
+        with pytest.raises(ValueError, match="kinds"):
+            once_per_distinct_chunk(attend, q, k, v, bad)

@@ -367,3 +367,88 @@ def test_model_folder_at_points_a_folder_at_a_path_and_restores_it(tmp_path):
     with host.model_folder_at(host.OPTICAL_FLOW_FOLDER, str(tmp_path)):
         assert host.optical_flow_files() == ["a.safetensors", "b.pth"]
     assert host.default_model_folder("x").endswith(os.path.join("models", "x"))
+
+
+# ---------------------------------------------------------------------------------------------- frame-pooled norms
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resblock_group_norms_are_every_unet_group_norm_but_the_transformers_own(family):
+    from tve.engine import host
+    model = make_tiny_model(family)
+    norms = host.resblock_group_norms(model)
+    unet = model.get_model_object("diffusion_model")
+    every = {f"diffusion_model.{name}": m for name, m in unet.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    transformers = {path for path in every if path.endswith(".norm")
+                    and hasattr(model.get_model_object(path.rsplit(".", 1)[0]), "proj_in")}
+    assert set(norms) == set(every) - transformers and transformers
+    assert list(norms)[-1] == "diffusion_model.out.0"
+    assert all(model.get_model_object(path) is module for path, module in norms.items())
+    resblock_parts = [path for path in norms if path.endswith((".in_layers.0", ".out_layers.0"))]
+    assert len(resblock_parts) == len(norms) - 1 and len(resblock_parts) % 2 == 0
+
+
+def test_calls_in_layout_call_a_module_on_another_layout_for_the_run_only():
+    from tve.engine import host
+    model = make_tiny_model("sd15")
+    out_norm = host.resblock_group_norms(model)["diffusion_model.out.0"]
+    seen = []
+    reference = sample(model.clone())
+    with host.calls_in_layout([out_norm], lambda x: x.unsqueeze(2), lambda y: torch.zeros_like(y.squeeze(2))):
+        probe = out_norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+        try:
+            zeroed = sample(model.clone())
+        finally:
+            probe.remove()
+    assert seen and all(len(shape) == 5 and shape[2] == 1 for shape in seen)     # the module saw the new layout
+    assert not torch.allclose(zeroed, reference)                                 # and its output came back mapped
+    assert torch.equal(sample(model.clone()), reference)                         # the hooks are gone
+    assert not out_norm._forward_hooks and not out_norm._forward_pre_hooks
+
+
+# ---------------------------------------------------------------------------------------------- CFG chunks alike
+def alike_and_first_block(model, family="sd15", positive=None, negative=None, frames=2):
+    """Per two-chunk UNet call of a CFG sample: what ``chunks_alike_before_text`` says (an APPLY_MODEL wrapper) and
+    whether the first self-attention block's input was in fact equal in both chunks."""
+    from tve.engine import host
+    first = host.attention_blocks(model)[0].key
+    said, truth = [], []
+
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
+        said.append(host.chunks_alike_before_text(x, t, c_concat, control, transformer_options, kw, (record,)))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    def record(n, context, value, extra_options):
+        if host.block_key(extra_options) == first and len(extra_options["cond_or_uncond"]) == 2:
+            truth.append(torch.equal(n[:frames], n[frames:]))
+        return n, context, value
+
+    model = model.clone()
+    host.add_wrapper(model, host.APPLY_MODEL, "test_alike", wrapper)
+    model.set_model_attn1_patch(record)
+    latent = make_latent(frames, 8, 8)["samples"]
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    host.sample(model, noise, 2.0, "euler", host.sigma_grid(model, "normal", 2),
+                positive or make_conditioning(family, 1), negative or make_conditioning(family, 2), latent)
+    return [s for s in said if len(s) == 2], truth
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunks_alike_before_text_are_those_whose_first_self_attention_input_is_equal(family):
+    said, truth = alike_and_first_block(make_tiny_model(family), family)
+    assert said and len(said) == len(truth)
+    assert [s == (0, 0) for s in said] == truth
+    assert truth == [family != "sdxl"] * len(truth)       # SDXL's y holds the pooled text: its chunks differ at once
+
+
+def test_chunks_are_not_alike_with_control_residuals_or_another_packs_patch_before_the_first_block():
+    from tve.engine import host
+    model = make_tiny_model("sd15")
+    hints = torch.zeros(2, 64, 64, 3)                                   # IMAGE (B, H, W, C) of an 8×8 latent
+    positive, negative = (host.run_core_node("ControlNetApplyAdvanced", positive=make_conditioning("sd15", 1),
+                                             negative=make_conditioning("sd15", 2), control_net=make_tiny_controlnet(),
+                                             image=hints, strength=1.0, start_percent=0.0, end_percent=1.0))
+    said, _ = alike_and_first_block(model, positive=positive, negative=negative)
+    assert said and all(s == (0, 1) for s in said)
+    patched = model.clone()
+    patched.set_model_input_block_patch(lambda h, extra_options: h)
+    said, truth = alike_and_first_block(patched)
+    assert said and all(s == (0, 1) for s in said) and all(truth)      # not known alike: computed apart

@@ -109,16 +109,15 @@ def _cross_frame(mode):
     return apply
 
 
-TODAY = "issue 25: per-block syncs left (once_per_distinct_chunk, index copies, TokenFlow checks) to move per step"
 METHODS = [
     pytest.param(_pnp, id="pnp"),
     pytest.param(_pnp_windows, id="pnp-frame-windows"),
-    pytest.param(_flatten, id="flatten", marks=pytest.mark.xfail(strict=True, reason=TODAY)),
+    pytest.param(_flatten, id="flatten"),
     pytest.param(_tokenflow("paper"), id="tokenflow"),
     pytest.param(_tokenflow("official"), id="tokenflow-official"),
     pytest.param(_tokenflow("paper", 2), id="tokenflow-frame-windows"),
     pytest.param(_tokenflow("official", 2), id="tokenflow-official-frame-windows"),
-    pytest.param(_cross_frame("keyframes"), id="keyframes", marks=pytest.mark.xfail(strict=True, reason=TODAY)),
+    pytest.param(_cross_frame("keyframes"), id="keyframes"),
     pytest.param(_cross_frame("anchor"), id="anchor"),
     pytest.param(_cross_frame("dense"), id="dense"),
 ]

@@ -9,10 +9,12 @@ class TimestepBlock(nn.Module):
 
 
 class ResBlock(TimestepBlock):
-    """The residual branch ends with ``out_layers`` (norm, SiLU, dropout, conv2), as in comfy."""
+    """The residual branch: ``in_layers`` (norm, SiLU, conv1) and ``out_layers`` (norm, SiLU, dropout, conv2), as in
+    comfy."""
 
     def __init__(self, channels: int = 4):
         super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(1, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
         self.out_layers = nn.Sequential(nn.GroupNorm(1, channels), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(channels, channels, 3, padding=1))
 
@@ -53,3 +55,4 @@ class UNetModel(nn.Module):
                     layers.append(Upsample())
                 outputs.append(nn.Sequential(*layers))
         self.output_blocks = nn.ModuleList(outputs)
+        self.out = nn.Sequential(nn.GroupNorm(1, 4), nn.SiLU(), nn.Conv2d(4, 4, 3, padding=1))   # the output norm
