@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.tokenflow import pair_nearest_neighbour_field
-from . import host, validation
+from . import host, identity, validation
 from .inversion import Inversion
 from .stack import for_inversion
 
@@ -75,16 +75,20 @@ def pick_block(model: Any, choice: str) -> host.AttentionBlock:
 
 
 def preview_features(model: Any, inversion: Inversion, step_percent: float, block: str, keyframe_interval: int,
-                     scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: int, allow_other_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, str | None]:
     """Preview Features (TVE): the PCA picture of the source's self-attention input of ``block`` at the grid step
-    nearest ``step_percent`` (F, h·scale, w·scale, 3), and each frame rebuilt from its nearest keyframe through the
-    nearest-neighbour field."""
+    nearest ``step_percent`` (F, h·scale, w·scale, 3), each frame rebuilt from its nearest keyframe through the
+    nearest-neighbour field, and the note to show where ``allow_other_weights`` let a model of other weights than
+    the inversion's through (else refused)."""
     validation.model(model)
     validation.number(step_percent, "step_percent", 0.0, 1.0)
     validation.choice(block, "block", FEATURE_BLOCKS)
     validation.integer(keyframe_interval, "keyframe_interval", 1)
     validation.integer(scale, "scale", 1)
+    validation.boolean(allow_other_weights, "allow_other_weights")
     validation.inversion_fits_model(inversion, model)
+    note = validation.inversion_weights(inversion, host.weights_fingerprint(model), str(identity.PREVIEW_FEATURES),
+                                        allow_other_weights)
     chosen = pick_block(model, block)
     steps = len(inversion.sigmas) - 1
     step = min(steps - 1, round(step_percent * steps))
@@ -95,4 +99,4 @@ def preview_features(model: Any, inversion: Inversion, step_percent: float, bloc
     field = nn_field_image(features, pca, keyframe_interval)
     up = lambda img: F.interpolate(img.permute(0, 3, 1, 2), scale_factor=scale, mode="nearest").permute(0, 2, 3, 1)
     device = host.intermediate_device()
-    return up(pca).to(device), up(field).to(device)
+    return up(pca).to(device), up(field).to(device), note

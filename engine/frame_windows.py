@@ -32,6 +32,10 @@ class FrameWindows:
     size: int = DEFAULT_FRAMES_PER_WINDOW
     overlap: int = DEFAULT_OVERLAP
 
+    def describe(self) -> str:
+        """e.g. '16 frames per window, overlap 4' (for notes)."""
+        return f"{self.size or 'all'} frames per window, overlap {self.overlap}"
+
     def size_for(self, frames: int) -> int:
         """Frames one pass holds in a call over ``frames`` frames (0 means all of them)."""
         return self.size or frames

@@ -1187,6 +1187,17 @@ def vae_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Any:
     return comfy.sd.VAE(sd=dict(state_dict))
 
 
+# ==============================================================================================================
+# Window sizes (issue 24): what core's Context Windows nodes set on a MODEL.
+# ==============================================================================================================
+def context_window_length(model: Any) -> int | None:
+    """Frames per window of the core Context Windows node on ``model`` (its handler's ``context_length``), or None
+    when no such node (or a handler of another kind) is on it."""
+    handler = model.model_options.get("context_handler")
+    length = getattr(handler, "context_length", None)
+    return int(length) if isinstance(length, int) and not isinstance(length, bool) else None
+
+
 # ---------------------------------------------------------------------------------------------- frame-pooled norms
 def resblock_group_norms(model: Any) -> dict[str, torch.nn.Module]:
     """The GroupNorms FLATTEN's inflated UNet runs on video tensors (Cong et al. 2024; the official code's

@@ -38,6 +38,7 @@ class Injection(Method):
     attn_end: float
     conv_end: float
     source_order: str = "sigma-matched"
+    allow_other_weights: bool = False
     what = "PnP injection settings"
 
     def sources(self) -> list:
@@ -104,20 +105,25 @@ def injection_targets(model: Any, preset: str) -> tuple[list[host.AttentionBlock
 
 
 def injection(model: Any, inversion: "Inversion", preset: str, attn_end: float, conv_end: float, order: str,
-              node: identity.Node = identity.FEATURE_INJECTION) -> Injection:
-    """The PnP settings of ``preset`` on ``model``'s blocks (checked: the inversion fits the model)."""
+              node: identity.Node = identity.FEATURE_INJECTION, allow_other_weights: bool = False) -> Injection:
+    """The PnP settings of ``preset`` on ``model``'s blocks (checked: the inversion fits the model; its weights,
+    when the stack applies it)."""
     validation.number(attn_end, "attention_injection_end", 0.0, 1.0)
     validation.number(conv_end, "conv_injection_end", 0.0, 1.0)
     validation.choice(order, "order", ORDERS)
+    validation.boolean(allow_other_weights, "allow_other_weights")
     validation.inversion_fits_model(inversion, model)
     attn_blocks, conv_ids = injection_targets(model, preset)
     return Injection(node=node, inversion=inversion, attn_keys=frozenset(b.key for b in attn_blocks),
-                     conv_ids=tuple(conv_ids), attn_end=attn_end, conv_end=conv_end, source_order=order)
+                     conv_ids=tuple(conv_ids), attn_end=attn_end, conv_end=conv_end, source_order=order,
+                     allow_other_weights=allow_other_weights)
 
 
 def apply_feature_injection(model: Any, inversion: "Inversion", attn_end: float, conv_end: float, preset: str,
-                            order: str) -> Any:
+                            order: str, allow_other_weights: bool = False) -> Any:
     """PnP injection on a clone of ``model``; applied again, or on a TokenFlow model, these settings replace the
-    earlier ones (the stack's notes say so)."""
+    earlier ones (the stack's notes say so). A model of other weights than the inversion's is refused unless
+    ``allow_other_weights`` (then a note says so)."""
     validation.model(model)
-    return apply(model, injection(model, inversion, preset, attn_end, conv_end, order))
+    return apply(model, injection(model, inversion, preset, attn_end, conv_end, order,
+                                  allow_other_weights=allow_other_weights))

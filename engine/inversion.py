@@ -39,9 +39,12 @@ class Inversion:
     sampling: host.Sampling     # host.effective_sampling() of the inverting model
     source: torch.Tensor        # (F, k) validation.fingerprint of the raw latent that was inverted
     trace: torch.Tensor         # (N+1, F, k) fingerprints of ``latents`` before the cast to the model dtype
+    weights: host.WeightsFingerprint   # host.weights_fingerprint() of the inverting model (LoRA, tuning included)
     # grid index -> fingerprints of the latents sampling runs with this inversion ended at there (a second sampler
     # may continue an edit from them); filled by ``remember_end``.
     ends: dict = field(default_factory=dict, compare=False, repr=False)
+    # what was said about editing it with other weights (``say_once``): each difference once in the server log
+    said: set = field(default_factory=set, compare=False, repr=False)
 
     @property
     def frames(self) -> int:
@@ -105,6 +108,12 @@ class Inversion:
         lo, hi = self.latents[i][ids].float(), self.latents[i + 1][ids].float()
         latent = ((1 - f) * lo + f * hi).to(self.latents.dtype)
         return latent, (1 - f) * float(self.sigmas[i]) + f * float(self.sigmas[i + 1])
+
+    def say_once(self, what: str) -> bool:
+        """Whether ``what`` (a note about this inversion) is new; it counts as said from now on."""
+        new = what not in self.said
+        self.said.add(what)
+        return new
 
     def remember_end(self, model: Any, samples: torch.Tensor, sigma_end: float) -> None:
         """Keep the fingerprint of raw ``samples`` a run ended with at ``sigma_end`` (part-way down the grid), so
@@ -179,6 +188,7 @@ def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, sc
     validation.model(model, patched=False)
     validation.latent({"samples": samples}, "latent")
     validation.latent_for_model(samples, model, "latent")
+    weights = host.weights_fingerprint(model)                       # the weights an edit must run
     sigmas = host.inversion_sigma_grid(model, scheduler, steps)     # descending, ends with 0
     fine = host.subdivided_grid(model, sigmas, multiple)            # descending, contains every σ of ``sigmas``
     kept = {int(torch.argmin((fine - s).abs())): i for i, s in enumerate(sigmas)}   # fine index → grid index
@@ -203,7 +213,7 @@ def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, sc
                            callback=host.step_callback(len(fine) - 1))
     return x_T, Inversion(sigmas=sigmas, latents=latents, conditioning=conditioning, family=host.model_family(model),
                           sampling=host.effective_sampling(model), source=validation.fingerprint(samples),
-                          trace=trace)
+                          trace=trace, weights=weights)
 
 
 def invert_latent(model: Any, latent: dict, conditioning: list, steps: int, scheduler: str, multiple: int = 1,

@@ -18,7 +18,9 @@ A method is an immutable settings object applied by one node (``node``). It may:
   device->host synchronisation per block;
 - run a whole step itself (``drives_step``, ``drive_step``): TokenFlow's keyframe and propagation passes;
 - check the sampled latent before the first step (``check_latent``);
-- name the sources it was built from (``sources``: an INVERSION, TRAJECTORIES) and the inversion it reads;
+- name the sources it was built from (``sources``: an INVERSION, TRAJECTORIES) and the inversion it reads, and
+  whether the artist allows editing with other weights than that inversion was made with
+  (``allow_other_weights``: refused otherwise, when the node runs and when sampling starts);
 - refuse to be added after the methods already on a model (``check_added_after``), refuse a later method
   (``check_follower``), and replace an earlier method (``replaces``: its settings then win).
 """
@@ -69,6 +71,7 @@ class Method:
     runs_inner_attention: bool = False
     drives_step: bool = False
     inversion: Any = None                         # the INVERSION whose source pass it reads (one per model)
+    allow_other_weights: bool = False             # edit with other weights than the inversion's, on purpose
     source_order: str = "sigma-matched"           # which stored source latent a step reads (Inversion.source_at)
     computes_alike_chunks_once: bool = False      # reads SamplingRun.alike_chunks (the engine then computes it)
 

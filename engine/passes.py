@@ -21,6 +21,7 @@ tokens the methods read and gives the edit the tokens a method injects.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -137,12 +138,15 @@ def outer_sample(executor: Callable, noise: torch.Tensor, latent_image: torch.Te
     stack = host.get_attachment(patcher)                # the MethodStack ``stack.install`` attached
     for method in stack.methods:
         method.check_latent(latent_image)
+    stack.check_context_windows(host.context_window_length(patcher))
     inversion = stack.inversion
     editing = inversion is not None and not stack.inverting
     if editing:
         validation.inversion_schedule(inversion, sigmas)
     validation.sampling_run(patcher, noise, latent_image, sigmas, inversion,
                             [s for s in stack.sources() if s is not inversion], stack.inverting)
+    if editing:
+        check_inversion_weights(patcher, stack)
     validation.sampled_noise_mask(args[0] if args else kwargs.get("denoise_mask"), latent_image.shape, "latent_image")
     run = SamplingRun(stack=stack, sigma_floor=host.sigma_min(patcher))
     host.set_sampling_run(executor, run)
@@ -157,6 +161,17 @@ def outer_sample(executor: Callable, noise: torch.Tensor, latent_image: torch.Te
         out = MaskedSource(inversion).blend(patcher, out, denoise_mask, float(sigmas[-1]))
         inversion.remember_end(patcher, out, float(sigmas[-1]))
     return out
+
+
+def check_inversion_weights(patcher: Any, stack: "MethodStack") -> None:
+    """Before the first step: the sampled model runs the weights the inversion was made with (a LoRA added after
+    the node that reads it changes them), else refused naming the ``inversion`` wire unless the methods allow
+    other weights; then said once in the server log (where the node has not said it already). One
+    ``host.weights_fingerprint`` per sampling call (bench/weights_fingerprint.py)."""
+    node, allowed = stack.other_weights()
+    note = validation.inversion_weights(stack.inversion, host.weights_fingerprint(patcher), str(node), allowed)
+    if note is not None and stack.inversion.say_once(note):
+        logging.warning("[TVE] %s", note)
 
 
 def calc_cond_batch(executor: Callable, model: Any, conds: list, x_in: torch.Tensor, timestep: torch.Tensor,

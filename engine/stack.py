@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from . import host, identity, passes, validation
 from .frame_windows import FrameWindows
@@ -25,6 +25,7 @@ class MethodStack:
     self-attention replaces TVE routes around. Immutable: each node attaches a new one to its clone."""
     methods: tuple[Method, ...] = ()
     windows: FrameWindows = FrameWindows()
+    windows_set: bool = False                     # a Frame Windows (TVE) node set ``windows`` (else the default)
     foreign: Mapping[BlockKey, Callable] = field(default_factory=dict)
     inverting: bool = False                       # a clone DDIM Inversion (TVE) inverts with: every call INVERSION
     notes: tuple[str, ...] = field(default=(), compare=False)   # what the node that made it replaced, to show it
@@ -66,6 +67,13 @@ class MethodStack:
         """The method that runs whole steps itself (at most one), or None: the engine's windowed edit."""
         return next((m for m in self.methods if m.drives_step), None)
 
+    def other_weights(self) -> tuple[identity.Node, bool]:
+        """Whether the methods reading the inversion allow editing with other weights than it was made with: (the
+        node that decides, allowed) — the first one that does not allow them, else the last one applied."""
+        readers = [m for m in self.methods if m.inversion is not None]
+        refusing = next((m for m in readers if not m.allow_other_weights), None)
+        return (refusing or readers[-1]).node, refusing is None
+
     def source_reads(self, step: int, steps: int) -> SourceReads:
         reads = SourceReads()
         for m in self.methods:
@@ -93,8 +101,13 @@ class MethodStack:
         return stack, replaced
 
     def with_windows(self, windows: FrameWindows) -> "MethodStack":
-        """The frames per pass of every TVE pass of this model (any order on the chain; the later node wins)."""
-        stack = dataclasses.replace(self, windows=windows, notes=())
+        """The frames per pass of every TVE pass of this model (any order on the chain; the later node wins, and
+        its notes say so)."""
+        notes = ()
+        if self.windows_set:
+            notes = (f"{identity.FRAME_WINDOWS}: applied again; these settings ({windows.describe()}) replace the "
+                     f"earlier ones ({self.windows.describe()}): one per model, the later node's win",)
+        stack = dataclasses.replace(self, windows=windows, windows_set=True, notes=notes)
         stack.check_windows()
         return stack
 
@@ -105,6 +118,16 @@ class MethodStack:
             if mixing is not None:
                 raise Refused(f"frames_per_window: 1 frame per window leaves {mixing.node} nothing to attend to "
                               "across frames; set at least 2 (or 0: all frames in one pass)")
+
+    def check_context_windows(self, context_length: int | None) -> None:
+        """Before the first step: a core Context Windows node (``context_length`` frames a window; None: none) holds
+        at least two frames a window where a method attends across frames."""
+        if context_length is not None and context_length < 2:
+            mixing = next((m for m in self.methods if m.attends_across_frames), None)
+            if mixing is not None:
+                raise Refused(f"context_length: core's Context Windows node gives every call {context_length} frame, "
+                              f"which leaves {mixing.node} nothing to attend to across frames; set at least 2 "
+                              "(or leave the windowing to Frame Windows (TVE))")
 
     def check_new_frames(self, node: identity.Node) -> None:
         """``node`` samples new frames from noise: no method tied to a source video may be on its model."""
@@ -124,15 +147,47 @@ def stack_of(model: Any) -> MethodStack:
 
 def apply(model: Any, *methods: Method) -> Any:
     """A clone of ``model`` with ``methods`` added to its stack in order; the stack's ``notes`` say what of earlier
-    nodes they replaced (the node shows them). A Refused leaves nothing patched."""
+    nodes they replaced, and where the artist allowed other weights than the inversion's (the node shows them). A
+    Refused, or a model of other weights than an inversion a method reads was made with, leaves nothing patched."""
     stack, notes = stack_of(model), []
     for method in methods:
         check_no_hidden_attention(model, method)
+        before = stack
         stack, replaced = stack.adding(method)
         notes += [f"{method.node}: applied again; these settings replace the earlier ones" if m.node == method.node
                   else f"{method.node}: its {method.what} replace the {m.what} {m.node} set on this model (one per "
                        "model; the later node's win)" for m in replaced]
+        notes += [_hidden_on_shared_blocks(method, m) for m in before.methods if m not in replaced
+                  and not method.runs_inner_attention and m.attention_blocks & method.attention_blocks]
+    notes += inversion_weights(model, methods)
     return install(model.clone(), dataclasses.replace(stack, notes=tuple(notes)))
+
+
+def _hidden_on_shared_blocks(later: Method, earlier: Method) -> str:
+    """The note of a method that computes self-attention (without its inner attention) on some of the blocks an
+    earlier one does: there the later settings win."""
+    shared, total = len(later.attention_blocks & earlier.attention_blocks), len(earlier.attention_blocks)
+    if later.node == earlier.node:
+        return (f"{later.node}: applied again; these settings replace the earlier ones on {shared} of the {total} "
+                "blocks they were on (the later node's win per block)")
+    return (f"{later.node}: its {later.what} replace the {earlier.what} {earlier.node} set on {shared} of its "
+            f"{total} blocks (the later node's win per block)")
+
+
+def inversion_weights(model: Any, methods: Sequence[Method]) -> list[str]:
+    """When the node runs: ``model`` runs the weights every inversion ``methods`` read was made with (one
+    ``host.weights_fingerprint``), else refused unless the method allows other weights; then the note to show
+    (each difference once: an inversion says it once, here or when sampling starts)."""
+    readers = [m for m in methods if m.inversion is not None]
+    if not readers:
+        return []
+    current, notes = host.weights_fingerprint(model), []
+    for m in readers:
+        note = validation.inversion_weights(m.inversion, current, str(m.node), m.allow_other_weights)
+        if note is not None and note not in notes:
+            m.inversion.say_once(note)
+            notes.append(note)
+    return notes
 
 
 def apply_frame_windows(model: Any, frames_per_window: int, overlap: int) -> Any:

@@ -71,9 +71,10 @@ class TemporalAdapter:
         """What errors about this adapter name: the loader's input and file, or the socket."""
         return f"adapter_name: {self.source}" if self.source else "adapter"
 
-    def check_model(self, model: Any, allow_other_checkpoint: bool = False) -> None:
+    def check_model(self, model: Any, allow_other_checkpoint: bool = False) -> str | None:
         """The model has this adapter's family, blocks and query projections (of the tuned shapes) and, unless
-        ``allow_other_checkpoint``, the weights it was tuned on (``host.weights_fingerprint``)."""
+        ``allow_other_checkpoint``, the weights it was tuned on (``host.weights_fingerprint``). Returns the note to
+        show where other weights were allowed (None: the same weights, or nothing recorded to compare)."""
         family = host.model_family(model)
         if family != self.family:
             raise ValueError(f"{self.input}: tuned on a {self.family} model but this model is {family}; load it "
@@ -87,17 +88,24 @@ class TemporalAdapter:
             keys = [key for b in host.attention_blocks(model) for key in host.query_weight_keys(b)]
             validation.query_diffs_fit(self.query_diffs, keys, host.weight_shapes(model, self.query_diffs),
                                        self.input)
-        if allow_other_checkpoint:
-            return
         remedy = ("load it onto the checkpoint (and LoRAs) it was tuned on, or set allow_other_checkpoint to use it "
                   "with this model anyway")
         if self.identity is None:
+            if allow_other_checkpoint:
+                return (f"{self.input}: records no identity of the model it was tuned on (format {LEGACY_FORMAT}); "
+                        "loaded unchecked (allow_other_checkpoint is on)") if self.source else None
             if self.source:
                 raise ValueError(f"{self.input}: records no identity of the model it was tuned on (saved in format "
                                  f"{LEGACY_FORMAT}); {remedy}")
-            return
-        validation.same_weights(self.identity, host.weights_fingerprint(model), self.input, "was tuned on a model",
-                                remedy)
+            return None
+        current = host.weights_fingerprint(model)
+        if not allow_other_checkpoint:
+            validation.same_weights(self.identity, current, self.input, "was tuned on a model", remedy)
+            return None
+        difference = validation.weights_difference(self.identity, current)
+        return None if difference is None else (
+            f"{self.input}: was tuned on other weights than this model's: {difference}; loaded anyway "
+            "(allow_other_checkpoint is on): its tuned deltas were learnt for those weights")
 
 
 class TemporalPatch:
@@ -147,15 +155,20 @@ def check_unadapted(model: Any) -> None:
 def apply_adapter(model: Any, adapter: TemporalAdapter, allow_other_checkpoint: bool = False) -> Any:
     """A clone of ``model`` with the adapter's temporal attention and query deltas (checked first: a refused
     adapter leaves nothing patched)."""
+    return adapted(model, adapter, allow_other_checkpoint)[0]
+
+
+def adapted(model: Any, adapter: TemporalAdapter, allow_other_checkpoint: bool = False) -> tuple[Any, str | None]:
+    """``apply_adapter``, and the note to show where ``allow_other_checkpoint`` let other weights through."""
     sockets.expect(adapter, TemporalAdapter, "adapter", sockets.TEMPORAL_ADAPTER)
-    adapter.check_model(model, allow_other_checkpoint)
+    note = adapter.check_model(model, allow_other_checkpoint)
     check_unadapted(model)
     m = model.clone()
     if adapter.query_diffs:
         host.add_weight_diffs(m, adapter.query_diffs)
     host.set_middle_patch(m, TemporalPatch(adapter.modules(), trainable=False))
     host.set_attachment(m, adapter, ATTACHMENT)
-    return m
+    return m, note
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -239,8 +252,9 @@ def save_to_adapter_folder(adapter: TemporalAdapter, filename_prefix: str) -> st
 
 
 def load_from_adapter_folder(model: Any, adapter_name: str, allow_other_checkpoint: bool = False
-                             ) -> tuple[Any, TemporalAdapter]:
+                             ) -> tuple[Any, TemporalAdapter, str | None]:
     """Load Temporal Adapter (TVE): ``models/tve_adapters/<adapter_name>`` applied to a clone of ``model`` (refused
-    onto other weights than it was tuned on unless ``allow_other_checkpoint``)."""
+    onto other weights than it was tuned on unless ``allow_other_checkpoint``; then the note to show)."""
     adapter = load_adapter(host.adapter_path(adapter_name))
-    return apply_adapter(model, adapter, allow_other_checkpoint), adapter
+    model, note = adapted(model, adapter, allow_other_checkpoint)
+    return model, adapter, note

@@ -54,6 +54,7 @@ class TokenFlow(Method):
     mode: str
     attention_blocks: frozenset = field()
     inversion: "Inversion" = field()
+    allow_other_weights: bool = False
     node = identity.TOKENFLOW
     runs_inner_attention = True
     drives_step = True
@@ -319,12 +320,14 @@ class KeyframeStep:
 
 
 def apply_tokenflow(model: Any, inversion: "Inversion", interval: int, seed: int, mode: str, attn_end: float,
-                    conv_end: float) -> Any:
-    """TokenFlow on a clone of ``model``, with PnP injection (TokenFlow's preset) of these settings."""
+                    conv_end: float, allow_other_weights: bool = False) -> Any:
+    """TokenFlow on a clone of ``model``, with PnP injection (TokenFlow's preset) of these settings; other weights
+    than the inversion's only with ``allow_other_weights``."""
     validation.model(model)
     validation.integer(interval, "keyframe_interval", 1)
     validation.integer(seed, "seed", 0)
     validation.choice(mode, "propagation", PROPAGATION_MODES)
-    pnp = injection(model, inversion, "tokenflow", attn_end, conv_end, "sigma-matched", node=identity.TOKENFLOW)
+    pnp = injection(model, inversion, "tokenflow", attn_end, conv_end, "sigma-matched", node=identity.TOKENFLOW,
+                    allow_other_weights=allow_other_weights)
     blocks = frozenset(b.key for b in host.attention_blocks(model))
-    return apply(model, pnp, TokenFlow(interval, seed, mode, blocks, inversion))
+    return apply(model, pnp, TokenFlow(interval, seed, mode, blocks, inversion, allow_other_weights))

@@ -663,8 +663,31 @@ def weights_difference(recorded: Any, current: Any) -> str | None:
 def same_weights(recorded: Any, current: Any, name: str, made: str, remedy: str) -> None:
     """One error naming the input ``name`` when ``current`` (the model here) runs other weights than ``recorded``
     (``made``: what was made with it, e.g. "was made with a model"); ``remedy`` says what to do."""
-    difference = weights_difference(recorded, current)
+    difference = _weights_difference_in_words(recorded, current)
     if difference is not None:
-        counts = "" if recorded.summary == current.summary else \
-            f" (there: {recorded.summary}; here: {current.summary})"
-        raise ValueError(f"{name}: {made} whose weights differ from this model's: {difference}{counts}; {remedy}")
+        raise ValueError(f"{name}: {made} whose weights differ from this model's: {difference}; {remedy}")
+
+
+def _weights_difference_in_words(recorded: Any, current: Any) -> str | None:
+    """``weights_difference`` with the weight counts of both sides where they differ."""
+    difference = weights_difference(recorded, current)
+    if difference is None or recorded.summary == current.summary:
+        return difference
+    return f"{difference} (there: {recorded.summary}; here: {current.summary})"
+
+
+def inversion_weights(inversion: "Inversion", current: Any, node: str, allowed: bool) -> str | None:
+    """An edit runs the weights the inversion was made with (``Inversion.weights``; ``current``: the
+    ``host.weights_fingerprint`` of the model here); TVE's own patches are not weights. Otherwise one error naming
+    the ``inversion`` wire and what differs, or, where the artist ``allowed`` it on ``node`` (its
+    allow_other_weights: a style LoRA for the edit only), the note to say instead (None: the same weights)."""
+    difference = _weights_difference_in_words(inversion.weights, current)
+    if difference is None:
+        return None
+    if not allowed:
+        raise ValueError(f"inversion: made with a model whose weights differ from this model's: {difference}; "
+                         "invert with the MODEL you edit with (the same checkpoint, LoRAs and tuning), or turn on "
+                         f"allow_other_weights on {node} to edit with other weights on purpose (e.g. a style LoRA "
+                         "for the edit only)")
+    return (f"{node}: edits with other weights than the inversion was made with: {difference}; allowed by "
+            "allow_other_weights (the inverted video is then followed only approximately)")

@@ -18,8 +18,8 @@ CATEGORY = "video editing/TVE"
 
 
 def with_notes(model):
-    """A MODEL node's output: the model and, where its settings replaced another node's on the model (the stack's
-    notes), each note shown on the node and logged once."""
+    """A MODEL node's output: the model and, where its settings replaced another node's on the model or it edits
+    with other weights than its inversion's (the stack's notes), each note shown on the node and logged once."""
     notes = list(stack_of(model).notes)
     for note in notes:
         logging.warning("[TVE] %s", note)
@@ -49,6 +49,11 @@ class ApplyFeatureInjection:
             "order": (ORDERS, {"default": "sigma-matched", "tooltip": (
                 "sigma-matched: source features at the same σ (the papers). clean-first: step i gets the features "
                 "of inversion step i, cleanest first (what other ComfyUI packs do).")}),
+        }, "optional": {
+            "allow_other_weights": ("BOOLEAN", {"default": False, "tooltip": (
+                "Off: refuse a model whose weights differ from the model the inversion was made with (another "
+                "checkpoint, a LoRA added or removed, other tuning). On: edit with them anyway (e.g. a style LoRA "
+                "for the edit only); the node says so. TVE's own patches never count.")}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -56,10 +61,10 @@ class ApplyFeatureInjection:
     CATEGORY = CATEGORY
 
     def apply(self, model, inversion: Inversion, attention_injection_end: float, conv_injection_end: float,
-              block_preset: str, order: str):
+              block_preset: str, order: str, allow_other_weights: bool = False):
         sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
         return with_notes(apply_feature_injection(model, inversion, attention_injection_end, conv_injection_end,
-                                                  block_preset, order))
+                                                  block_preset, order, allow_other_weights))
 
 
 class ApplyCrossFrameAttention:
@@ -133,6 +138,11 @@ class ApplyTokenFlow:
                 "layout).")}),
             "conv_injection_end": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
                 "Fraction of the steps with PnP ResBlock feature injection in the keyframe pass.")}),
+        }, "optional": {
+            "allow_other_weights": ("BOOLEAN", {"default": False, "tooltip": (
+                "Off: refuse a model whose weights differ from the model the inversion was made with (another "
+                "checkpoint, a LoRA added or removed, other tuning). On: edit with them anyway (e.g. a style LoRA "
+                "for the edit only); the node says so. TVE's own patches never count.")}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -140,10 +150,10 @@ class ApplyTokenFlow:
     CATEGORY = CATEGORY
 
     def apply(self, model, inversion: Inversion, keyframe_interval: int, seed: int, propagation: str,
-              attention_injection_end: float, conv_injection_end: float):
+              attention_injection_end: float, conv_injection_end: float, allow_other_weights: bool = False):
         sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
         return with_notes(apply_tokenflow(model, inversion, keyframe_interval, seed, propagation,
-                                          attention_injection_end, conv_injection_end))
+                                          attention_injection_end, conv_injection_end, allow_other_weights))
 
 
 class ApplyFLATTEN:
@@ -204,7 +214,7 @@ class ApplyFrameWindows:
     CATEGORY = CATEGORY
 
     def apply(self, model, frames_per_window: int, overlap: int):
-        return (apply_frame_windows(model, frames_per_window, overlap),)
+        return with_notes(apply_frame_windows(model, frames_per_window, overlap))
 
 
 NODES = {identity.FEATURE_INJECTION: ApplyFeatureInjection, identity.CROSS_FRAME: ApplyCrossFrameAttention,

@@ -2,6 +2,8 @@
 flicker: ``flow/consistency.py`` (Lai et al. 2018); feature previews: ``engine/feature_preview.py``."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..engine import host, identity, sockets, validation
@@ -65,6 +67,11 @@ class PreviewFeatures:
             "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024,
                                           "tooltip": "Every this many frames is a keyframe of the NN-field picture."}),
             "scale": ("INT", {"default": 8, "min": 1, "max": 64, "tooltip": "Pixels per token in the pictures."}),
+        }, "optional": {
+            "allow_other_weights": ("BOOLEAN", {"default": False, "tooltip": (
+                "Off: refuse a model whose weights differ from the model the inversion was made with (another "
+                "checkpoint, a LoRA added or removed, other tuning). On: show that model's features of the inverted "
+                "source anyway (what an edit with it allowed sees); the node says so.")}),
         }}
 
     RETURN_TYPES = ("IMAGE", "IMAGE")
@@ -74,11 +81,16 @@ class PreviewFeatures:
     CATEGORY = CATEGORY
 
     def preview(self, model, inversion: Inversion, step_percent: float, block: str, keyframe_interval: int,
-                scale: int):
+                scale: int, allow_other_weights: bool = False):
         sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
-        pca, field = preview_features(model, inversion, step_percent, block, keyframe_interval, scale)
+        pca, field, note = preview_features(model, inversion, step_percent, block, keyframe_interval, scale,
+                                            allow_other_weights)
         shown = host.preview_images(pca, "tve_features_pca") + host.preview_images(field, "tve_nn_field")
-        return {"ui": {"images": shown}, "result": (pca, field)}
+        ui = {"images": shown}
+        if note is not None:
+            logging.warning("[TVE] %s", note)
+            ui["text"] = [note]
+        return {"ui": ui, "result": (pca, field)}
 
 
 NODES = {identity.CONSISTENCY_METRICS: ConsistencyMetrics, identity.PREVIEW_FEATURES: PreviewFeatures}

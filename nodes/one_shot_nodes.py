@@ -2,6 +2,8 @@
 and ``engine/temporal_adapter.py`` (EI², Tune-A-Video)."""
 from __future__ import annotations
 
+import logging
+
 from ..attention.temporal import KINDS
 from ..engine import host, identity, sockets
 from ..engine.one_shot import TRAINABLE, one_shot_tune
@@ -103,7 +105,11 @@ class LoadTemporalAdapter:
     CATEGORY = CATEGORY
 
     def load(self, model, adapter_name: str, allow_other_checkpoint: bool = False):
-        return load_from_adapter_folder(model, adapter_name, allow_other_checkpoint)
+        model, adapter, note = load_from_adapter_folder(model, adapter_name, allow_other_checkpoint)
+        if note is None:
+            return model, adapter
+        logging.warning("[TVE] %s", note)                     # allowed other weights: said on the node and logged
+        return {"ui": {"text": [note]}, "result": (model, adapter)}
 
 
 NODES = {identity.ONE_SHOT_TUNE: OneShotTune, identity.SAVE_TEMPORAL_ADAPTER: SaveTemporalAdapter,

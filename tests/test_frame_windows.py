@@ -12,7 +12,8 @@ pytestmark = pytest.mark.real_host
 
 def windows(model, size, overlap=0):
     from tve.nodes.edit_nodes import ApplyFrameWindows
-    return ApplyFrameWindows().apply(model, size, overlap)[0]
+    out = ApplyFrameWindows().apply(model, size, overlap)
+    return (out["result"] if isinstance(out, dict) else out)[0]      # a dict with the note when applied again
 
 
 def inverted(model, frames, steps=2, size=8):
@@ -128,6 +129,20 @@ def test_long_tokenflow_keyframe_groups_are_bounded_and_every_frame_is_edited_on
     edited = [f for name, ids in calls if name == "edit" for f in ids]
     assert sorted(edited) == sorted([*range(40)] * 2)                          # 2 steps
     assert max(len(ids) for name, ids in calls if name == "source") <= 8 + 6
+
+
+def test_tokenflow_with_one_frame_per_window_still_attends_across_keyframes():
+    # why frames_per_window 1 is not refused with TokenFlow alone (issue 24): every keyframe pass holds its
+    # neighbouring groups' keyframes as context, so the keyframes still attend to each other
+    model = windows(make_tiny_model("sd15"), 1)
+    x_T, inversion = inverted(model, 8, steps=2)
+    patched = tokenflow(model, inversion, 2)                              # 4 keyframes a step
+    spy = recorded(patched)
+    assert torch.isfinite(edit(patched, x_T, inversion.sigmas)).all()
+    calls = [(name, ids) for name, _, ids in spy.calls]
+    keyframe_calls = [ids for name, ids in calls if name == "keyframes"]
+    assert keyframe_calls and min(len(ids) for ids in keyframe_calls) >= 2
+    assert max(len(ids) for name, ids in calls if name == "edit") == 1
 
 
 def test_bad_window_settings_name_the_input():

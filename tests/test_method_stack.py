@@ -1,5 +1,7 @@
 """The TVE methods on a MODEL (both hosts): in the order applied, one wrapper set, composition rules that are the
 methods' own, refusals before anything is applied, and notes where a node's settings replace another's."""
+import re
+
 import pytest
 
 from tve.engine import host, identity, passes
@@ -36,6 +38,11 @@ def test_a_later_cross_frame_mode_wins_on_the_blocks_it_selects_and_one_wrapper_
     for block in host.attention_blocks(both):
         assert stack.attention_chain(block.key)[-1].mode == ("dense" if block.level == 1 else "keyframes"), block
     assert nodes_of(both) == [identity.CROSS_FRAME, identity.CROSS_FRAME]
+    latent_2 = sum(b.level == 1 for b in host.attention_blocks(model))
+    assert stack_of(both).notes == (f"{identity.CROSS_FRAME}: applied again; these settings replace the earlier ones "
+                                    f"on {latent_2} of the {len(host.attention_blocks(model))} blocks they were on "
+                                    "(the later node's win per block)",)
+    assert stack_of(cross_frame(model, "dense", "latent/2")).notes == ()
     covering = cross_frame(both, "anchor")                          # all blocks: both earlier modes are gone
     assert [m.mode for m in stack_of(covering).methods] == ["anchor"]
     assert stack_of(covering).notes == (f"{identity.CROSS_FRAME}: applied again; these settings replace the "
@@ -82,3 +89,66 @@ def test_a_window_of_one_frame_is_refused_for_attention_across_frames_in_either_
     with pytest.raises(Refused, match="^frames_per_window: 1 frame per window leaves Apply FLATTEN"):
         flatten(apply_frame_windows(model, 1, 0)) if windows_first else apply_frame_windows(flatten(model), 1, 0)
     assert stack_of(apply_frame_windows(model, 1, 0)).windows.size == 1      # per-frame work: any window
+
+
+def node_output_notes(out):
+    """The notes a MODEL node shows (none where it returns a plain tuple)."""
+    return out["ui"]["text"] if isinstance(out, dict) else []
+
+
+@pytest.mark.real_host
+def test_injection_and_tokenflow_in_either_order_say_whose_injection_settings_remain(caplog):
+    from tve.engine.inversion import invert
+    from tve.nodes.edit_nodes import ApplyFeatureInjection, ApplyTokenFlow
+    from tve.tests.hosts import make_conditioning, make_latent
+    model = make_tiny_model("sd15")
+    _, inversion = invert(model, make_latent(3, 8, 8)["samples"], make_conditioning("sd15"), 2, "ddim_uniform")
+
+    def injection(m):
+        return ApplyFeatureInjection().apply(m, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
+
+    def tokenflow(m):
+        return ApplyTokenFlow().apply(m, inversion, 2, 0, "paper", 0.5, 0.8)
+
+    first_injection, first_tokenflow = injection(model)[0], tokenflow(model)[0]
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        then_tokenflow, then_injection = tokenflow(first_injection), injection(first_tokenflow)
+    assert node_output_notes(then_tokenflow) == [
+        f"{identity.TOKENFLOW}: its PnP injection settings replace the PnP injection settings "
+        f"{identity.FEATURE_INJECTION} set on this model (one per model; the later node's win)"]
+    assert node_output_notes(then_injection) == [
+        f"{identity.FEATURE_INJECTION}: its PnP injection settings replace the PnP injection settings "
+        f"{identity.TOKENFLOW} set on this model (one per model; the later node's win)"]
+    assert [r.getMessage() for r in caplog.records] == [f"[TVE] {n}" for n in node_output_notes(then_tokenflow)
+                                                        + node_output_notes(then_injection)]     # once each
+    assert node_output_notes(tokenflow(model)) == node_output_notes(injection(model)) == []
+
+
+def test_frame_windows_applied_again_says_its_settings_replace_the_earlier_ones():
+    from tve.nodes.edit_nodes import ApplyFrameWindows
+    model = make_tiny_model("sd15")
+    once = ApplyFrameWindows().apply(model, 8, 2)
+    assert node_output_notes(once) == []                   # the default windows are no node's settings
+    twice = ApplyFrameWindows().apply(once[0], 0, 0)
+    assert node_output_notes(twice) == [
+        f"{identity.FRAME_WINDOWS}: applied again; these settings (all frames per window, overlap 0) replace the "
+        "earlier ones (8 frames per window, overlap 2): one per model, the later node's win"]
+    assert stack_of(twice["result"][0]).windows.size == 0
+    assert node_output_notes(ApplyFrameWindows().apply(cross_frame(once[0], "dense"), 4, 0)) != []   # still said
+
+
+@pytest.mark.real_host
+@pytest.mark.parametrize("mode", ["dense", "anchor"])
+def test_core_context_windows_of_one_frame_are_refused_with_attention_across_frames_when_sampling_starts(mode):
+    import torch
+    from tve.tests.hosts import make_conditioning, with_context_windows
+    model = with_context_windows(cross_frame(make_tiny_model("sd15"), mode), 1, overlap=0)
+    latent = torch.randn(4, 4, 8, 8)
+    with pytest.raises(Refused, match=rf"^context_length: core's Context Windows node gives every call 1 frame, "
+                                      rf"which leaves {re.escape(str(identity.CROSS_FRAME))} nothing to attend to"):
+        host.sample(model, torch.randn_like(latent), 1.0, "euler", torch.tensor([1.0, 0.0]), make_conditioning(),
+                    make_conditioning(), latent)
+    per_frame = with_context_windows(make_tiny_model("sd15"), 1, overlap=0)       # nothing across frames: fine
+    host.sample(per_frame, torch.randn_like(latent), 1.0, "euler", torch.tensor([1.0, 0.0]), make_conditioning(),
+                make_conditioning(), latent)

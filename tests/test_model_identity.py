@@ -158,3 +158,132 @@ def test_hook_patches_are_part_of_the_weights_whatever_order_the_hooks_were_adde
     assert "other weight patches" in difference(model, hooked([0]))
     assert difference(hooked([0, 1]), hooked([1, 0])) is None
     assert difference(hooked([0, 1]), hooked([0])) is not None
+
+
+# ---------------------------------------------------------------------------------------------- the INVERSION's model
+def inverted(model, frames=3, steps=3):
+    from tve.engine.inversion import invert
+    x_T, inversion = invert(model, make_latent(frames, 8, 8)["samples"], make_conditioning("sd15", seed=1), steps,
+                            "ddim_uniform")
+    return x_T, inversion
+
+
+def edit(model, x_T, inversion):
+    return host.sample(model, torch.zeros_like(x_T), 4.0, "euler", inversion.sigmas, make_conditioning("sd15", 5),
+                       make_conditioning("sd15", 6), x_T)
+
+
+def model_of(out):
+    """The MODEL of a node's output (a dict with the notes it shows, where it says something)."""
+    return (out["result"] if isinstance(out, dict) else out)[0]
+
+
+def readers(allow=False):
+    """Each node that reads an INVERSION, as ``(name, apply(model, inversion) -> node output)``."""
+    from tve.nodes.edit_nodes import ApplyFeatureInjection, ApplyTokenFlow
+    from tve.nodes.measure_nodes import PreviewFeatures
+    return [
+        ("Apply Feature Injection (TVE)",
+         lambda m, inv: ApplyFeatureInjection().apply(m, inv, 0.5, 0.8, "tokenflow", "sigma-matched", allow)),
+        ("Apply TokenFlow (TVE)", lambda m, inv: ApplyTokenFlow().apply(m, inv, 2, 0, "paper", 0.5, 0.8, allow)),
+        ("Preview Features (TVE)", lambda m, inv: PreviewFeatures().preview(m, inv, 0.5, "output latent", 2, 1, allow)),
+    ]
+
+
+def test_an_inversion_records_the_weights_of_the_model_it_was_made_with_as_patched():
+    model = make_tiny_model("sd15")
+    with_lora = lora(model, 0.5)
+    assert validation.weights_difference(inverted(with_lora)[1].weights, fingerprint(with_lora)) is None
+    assert "other weight patches" in validation.weights_difference(inverted(model)[1].weights, fingerprint(with_lora))
+
+
+@pytest.mark.parametrize("other, what", [
+    (lambda model: lora(model, 0.3), "other weight patches (a LoRA or other patch added, removed, or at another "
+                                     "strength)"),
+    (lambda model: make_tiny_model("sd15", seed=1), "other base weights (another checkpoint of the same layout"),
+])
+def test_every_node_reading_an_inversion_refuses_a_model_of_other_weights_naming_the_wire(other, what):
+    model = make_tiny_model("sd15")
+    _, inversion = inverted(model)
+    for name, apply in readers():
+        m = other(model)
+        before = (host.get_attachment(m), dict(m.model_options["transformer_options"]))
+        with pytest.raises(ValueError) as refusal:
+            apply(m, inversion)
+        message = str(refusal.value)
+        assert message.startswith(f"inversion: made with a model whose weights differ from this model's: {what}"), name
+        assert f"invert with the MODEL you edit with" in message and f"allow_other_weights on {name}" in message, name
+        assert (host.get_attachment(m), dict(m.model_options["transformer_options"])) == before, name   # unpatched
+
+
+def test_tve_patches_on_either_side_are_not_other_weights():
+    from tve.nodes.edit_nodes import ApplyFeatureInjection
+    model = make_tiny_model("sd15")
+    x_T, inversion = inverted(with_every_tve_patch(model))         # FLATTEN-style: inverted with TVE patches on
+    out = ApplyFeatureInjection().apply(model, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
+    assert isinstance(out, tuple)                                  # nothing to say
+    for _, apply in readers():
+        apply(with_every_tve_patch(model), inversion)
+
+
+def test_allowed_other_weights_are_said_on_the_node_and_once_in_the_server_log(caplog):
+    model = make_tiny_model("sd15")
+    x_T, inversion = inverted(model)
+    styled = lora(model, 0.3)
+    for name, apply in readers(allow=True):
+        with caplog.at_level("WARNING"):
+            caplog.clear()
+            shown = apply(styled, inversion)
+        (note,) = shown["ui"]["text"]
+        assert note.startswith(f"{name}: edits with other weights than the inversion was made with: other weight "
+                               "patches (a LoRA"), note
+        assert "allowed by allow_other_weights" in note
+        assert [r.getMessage() for r in caplog.records if "[TVE]" in r.getMessage()] == [f"[TVE] {note}"]
+    patched = readers(allow=True)[0][1](styled, inversion)["result"][0]
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        out = edit(patched, x_T, inversion)                          # said by the node already: not again
+    assert bool(torch.isfinite(out).all())
+    assert not [r for r in caplog.records if "[TVE]" in r.getMessage()]
+
+
+def test_a_lora_added_after_the_node_is_refused_when_sampling_starts_or_said_once_where_allowed(caplog):
+    from tve.nodes.edit_nodes import ApplyFeatureInjection, ApplyTokenFlow
+    model = make_tiny_model("sd15")
+    x_T, inversion = inverted(model)
+    for node in (lambda m: ApplyFeatureInjection().apply(m, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")[0],
+                 lambda m: ApplyTokenFlow().apply(m, inversion, 2, 0, "paper", 0.5, 0.8)[0]):
+        with pytest.raises(ValueError, match=r"^inversion: made with a model whose weights differ from this model's: "
+                                             r"other weight patches .*allow_other_weights on Apply"):
+            edit(lora(node(model), 0.3), x_T, inversion)
+    allowed = ApplyTokenFlow().apply(model, inversion, 2, 0, "paper", 0.5, 0.8, True)[0]   # same weights: no note
+    styled_after = lora(allowed, 0.3)
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        edit(styled_after, x_T, inversion)
+        edit(styled_after, x_T, inversion)
+    said = [r.getMessage() for r in caplog.records if "[TVE]" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("[TVE] Apply TokenFlow (TVE): edits with other weights than the "
+                                                 "inversion was made with: other weight patches"), said
+
+
+def test_with_injection_and_tokenflow_the_node_whose_settings_remain_decides_about_other_weights(caplog):
+    from tve.nodes.edit_nodes import ApplyFeatureInjection, ApplyTokenFlow
+    model = make_tiny_model("sd15")
+    x_T, inversion = inverted(model)
+
+    def injection(m, allow):
+        return model_of(ApplyFeatureInjection().apply(m, inversion, 0.5, 0.8, "tokenflow", "sigma-matched", allow))
+
+    def tokenflow(m, allow):
+        return model_of(ApplyTokenFlow().apply(m, inversion, 2, 0, "paper", 0.5, 0.8, allow))
+
+    # TokenFlow allows, then Feature Injection (not allowing) replaces its injection settings: refused, naming it
+    with pytest.raises(ValueError, match=r"^inversion: .*allow_other_weights on Apply Feature Injection \(TVE\)"):
+        edit(lora(injection(tokenflow(model, True), False), 0.3), x_T, inversion)
+    # Feature Injection (not allowing), then TokenFlow (allowing) replaces it: allowed, said once by TokenFlow
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        edit(lora(tokenflow(injection(model, False), True), 0.3), x_T, inversion)
+    said = [r.getMessage() for r in caplog.records if "other weights" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("[TVE] Apply TokenFlow (TVE): edits with other weights"), said

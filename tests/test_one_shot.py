@@ -188,13 +188,16 @@ def test_bad_input_is_one_clear_error_with_nothing_patched(case, error):
     assert patch_state(model) == state
 
 
-def test_progress_shows_every_step_and_cancel_stops_tuning():
+def test_progress_runs_from_first_to_last_step_and_cancel_stops_tuning():
     model, samples, cond = make_tiny_model("sd15"), make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
     updates = []
     host.report_progress_to(lambda value, total: updates.append((value, total)))
     try:
         tune(model, samples, cond, 3, 1e-3, 0, "stam")
-        assert updates == [(1, 3), (2, 3), (3, 3)]
+        # core's bar always sends the first and the last update; 0.33's drops those in between that come sooner
+        # than its throttle interval after the last one sent, so which of them arrive depends on machine speed
+        assert updates[0] == (1, 3) and updates[-1] == (3, 3)
+        assert all(a < b for (a, _), (b, _) in zip(updates, updates[1:])) and {t for _, t in updates} == {3}
 
         def cancel(step, loss):
             host.interrupt()
@@ -289,8 +292,13 @@ def test_an_adapter_records_the_weights_it_was_tuned_on_and_loads_only_onto_them
                                              rf"differ from this model's: {what} .*set allow_other_checkpoint"):
             LoadTemporalAdapter().load(other, name)
         assert patch_state(other) == state                                       # nothing patched
-        allowed, _ = LoadTemporalAdapter().load(other, name, allow_other_checkpoint=True)
+        shown = LoadTemporalAdapter().load(other, name, allow_other_checkpoint=True)   # said on the node
+        (note,) = shown["ui"]["text"]
+        assert note.startswith(f"adapter_name: {path}: was tuned on other weights than this model's: {what}")
+        assert "loaded anyway (allow_other_checkpoint is on)" in note
+        allowed, _ = shown["result"]
         assert len(allowed.model_options["transformer_options"]["patches"]["middle_patch"]) == 1
+    assert isinstance(LoadTemporalAdapter().load(model.clone(), name, allow_other_checkpoint=True), tuple)  # no note
 
 
 def test_a_format_1_adapter_without_identity_loads_only_when_allowed(adapter_folder):
@@ -300,7 +308,8 @@ def test_a_format_1_adapter_without_identity_loads_only_when_allowed(adapter_fol
     with pytest.raises(ValueError, match=r"^adapter_name: .*old_00001.safetensors: records no identity of the model "
                                          r"it was tuned on \(saved in format tve_temporal_adapter/1\)"):
         LoadTemporalAdapter().load(model, name)
-    LoadTemporalAdapter().load(model, name, allow_other_checkpoint=True)
+    shown = LoadTemporalAdapter().load(model, name, allow_other_checkpoint=True)
+    assert "loaded unchecked (allow_other_checkpoint is on)" in shown["ui"]["text"][0]
 
 
 @pytest.mark.parametrize("case, error", [

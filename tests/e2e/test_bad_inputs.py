@@ -523,6 +523,12 @@ ISSUE_24_HANDLED = [
 @pytest.mark.parametrize("probe", ISSUE_24_PROBES, ids=lambda p: p.name)
 def test_a_damaged_or_foreign_adapter_file_or_an_unusable_noise_mask_is_refused_naming_the_input(
         probe, comfyui, object_info, adapter_files):
+    refused_saying(probe, comfyui, object_info)
+
+
+def refused_saying(probe: SaysProbe, comfyui, object_info) -> None:
+    """The probe's prompt ends in one error raised in the pack by the expected node, naming the input and saying
+    ``probe.says`` (a ValueError, or the engine's Refused: a ValueError naming both nodes of a composition)."""
     status, body = queue(comfyui, broken(probe, object_info))
     assert status == 200, body
     entry = _wait(comfyui, body["prompt_id"])
@@ -530,7 +536,7 @@ def test_a_damaged_or_foreign_adapter_file_or_an_unusable_noise_mask_is_refused_
     assert entry["status"]["status_str"] == "error" and errors, f"{probe.name} ran to the end: nothing may be silent"
     error = errors[0]
     assert error["node_type"] == (probe.raised_by or probe.node), error
-    assert error["exception_type"] == "ValueError", error
+    assert error["exception_type"] == "ValueError" or error["exception_type"].endswith(".Refused"), error
     message = error["exception_message"]
     assert re.match(rf"{re.escape(probe.input)}: ", message) and re.search(probe.says, message), message
     last_frame = [line for line in error["traceback"] if line.lstrip().startswith("File ")][-1]
@@ -539,8 +545,142 @@ def test_a_damaged_or_foreign_adapter_file_or_an_unusable_noise_mask_is_refused_
 
 @pytest.mark.parametrize("probe", ISSUE_24_HANDLED, ids=lambda p: p.name)
 def test_an_adapter_for_this_checkpoint_or_one_explicitly_allowed_loads(probe, comfyui, object_info, adapter_files):
-    status, body = queue(comfyui, broken(probe, object_info))
+    graph = broken(probe, object_info)
+    status, body = queue(comfyui, graph)
     assert status == 200, body
     entry = _wait(comfyui, body["prompt_id"])
     errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert entry["status"]["status_str"] == "success", errors
+    (loader,) = [i for i, n in graph.items() if n["class_type"] == _L]
+    said = entry["outputs"].get(loader, {}).get("text", [])           # other weights let through: said on the node
+    if probe.kind == MISMATCH:
+        assert len(said) == 1 and "was tuned on other weights than this model's: other base weights" in said[0], said
+    else:
+        assert said == [], said
+
+
+# ==============================================================================================================
+# Issue 24, items 3-5: an edit with other weights than the inversion's, windows too small for attention across
+# frames, and settings of one node that replace another's. ``other_weights_files`` writes a LoRA for the e2e
+# checkpoint into the server's models/loras and a second checkpoint of the same layout beside the first.
+# ==============================================================================================================
+STYLE_LORA = "tve_e2e_style_lora.safetensors"
+OTHER_CHECKPOINT = "tve_e2e_tiny_sd15_other.safetensors"
+
+
+@pytest.fixture(scope="module")
+def other_weights_files(e2e_root, checkpoint_file):
+    """A rank-2 LoRA (kohya keys) on every self- and cross-attention projection of the e2e checkpoint, and another
+    checkpoint of its layout (other random weights)."""
+    import safetensors.torch
+    import torch
+    from tve.engine import host
+    from tve.tests.e2e.tiny_sd15 import write_tiny_sd15
+    model = _e2e_unet(checkpoint_file)
+    g = torch.Generator().manual_seed(3)
+    keys = [f"{block.path}.{attn}.{proj}.weight" for block in host.attention_blocks(model)
+            for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v")]
+    state = {}
+    for weight_key, (out_features, in_features) in host.weight_shapes(model, keys).items():
+        name = "lora_unet_" + weight_key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+        state[f"{name}.lora_up.weight"] = 0.1 * torch.randn(out_features, 2, generator=g)
+        state[f"{name}.lora_down.weight"] = 0.1 * torch.randn(2, in_features, generator=g)
+        state[f"{name}.alpha"] = torch.tensor(2.0)
+    loras = e2e_root / "base" / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(state, str(loras / STYLE_LORA))
+    write_tiny_sd15(checkpoint_file.parent / OTHER_CHECKPOINT, seed=1)
+    return loras / STYLE_LORA
+
+
+def _with_lora(g: Graph, model: list) -> list:
+    return g.add("LoraLoaderModelOnly", model=model, lora_name=STYLE_LORA, strength_model=0.8)
+
+
+def _model_from_another_checkpoint(g: Graph, reader: str) -> None:
+    """``reader``'s model from a second checkpoint of the same family and layout, through the same Frame Windows."""
+    other = g.add("CheckpointLoaderSimple", ckpt_name=OTHER_CHECKPOINT)
+    g.set(reader, model=g.add("TVE_FrameWindows", model=other, **{k: v for k, v in g.inputs("TVE_FrameWindows").items()
+                                                                 if k != "model"}))
+
+
+def _core_context_windows(g: Graph, model: list, length: int) -> list:
+    """Core's Context Windows (Manual) over the frames (every other input at its default; 0.33's inputs, which
+    earlier releases ignore where they lack them)."""
+    return g.add("ContextWindowsManual", model=model, context_length=length, context_overlap=0,
+                 context_schedule="standard_static", context_stride=1, closed_loop=False, fuse_method="pyramid", dim=0,
+                 freenoise=False, cond_retain_index_list="", split_conds_to_windows=False, latent_retain_index_list="",
+                 causal_window_fix=True)
+
+
+_OTHER_WEIGHTS = r"made with a model whose weights differ from this model's: "
+ISSUE_24_MODEL_PROBES = [
+    SaysProbe("injection_with_a_lora_the_inversion_was_made_without", "TVE_ApplyFeatureInjection", MISMATCH, PNP,
+              lambda g: g.set("TVE_ApplyFeatureInjection",
+                              model=_with_lora(g, g.inputs("TVE_ApplyFeatureInjection")["model"])), "inversion",
+              says=_OTHER_WEIGHTS + r"other weight patches \(a LoRA.*allow_other_weights on Apply Feature Injection"),
+    SaysProbe("tokenflow_with_another_checkpoint_of_the_family", "TVE_ApplyTokenFlow", MISMATCH, TF,
+              lambda g: _model_from_another_checkpoint(g, "TVE_ApplyTokenFlow"), "inversion",
+              says=_OTHER_WEIGHTS + r"other base weights \(another checkpoint.*allow_other_weights on Apply TokenFlow"),
+    SaysProbe("features_with_a_lora_the_inversion_was_made_without", "TVE_PreviewFeatures", MISMATCH, TF,
+              lambda g: _with_preview_features(g, model=_with_lora(g, g.out("CheckpointLoaderSimple"))), "inversion",
+              says=_OTHER_WEIGHTS + r"other weight patches"),
+    SaysProbe("lora_added_after_the_injection_node", "TVE_ApplyFeatureInjection", MISMATCH, PNP,
+              _wire("CFGGuider", "model", lambda g: _with_lora(g, g.out("TVE_ApplyFeatureInjection"))), "inversion",
+              raised_by="SamplerCustomAdvanced", says=_OTHER_WEIGHTS + r"other weight patches"),
+    SaysProbe("flatten_with_one_frame_per_window", "TVE_FrameWindows", TINY, FL,
+              lambda g: g.set("TVE_FrameWindows", frames_per_window=1, overlap=0), "frames_per_window",
+              raised_by="TVE_ApplyFLATTEN",
+              says=r"1 frame per window leaves Apply FLATTEN \(TVE\) nothing to attend to"),
+    SaysProbe("cross_frame_in_core_context_windows_of_one_frame", "TVE_ApplyCrossFrameAttention", TINY, CF,
+              _wire("CFGGuider", "model", lambda g: _core_context_windows(g, g.out("TVE_ApplyCrossFrameAttention"), 1)),
+              "context_length", raised_by="SamplerCustomAdvanced",
+              says=r"gives every call 1 frame, which leaves Apply Cross-Frame Attention \(TVE\) nothing to attend to"),
+]
+
+
+@pytest.mark.parametrize("probe", ISSUE_24_MODEL_PROBES, ids=lambda p: p.name)
+def test_other_weights_than_the_inversions_or_a_window_too_small_is_refused_naming_the_input(
+        probe, comfyui, object_info, other_weights_files):
+    refused_saying(probe, comfyui, object_info)
+
+
+@dataclass(frozen=True)
+class NoteProbe(Probe):
+    says: str = ""                  # a regex the node's one UI text must match (also once in the server log)
+
+
+def _injection_before_tokenflow(g: Graph) -> None:
+    inputs = {"model": g.inputs("TVE_ApplyTokenFlow")["model"], "inversion": g.out("TVE_DDIMInversion", 1),
+              "attention_injection_end": 0.5, "conv_injection_end": 0.8, "block_preset": "tokenflow",
+              "order": "sigma-matched"}
+    g.set("TVE_ApplyTokenFlow", model=g.add("TVE_ApplyFeatureInjection", **inputs))
+
+
+ISSUE_24_NOTES = [
+    NoteProbe("injection_with_a_lora_allowed", "TVE_ApplyFeatureInjection", MISMATCH, PNP,
+              lambda g: g.set("TVE_ApplyFeatureInjection", allow_other_weights=True,
+                              model=_with_lora(g, g.inputs("TVE_ApplyFeatureInjection")["model"])), "",
+              says=r"^Apply Feature Injection \(TVE\): edits with other weights than the inversion was made with: "
+                   r"other weight patches .*allowed by allow_other_weights"),
+    NoteProbe("injection_before_tokenflow", "TVE_ApplyTokenFlow", MISMATCH, TF, _injection_before_tokenflow, "",
+              says=r"^Apply TokenFlow \(TVE\): its PnP injection settings replace the PnP injection settings Apply "
+                   r"Feature Injection \(TVE\) set on this model"),
+]
+
+
+@pytest.mark.parametrize("probe", ISSUE_24_NOTES, ids=lambda p: p.name)
+def test_allowed_other_weights_and_replaced_settings_run_and_are_said_on_the_node_and_once_in_the_log(
+        probe, comfyui, object_info, other_weights_files):
+    graph = broken(probe, object_info)
+    said_before = comfyui.log.read_text(encoding="utf-8", errors="replace").count("[TVE] ")
+    status, body = queue(comfyui, graph)
+    assert status == 200, body
+    entry = _wait(comfyui, body["prompt_id"])
+    errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "success", errors
+    (node_id,) = [i for i, n in graph.items() if n["class_type"] == probe.node]
+    (note,) = entry["outputs"][node_id]["text"]
+    assert re.search(probe.says, note), note
+    log = comfyui.log.read_text(encoding="utf-8", errors="replace")
+    assert log.count(f"[TVE] {note}") == 1 and log.count("[TVE] ") == said_before + 1, comfyui.log_tail()
