@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from . import host
+from .methods import ReadPoint, resblock_point, tokens_point
 
 if TYPE_CHECKING:
     from .stack import MethodStack
@@ -52,8 +53,23 @@ class SamplingRun:
     pass_positions: torch.Tensor | None = None    # call positions of the pass now running (None: all)
     pass_frame_ids: tuple[int, ...] | None = None  # their frame ids
     source: SourceFeatures = field(default_factory=SourceFeatures)
+    source_end: ReadPoint | None = None           # the source pass now running ends after this point (None: runs all)
     controls: dict = field(default_factory=dict)  # ControlNet copies per (control, frame ids), host.control_for_frames
     method_state: dict = field(default_factory=dict)   # id(method) -> what a step-driving method keeps for a step
+
+    def keep_source_tokens(self, key: tuple[str, int, int], n: torch.Tensor) -> None:
+        """The source pass keeps block ``key``'s self-attention input (F, T, C); ends its UNet call if that was the
+        last feature read this step."""
+        self.source.tokens[key] = n
+        if self.source_end == tokens_point(key):
+            host.end_unet_call()
+
+    def keep_source_resblock(self, output_block: int, h: torch.Tensor) -> None:
+        """The source pass keeps output block ``output_block``'s ResBlock branch (F, C, h, w); ends its UNet call if
+        that was the last feature read this step."""
+        self.source.resblocks[output_block] = h
+        if self.source_end == resblock_point(output_block):
+            host.end_unet_call()
 
     def positions_of(self, frame_ids: tuple[int, ...]) -> torch.Tensor:
         """Call positions of ``frame_ids``."""
