@@ -68,23 +68,34 @@ class _Unet:
 
 def flop_table(family: str, size: int) -> None:
     """FLOPs of one UNet call of a real SD1.5 / SDXL UNet on the meta device (shapes only, nothing computed): the
-    share spent before each output block and after each output block's ResBlock, and what the early exit saves
-    of a source call for each injection preset, while q/k injection runs (attention and conv features read) and
-    after it (conv features only)."""
+    share spent before each output block and after each output block's ResBlock, and the share of a source call the
+    engine's early end saves for each injection preset, while q/k injection runs (attention and conv features read)
+    and after it (conv features only): the call ends right after ``SourceReads.last_point`` (a ResBlock branch, or
+    a self-attention input: then before that block's attn1)."""
     import comfy.ldm.modules.attention as attention
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
     from tve.engine.injection import injection_targets
+    from tve.engine.methods import SourceReads, resblock_point, tokens_point
     unet = UNetModel(**UNETS[family], dtype=torch.float16, device="meta", operations=comfy.ops.disable_weight_init)
     counter = FlopCounterMode(display=False)
-    before, after_resblock = {}, {}
+    before, at_point = {}, {}
 
     def mark(h, hsp, transformer_options):
         before[transformer_options["block"][1]] = counter.get_total_flops()
         return h, hsp
 
-    handles = [layer.register_forward_hook(lambda m, i, o, b=b: after_resblock.__setitem__(b, counter.get_total_flops()))
-               for b, block in enumerate(unet.output_blocks) for layer in block[:1] if isinstance(layer, ResBlock)]
+    def at(point):
+        return lambda *args: at_point.__setitem__(point, counter.get_total_flops())
+
+    handles = []
+    for b, block in enumerate(unet.output_blocks):
+        for layer in block:
+            if isinstance(layer, ResBlock):
+                handles.append(layer.register_forward_hook(at(resblock_point(b))))
+            if isinstance(layer, attention.SpatialTransformer):
+                for j, tb in enumerate(layer.transformer_blocks):
+                    handles.append(tb.attn1.register_forward_pre_hook(at(tokens_point(("output", b, j)))))
     options = {"patches": {"output_block_patch": [mark]},
                "optimized_attention_override": lambda default, *a, **k: attention.attention_pytorch(*a, **k)}
     x = torch.empty(1, 4, size, size, device="meta", dtype=torch.float16)
@@ -98,20 +109,18 @@ def flop_table(family: str, size: int) -> None:
     blocks = len(unet.output_blocks)
     print(f"## {family.upper()} UNet, {size}x{size} latent, batch 1: {total / 1e9:.0f} GFLOP per call (meta device, "
           f"torch FlopCounterMode); share of a call spent before output block i / after its ResBlock:")
-    print("  " + ", ".join(f"{i}: {before[i] / total:.3f}/{after_resblock[i] / total:.3f}" for i in range(blocks)))
+    print("  " + ", ".join(f"{i}: {before[i] / total:.3f}/{at_point[resblock_point(i)] / total:.3f}"
+                           for i in range(blocks)))
     model = _Unet(unet)
     for preset in ("tokenflow", "flatten"):
         attn, conv = injection_targets(model, preset)
-        attn_ids = sorted({b.key[1] for b in attn})
-        for phase, attn_read in (("attention + conv injection", attn_ids), ("conv injection only", [])):
-            read = attn_read + list(conv)
-            last = max(read)
-            at_block = before[last + 1] / total if last + 1 < blocks else 1.0
-            finer = after_resblock[last] / total if last in conv and last not in attn_read else at_block
-            print(f"  {preset} preset, {phase}: reads output blocks {sorted(set(read))} (attention {attn_ids}, "
-                  f"ResBlock {list(conv)}); exit before output block {last + 1 if last + 1 < blocks else '-'}: "
-                  f"{1 - at_block:.1%} of the source call saved; exit right after the last read ResBlock: "
-                  f"{1 - finer:.1%}", flush=True)
+        for phase, tokens in (("attention + conv injection", frozenset(b.key for b in attn)),
+                              ("conv injection only", frozenset())):
+            last = SourceReads(tokens, frozenset(conv)).last_point()
+            where = (f"output block {last[1]}'s ResBlock" if last[2] == -1 else
+                     f"output block {last[1]}'s transformer {last[2]} self-attention input")
+            print(f"  {preset} preset, {phase}: the source call ends after {where}: {1 - at_point[last] / total:.1%} "
+                  "of it saved", flush=True)
 
 
 def edit_models(model, inversion, size: int, frames: int) -> dict:
