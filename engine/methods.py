@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .stack import MethodStack
 
 BlockKey = tuple[str, int, int]                  # a transformer block's attn1 replace key (name, id, index)
-ReadPoint = tuple[int, int, int]                 # where in a UNet call a source feature is computed (read_point_*)
+ReadPoint = tuple[int, int, int]                 # where a UNet call computes a feature (tokens_point, resblock_point)
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]   # (q, k, v, extra) -> out
 
 

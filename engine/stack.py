@@ -27,7 +27,7 @@ class MethodStack:
     windows: FrameWindows = FrameWindows()
     foreign: Mapping[BlockKey, Callable] = field(default_factory=dict)
     inverting: bool = False                       # a clone DDIM Inversion (TVE) inverts with: every call INVERSION
-    source_exit: bool = True                      # a source pass ends after the last feature read (passes.Step.source_end)
+    source_exit: bool = True                      # source passes end after the last feature read (Step.source_end)
     notes: tuple[str, ...] = field(default=(), compare=False)   # what the node that made it replaced, to show it
 
     # ------------------------------------------------------------------------------------------ what it holds
