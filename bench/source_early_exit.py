@@ -12,7 +12,7 @@ heads) at a ``--size`` latent, for each host attention backend (sub-quadratic, C
 SDPA, its GPU default), interleaved (``_timing``: A B C, C B A, ...; best and median):
   * plain CFG sampling, the edit with the early end, and the edit with the whole source pass (same frames, steps,
     cfg), as ratios to plain (issue 25 goal: per-frame PnP <= 1.3x plain with SDPA at a 64x64 latent);
-  * the edited latents with and without the early end: bit-identical (checked on the first round).
+  * the edited latents with and without the early end: bit-identical (those of the first round compared).
 ``--flops``: the FLOPs of one call of the real SD1.5 / SDXL UNet on the meta device, and the share of a source
 call each injection preset's early end saves.
 """
@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["pnp-tokenflow"], choices=sorted(LABELS))
     ap.add_argument("--flops", nargs="*", metavar="FAMILY:SIZE", help="only the FLOP table of real UNets on "
                     "the meta device (e.g. sd15:64 sdxl:128); nothing sampled")
-    _timing.add_arguments(ap, repeats=3)
+    _timing.add_arguments(ap, repeats=3, backends=("pytorch", "sub_quad"))
     opts = ap.parse_args()
     _timing.pin_threads(opts.threads)
     if opts.flops is not None:
@@ -182,11 +182,11 @@ def run(opts) -> None:
         for name in opts.methods:
             ended = edits[name](plain)
             whole = with_full_source_pass(ended)
-            same = torch.equal(*(_edit(m, x_T, inversion.sigmas) for m in (ended, whole)))
-            times = _timing.interleaved({"plain": lambda: _edits.cfg_edit(plain, x_T, inversion.sigmas),
-                                         "ended": lambda: _edits.cfg_edit(ended, x_T, inversion.sigmas),
-                                         "whole": lambda: _edits.cfg_edit(whole, x_T, inversion.sigmas)},
-                                        opts.repeats, warmup=False)
+            models = {"plain": plain, "ended": ended, "whole": whole}
+            latents = {}
+            times = _timing.interleaved({k: (lambda k=k, m=m: latents.setdefault(k, _edit(m, x_T, inversion.sigmas)))
+                                         for k, m in models.items()}, opts.repeats, warmup=False)
+            same = torch.equal(latents["ended"], latents["whole"])
             print(f"## {LABELS[name]} [{label}]: edited latents {'bit-identical' if same else 'DIFFERENT'} with "
                   "and without the early end", flush=True)
             print("  " + _timing.ratio_line(times, "ended", "plain", "edit, source pass ended early / plain CFG"))
