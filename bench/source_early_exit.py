@@ -11,12 +11,14 @@ edit with the whole UNet run, the reference here. On an SD1.5-layout UNet with i
 heads) at a ``--size`` latent, for each host attention backend (sub-quadratic, ComfyUI's CPU default; torch
 SDPA, its GPU default), interleaved (``_timing``: A B C, C B A, ...; best and median):
   * plain CFG sampling, the edit with the early end, and the edit with the whole source pass (same frames, steps,
-    cfg), as ratios to plain (issue 25 goal: per-frame PnP <= 1.3x plain with SDPA at a 64x64 latent);
+    cfg), as ratios to plain (issue 25 goal: per-frame PnP <= 1.3x plain with SDPA at a 64x64 latent), in wall
+    time and in the process's CPU time (with one torch thread, the steadier figure on a loaded machine);
   * the edited latents with and without the early end: bit-identical (those of the first round compared).
 ``--flops``: the FLOPs of one call of the real SD1.5 / SDXL UNet on the meta device, and the share of a source
 call each injection preset's early end saves.
 """
 import argparse
+import time
 
 import _edits
 import _timing
@@ -183,15 +185,23 @@ def run(opts) -> None:
             ended = edits[name](plain)
             whole = with_full_source_pass(ended)
             models = {"plain": plain, "ended": ended, "whole": whole}
-            latents = {}
-            times = _timing.interleaved({k: (lambda k=k, m=m: latents.setdefault(k, _edit(m, x_T, inversion.sigmas)))
-                                         for k, m in models.items()}, opts.repeats, warmup=False)
+            latents, cpu = {}, {k: [] for k in models}
+
+            def timed(k: str, m) -> None:
+                start = time.process_time()
+                latents.setdefault(k, _edit(m, x_T, inversion.sigmas))
+                cpu[k].append(time.process_time() - start)
+
+            wall = _timing.interleaved({k: (lambda k=k, m=m: timed(k, m)) for k, m in models.items()}, opts.repeats,
+                                       warmup=False)
             same = torch.equal(latents["ended"], latents["whole"])
             print(f"## {LABELS[name]} [{label}]: edited latents {'bit-identical' if same else 'DIFFERENT'} with "
                   "and without the early end", flush=True)
-            print("  " + _timing.ratio_line(times, "ended", "plain", "edit, source pass ended early / plain CFG"))
-            print("  " + _timing.ratio_line(times, "whole", "plain", "edit, whole source pass / plain CFG"))
-            print("  " + _timing.ratio_line(times, "ended", "whole", "edit ended early / whole"), flush=True)
+            for clock, times in (("wall", wall), ("CPU", {k: _timing.Times(v) for k, v in cpu.items()})):
+                print(f"  {clock} time:", flush=True)
+                print("    " + _timing.ratio_line(times, "ended", "plain", "edit, source pass ended early / plain CFG"))
+                print("    " + _timing.ratio_line(times, "whole", "plain", "edit, whole source pass / plain CFG"))
+                print("    " + _timing.ratio_line(times, "ended", "whole", "edit ended early / whole"), flush=True)
 
 
 def _edit(model, x_T, sigmas) -> torch.Tensor:
