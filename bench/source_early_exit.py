@@ -1,29 +1,26 @@
-"""Prototype (issue 25): end the live SOURCE pass's UNet call after the last block whose features the edit reads.
+"""The live source pass ends its UNet call after the last feature the edit reads (issue 25 item 1): what it saves.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/source_early_exit.py [--frames 8] [--steps 10] [--threads 1]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/source_early_exit.py [--frames 2] [--size 64] [--steps 10]
+        [--threads 1] [--repeats 3] [--backends sub_quad pytorch] [--methods pnp-tokenflow ...]
+    COMFYUI_PATH=... python bench/source_early_exit.py --flops sd15:64 sdxl:128     (FLOP table only)
 
-The mechanism, on host patch points only (no UNet forward of ours, nothing of comfy replaced):
-  * an ``output_block_patch`` (called by the UNet before each output block, with ``transformer_options["block"]``
-    = ("output", id)) raises the private ``SourceDone`` when the pass now running is SOURCE and no block from
-    ``id`` on is read at this step;
-  * a ``DIFFUSION_MODEL`` wrapper (keyed, around ``UNetModel._forward``) catches exactly ``SourceDone`` and
-    returns zeros of the UNet output's shape, which the source pass never reads.
-The exception unwinds only ``UNetModel._forward`` between two output blocks (no layer is mid-forward, so no weight
-cast, offload stream or hook is half done); every host frame outside the diffusion model sees a normal return.
-
-What this script shows, per method, on the trained 256 px test model (SD1.5's block layout, 8 output blocks):
-  1. the source features the edit reads (``SamplingRun.source``: tokens and ResBlock branches as the edit pass of
-     each step finds them) are bit-identical with and without the early exit, and so is the edited latent;
-  2. the number of source calls that exited, and at which block;
-  3. the time of the source pass's UNet calls and of the whole edit, interleaved with / without (best, median),
-     for each attention backend asked for;
-  4. host state afterwards: a plain sampling of the base model gives the bit-identical result it gave before,
-     inference mode and the model's wrappers/patches are as they were.
+The engine ends each step's source pass right after the last feature a method on the model reads at that step
+(``passes.Step.source_end``, through ``host.set_unet_call_end``); ``stack.with_full_source_pass`` is the same
+edit with the whole UNet run, the reference here. On an SD1.5-layout UNet with its 4 levels (channel_mult
+1, 2, 4, 4, two ResBlocks per level, attention on the first three levels, random weights, 64 channels, 8-channel
+heads) at a ``--size`` latent, for each host attention backend (sub-quadratic, ComfyUI's CPU default; torch
+SDPA, its GPU default), interleaved (``_timing``: A B C, C B A, ...; best and median):
+  * plain CFG sampling, the edit with the early end, and the edit with the whole source pass (same frames, steps,
+    cfg), as ratios to plain (issue 25 goal: per-frame PnP <= 1.3x plain with SDPA at a 64x64 latent), in wall
+    time and in the process's CPU time (with one torch thread, the steadier figure on a loaded machine);
+  * the edited latents with and without the early end: bit-identical (those of the first round compared).
+``--flops``: the FLOPs of one call of the real SD1.5 / SDXL UNet on the meta device, and the share of a source
+call each injection preset's early end saves.
 """
 import argparse
-import contextlib
 import time
 
+import _edits
 import _timing
 import _tve
 
@@ -31,125 +28,17 @@ _tve.real_host()
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-import comfy.patcher_extension  # noqa: E402
-import comfy.sample  # noqa: E402
-import comfy.samplers  # noqa: E402
 
-from tve.flow.estimate import FlowField  # noqa: E402
-from tve.flow.trajectories import build_trajectories  # noqa: E402
-from tve.engine import host  # noqa: E402
 from tve.engine.flatten import apply_flatten  # noqa: E402
 from tve.engine.injection import apply_feature_injection  # noqa: E402
-from tve.engine.inversion import invert  # noqa: E402
-from tve.engine.run import Pass  # noqa: E402
+from tve.engine.stack import with_full_source_pass  # noqa: E402
 from tve.engine.tokenflow import apply_tokenflow  # noqa: E402
-from tve.tests.trained_model import load_trained_model, trained_conditioning  # noqa: E402
-from tve.tools.train_test_model import HELD_OUT_SEED  # noqa: E402
-from tve.tools.video_world import frames_to_latent, render_clip  # noqa: E402
 
-EXIT_KEY = "tve_source_exit"
-
-
-class SourceDone(Exception):
-    """Private: the SOURCE pass has computed every feature this step reads."""
-
-
-def last_read_output_block(run) -> int | None:
-    """The last output block whose source features some method reads at ``run.step`` (the stack's
-    ``source_reads``: self-attention inputs and ResBlock branches); -1 when nothing of the decoder is read, None
-    when nothing at all is (then the step runs no source pass)."""
-    reads = run.stack.source_reads(run.step, run.steps)
-    if not reads:
-        return None
-    return max([key[1] for key in reads.tokens if key[0] == "output"] + list(reads.resblocks), default=-1)
-
-
-class EarlyExit:
-    """The patch and the wrapper, with counters."""
-
-    def __init__(self):
-        self.exits: dict[int, int] = {}
-
-    def __deepcopy__(self, memo: dict) -> "EarlyExit":
-        return self                               # ModelPatcher.clone deep-copies model_options
-
-    def patch(self, h, hsp, transformer_options):
-        run = transformer_options.get(host.RUN_KEY)
-        if run is not None and run.pass_ is Pass.SOURCE:
-            last = last_read_output_block(run)
-            block = transformer_options["block"][1]
-            if last is not None and block > last:
-                self.exits[block] = self.exits.get(block, 0) + 1
-                raise SourceDone(block)
-        return h, hsp
-
-    @staticmethod
-    def wrapper(executor, x, *args, **kwargs):
-        try:
-            return executor(x, *args, **kwargs)
-        except SourceDone:
-            unet = executor.class_obj
-            return x.new_zeros((x.shape[0], unet.out_channels, *x.shape[2:]))
-
-    def install(self, model):
-        m = model.clone()
-        m.set_model_output_block_patch(self.patch)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, EXIT_KEY, self.wrapper)
-        return m
-
-
-class Probe:
-    """Records what the edit pass of each step finds from the source pass, and the time (and, while
-    ``count_flops``, the FLOPs) of each source call, by step."""
-
-    def __init__(self):
-        self.features: dict[int, tuple[dict, dict]] = {}
-        self.seconds: dict[int, float] = {}
-        self.flops: dict[int, int] = {}
-        self.count_flops = False
-
-    def __deepcopy__(self, memo: dict) -> "Probe":
-        return self                               # ModelPatcher.clone deep-copies model_options
-
-    def attn1_patch(self, n, context, value, extra_options):
-        run = extra_options.get(host.RUN_KEY)
-        if run is not None and run.pass_ is Pass.EDIT and run.step not in self.features:
-            self.features[run.step] = (dict(run.source.tokens), dict(run.source.resblocks))
-        return n, context, value
-
-    def timer(self, executor, *args, **kwargs):
-        run = args[5].get(host.RUN_KEY) if len(args) > 5 else kwargs.get("transformer_options", {}).get(host.RUN_KEY)
-        if run is None or run.pass_ is not Pass.SOURCE:
-            return executor(*args, **kwargs)
-        counter = FlopCounterMode(display=False) if self.count_flops else contextlib.nullcontext()
-        start = time.perf_counter()
-        try:
-            with counter:
-                return executor(*args, **kwargs)
-        finally:
-            self.seconds[run.step] = self.seconds.get(run.step, 0.0) + time.perf_counter() - start
-            if self.count_flops:
-                self.flops[run.step] = self.flops.get(run.step, 0) + counter.get_total_flops()
-
-    def install(self, model):
-        m = model.clone()
-        m.set_model_attn1_patch(self.attn1_patch)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "tve_bench_timer", self.timer)
-        return m
-
-
-def same_features(a: dict, b: dict) -> tuple[bool, str]:
-    if a.keys() != b.keys():
-        return False, f"steps {sorted(a)} vs {sorted(b)}"
-    for step in a:
-        for kind, x, y in zip(("tokens", "resblocks"), a[step], b[step]):
-            if x.keys() != y.keys():
-                return False, f"step {step} {kind}: {sorted(x)} vs {sorted(y)}"
-            for key in x:
-                if not torch.equal(x[key], y[key]):
-                    return False, f"step {step} {kind} {key} differ"
-    reads = sum(len(t) + len(r) for t, r in a.values())
-    return True, f"{len(a)} steps, {reads} feature tensors read, all bit-identical"
+# SD1.5's UNet layout (comfy's model detection of an SD1.5 checkpoint), 64 channels instead of 320
+SD15_LAYOUT = dict(model_channels=64, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+                   transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                   transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+ATTN_END, CONV_END = 0.5, 0.8          # Apply Feature Injection (TVE)'s defaults
 
 
 # ---------------------------------------------------------------------------------------------- real UNets
@@ -181,23 +70,34 @@ class _Unet:
 
 def flop_table(family: str, size: int) -> None:
     """FLOPs of one UNet call of a real SD1.5 / SDXL UNet on the meta device (shapes only, nothing computed): the
-    share spent before each output block and after each output block's ResBlock, and what the early exit saves
-    of a source call for each injection preset, while q/k injection runs (attention and conv features read) and
-    after it (conv features only)."""
+    share spent before each output block and after each output block's ResBlock, and the share of a source call the
+    engine's early end saves for each injection preset, while q/k injection runs (attention and conv features read)
+    and after it (conv features only): the call ends right after ``SourceReads.last_point`` (a ResBlock branch, or
+    a self-attention input: then before that block's attn1)."""
     import comfy.ldm.modules.attention as attention
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
     from tve.engine.injection import injection_targets
+    from tve.engine.methods import SourceReads, resblock_point, tokens_point
     unet = UNetModel(**UNETS[family], dtype=torch.float16, device="meta", operations=comfy.ops.disable_weight_init)
     counter = FlopCounterMode(display=False)
-    before, after_resblock = {}, {}
+    before, at_point = {}, {}
 
     def mark(h, hsp, transformer_options):
         before[transformer_options["block"][1]] = counter.get_total_flops()
         return h, hsp
 
-    handles = [layer.register_forward_hook(lambda m, i, o, b=b: after_resblock.__setitem__(b, counter.get_total_flops()))
-               for b, block in enumerate(unet.output_blocks) for layer in block[:1] if isinstance(layer, ResBlock)]
+    def at(point):
+        return lambda *args: at_point.__setitem__(point, counter.get_total_flops())
+
+    handles = []
+    for b, block in enumerate(unet.output_blocks):
+        for layer in block:
+            if isinstance(layer, ResBlock):
+                handles.append(layer.register_forward_hook(at(resblock_point(b))))
+            if isinstance(layer, attention.SpatialTransformer):
+                for j, tb in enumerate(layer.transformer_blocks):
+                    handles.append(tb.attn1.register_forward_pre_hook(at(tokens_point(("output", b, j)))))
     options = {"patches": {"output_block_patch": [mark]},
                "optimized_attention_override": lambda default, *a, **k: attention.attention_pytorch(*a, **k)}
     x = torch.empty(1, 4, size, size, device="meta", dtype=torch.float16)
@@ -211,37 +111,54 @@ def flop_table(family: str, size: int) -> None:
     blocks = len(unet.output_blocks)
     print(f"## {family.upper()} UNet, {size}x{size} latent, batch 1: {total / 1e9:.0f} GFLOP per call (meta device, "
           f"torch FlopCounterMode); share of a call spent before output block i / after its ResBlock:")
-    print("  " + ", ".join(f"{i}: {before[i] / total:.3f}/{after_resblock[i] / total:.3f}" for i in range(blocks)))
+    print("  " + ", ".join(f"{i}: {before[i] / total:.3f}/{at_point[resblock_point(i)] / total:.3f}"
+                           for i in range(blocks)))
     model = _Unet(unet)
     for preset in ("tokenflow", "flatten"):
         attn, conv = injection_targets(model, preset)
-        attn_ids = sorted({b.key[1] for b in attn})
-        for phase, attn_read in (("attention + conv injection", attn_ids), ("conv injection only", [])):
-            read = attn_read + list(conv)
-            last = max(read)
-            at_block = before[last + 1] / total if last + 1 < blocks else 1.0
-            finer = after_resblock[last] / total if last in conv and last not in attn_read else at_block
-            print(f"  {preset} preset, {phase}: reads output blocks {sorted(set(read))} (attention {attn_ids}, "
-                  f"ResBlock {list(conv)}); exit before output block {last + 1 if last + 1 < blocks else '-'}: "
-                  f"{1 - at_block:.1%} of the source call saved; exit right after the last read ResBlock: "
-                  f"{1 - finer:.1%}", flush=True)
+        for phase, tokens in (("attention + conv injection", frozenset(b.key for b in attn)),
+                              ("conv injection only", frozenset())):
+            last = SourceReads(tokens, frozenset(conv)).last_point()
+            where = (f"output block {last[1]}'s ResBlock" if last[2] == -1 else
+                     f"output block {last[1]}'s transformer {last[2]} self-attention input")
+            print(f"  {preset} preset, {phase}: the source call ends after {where}: {1 - at_point[last] / total:.1%} "
+                  "of it saved", flush=True)
 
 
-def _share(values: dict, steps: list) -> str:
-    exit_, full = (sum(values[k].get(s, 0) for s in steps) for k in ("exit", "full"))
-    return f"{exit_ / full:.3f}x"
+def edit_models(model, inversion, size: int, frames: int) -> dict:
+    """The edits the bench can time, each a function of the (attention-backend) model."""
+    def flatten_model(m):
+        from tve.flow.estimate import FlowField
+        from tve.flow.trajectories import build_trajectories
+        from tve.tools.video_world import render_clip
+        clip = render_clip(frames, size * 8, size * 8, seed=0, sprites=1)
+        flow = FlowField(clip.flow_forward, clip.flow_backward, clip.occlusion_forward, "ground truth")
+        return apply_flatten(m, build_trajectories(flow, (size, size), seed=0), "highest resolution", "dense_output")
+
+    return {
+        "pnp-tokenflow": lambda m: apply_feature_injection(m, inversion, ATTN_END, CONV_END, "tokenflow",
+                                                           "sigma-matched"),
+        "pnp-flatten": lambda m: apply_feature_injection(m, inversion, ATTN_END, CONV_END, "flatten",
+                                                         "sigma-matched"),
+        "flatten": lambda m: apply_feature_injection(flatten_model(m), inversion, ATTN_END, CONV_END, "flatten",
+                                                     "sigma-matched"),
+        "tokenflow": lambda m: apply_tokenflow(m, inversion, 4, 0, "paper", ATTN_END, CONV_END),
+    }
+
+
+LABELS = {"pnp-tokenflow": "per-frame PnP (TokenFlow preset)", "pnp-flatten": "per-frame PnP (FLATTEN preset)",
+          "flatten": "FLATTEN + PnP (FLATTEN preset)", "tokenflow": "TokenFlow"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=2)
+    ap.add_argument("--size", type=int, default=64, help="latent height and width")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--methods", nargs="+", default=["pnp-tokenflow", "pnp-flatten", "flatten", "tokenflow"],
-                    choices=["pnp-tokenflow", "pnp-flatten", "flatten", "tokenflow"])
+    ap.add_argument("--methods", nargs="+", default=["pnp-tokenflow"], choices=sorted(LABELS))
     ap.add_argument("--flops", nargs="*", metavar="FAMILY:SIZE", help="only the FLOP table of real UNets on "
                     "the meta device (e.g. sd15:64 sdxl:128); nothing sampled")
-    _timing.add_arguments(ap, repeats=2, backends=("sub_quad",))
+    _timing.add_arguments(ap, repeats=3, backends=("pytorch", "sub_quad"))
     opts = ap.parse_args()
     _timing.pin_threads(opts.threads)
     if opts.flops is not None:
@@ -254,70 +171,46 @@ def main() -> None:
 
 
 def run(opts) -> None:
-    clip = render_clip(opts.frames, 256, 256, seed=HELD_OUT_SEED, sprites=2)
-    flow = FlowField(clip.flow_forward, clip.flow_backward, clip.occlusion_forward, "ground truth")
-    base = load_trained_model("test_model_256")
-    latent = frames_to_latent(clip.frames)
-    x_T, inversion = invert(base, latent, trained_conditioning("source", "test_model_256"), opts.steps,
-                            "ddim_uniform")
-    trajectories = build_trajectories(flow, tuple(latent.shape[-2:]), seed=0)
-    positive = trained_conditioning("target", "test_model_256")
-    negative = trained_conditioning("empty", "test_model_256")
-
-    def sample(model):
-        return comfy.sample.sample_custom(model, torch.zeros_like(x_T), opts.cfg,
-                                          comfy.samplers.sampler_object("euler"), inversion.sigmas, positive,
-                                          negative, x_T, disable_pbar=True, seed=0)
-
-    plain_before = sample(base)
-    methods = {
-        "pnp-tokenflow": lambda m: apply_feature_injection(m, inversion, 0.5, 0.8, "tokenflow", "sigma-matched"),
-        "pnp-flatten": lambda m: apply_feature_injection(m, inversion, 0.5, 0.8, "flatten", "sigma-matched"),
-        "flatten": lambda m: apply_feature_injection(apply_flatten(m, trajectories, "highest resolution",
-                                                                   "dense_output"),
-                                                     inversion, 0.5, 0.8, "flatten", "sigma-matched"),
-        "tokenflow": lambda m: apply_tokenflow(m, inversion, 4, 0, "paper", 0.5, 0.8),
-    }
-    _timing.header(f"source-pass early exit, {opts.frames} frames, 32x32 latent, {opts.steps} steps, cfg {opts.cfg}, "
-                   "attn_end 0.5, conv_end 0.8, trained 256 px test model (8 output blocks), CPU")
+    from tve.tests.hosts import make_tiny_model
+    flat = make_tiny_model("sd15", **SD15_LAYOUT)
+    model, x_T, inversion = _edits.inverted_video(opts.frames, opts.size, opts.steps, model=flat)
+    edits = edit_models(model, inversion, opts.size, opts.frames)
+    _timing.header(f"source pass ending after the last feature read vs the whole source pass, {opts.frames} frames, "
+                   f"{opts.size}x{opts.size} latent, {opts.steps} steps, cfg 7.5, attn_end {ATTN_END}, conv_end "
+                   f"{CONV_END}, SD1.5-layout 4-level UNet (64 channels, random weights), CPU")
     for backend in opts.backends:
-        print(f"## host attention: {_timing.backend_label(backend)}", flush=True)
+        plain = _timing.with_attention(model, backend)
+        label = _timing.backend_label(backend)
         for name in opts.methods:
-            edit_model = _timing.with_attention(methods[name](base), backend)
-            probes = {"full": Probe(), "exit": Probe()}
-            early = EarlyExit()
-            models = {"full": probes["full"].install(edit_model),
-                      "exit": early.install(probes["exit"].install(edit_model))}
-            for p in probes.values():
-                p.count_flops = True
-            outs = {k: sample(m) for k, m in models.items()}
-            ok, said = same_features(probes["full"].features, probes["exit"].features)
-            same_out = torch.equal(outs["full"], outs["exit"])
-            exited = sorted(s for s in probes["exit"].flops if probes["exit"].flops[s] < probes["full"].flops[s])
-            print(f"{name}: source features {'SAME' if ok else 'DIFFERENT'} ({said}); edited latent "
-                  f"{'bit-identical' if same_out else 'DIFFERENT'}; source calls ended before output block "
-                  f"(block: calls) {early.exits or 'none'}, at steps {exited} of {sorted(probes['full'].flops)}",
-                  flush=True)
-            if not exited:
-                continue
-            flops = {k: p.flops for k, p in probes.items()}
-            print(f"  {_share(flops, exited)} source-pass FLOPs with / without the exit at the steps that exit; "
-                  f"{_share(flops, list(flops['full']))} over all source calls (FlopCounterMode, exact)", flush=True)
-            for p in probes.values():
-                p.count_flops, p.seconds = False, {}
-            times = _timing.interleaved({k: (lambda m=m: sample(m)) for k, m in models.items()}, opts.repeats,
-                                        warmup=False)
-            seconds = {k: p.seconds for k, p in probes.items()}
-            print(f"  {_share(seconds, exited)} source-pass UNet time with / without at those steps (summed over "
-                  f"{opts.repeats} interleaved runs); {_timing.ratio_line(times, 'exit', 'full', 'whole edit')}",
-                  flush=True)
-    plain_after = sample(base)
-    leftovers = {k for k in base.model_options["transformer_options"].get("wrappers", {}).get(
-        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})} | set(
-        base.model_options["transformer_options"].get("patches", {}))
-    print(f"host afterwards: plain sampling {'bit-identical' if torch.equal(plain_before, plain_after) else 'CHANGED'}"
-          f" to before; inference mode {torch.is_inference_mode_enabled()}; base model's diffusion-model wrappers "
-          f"and patches {sorted(leftovers) or 'none'}", flush=True)
+            ended = edits[name](plain)
+            whole = with_full_source_pass(ended)
+            models = {"plain": plain, "ended": ended, "whole": whole}
+            latents, cpu = {}, {k: [] for k in models}
+
+            def timed(k: str, m) -> None:
+                start = time.process_time()
+                latents.setdefault(k, _edit(m, x_T, inversion.sigmas))
+                cpu[k].append(time.process_time() - start)
+
+            wall = _timing.interleaved({k: (lambda k=k, m=m: timed(k, m)) for k, m in models.items()}, opts.repeats,
+                                       warmup=False)
+            same = torch.equal(latents["ended"], latents["whole"])
+            print(f"## {LABELS[name]} [{label}]: edited latents {'bit-identical' if same else 'DIFFERENT'} with "
+                  "and without the early end", flush=True)
+            for clock, times in (("wall", wall), ("CPU", {k: _timing.Times(v) for k, v in cpu.items()})):
+                print(f"  {clock} time:", flush=True)
+                print("    " + _timing.ratio_line(times, "ended", "plain", "edit, source pass ended early / plain CFG"))
+                print("    " + _timing.ratio_line(times, "whole", "plain", "edit, whole source pass / plain CFG"))
+                print("    " + _timing.ratio_line(times, "ended", "whole", "edit ended early / whole"), flush=True)
+
+
+def _edit(model, x_T, sigmas) -> torch.Tensor:
+    import comfy.sample
+    import comfy.samplers
+    from tve.tests.hosts import make_conditioning
+    return comfy.sample.sample_custom(model, torch.zeros_like(x_T), 7.5, comfy.samplers.sampler_object("euler"),
+                                      sigmas, make_conditioning("sd15", 2), make_conditioning("sd15", 3), x_T,
+                                      disable_pbar=True)
 
 
 if __name__ == "__main__":

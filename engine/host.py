@@ -1277,3 +1277,41 @@ def chunks_alike_before_text(x: torch.Tensor, t: torch.Tensor, c_concat: torch.T
     for c in range(chunks):
         kinds.append(next((d for d in sorted(set(kinds)) if all(torch.equal(v[c], v[d]) for v in per_row)), c))
     return tuple(kinds)
+
+
+# ---------------------------------------------------------------------------------------------- ending a UNet call
+UNET_CALL_END_KEY = "text_video_edit_call_end"      # the DIFFUSION_MODEL wrapper that ends a UNet call early
+
+
+class _UNetCallEnded(Exception):
+    """Private: raised by ``end_unet_call`` inside a UNet call, caught only by ``_end_unet_call_here``."""
+
+
+def set_unet_call_end(model: Any) -> None:
+    """Let a patch or forward hook end a UNet call of the clone ``model`` early (``end_unet_call``): a keyed
+    DIFFUSION_MODEL wrapper around ``UNetModel._forward`` (the host's own wrapper point, on both releases) that
+    catches the end and returns zeros of the UNet output's shape. Installed once per clone."""
+    model.remove_wrappers_with_key(DIFFUSION_MODEL, UNET_CALL_END_KEY)
+    model.add_wrapper_with_key(DIFFUSION_MODEL, UNET_CALL_END_KEY, _end_unet_call_here)
+
+
+def ends_unet_calls(transformer_options: Mapping[str, Any]) -> bool:
+    """Whether the UNet calls made with ``transformer_options`` (a sampling call's) may be ended early: the model
+    being sampled carries ``set_unet_call_end``'s wrapper."""
+    return UNET_CALL_END_KEY in transformer_options.get("wrappers", {}).get(DIFFUSION_MODEL, {})
+
+
+def end_unet_call() -> None:
+    """End the UNet call now running (only where ``ends_unet_calls``), from an attn1 patch or a forward hook
+    between two layers: no layer is mid-forward (no weight cast, offload stream or hook of the host is half done),
+    the exception unwinds ``UNetModel._forward`` only, and every host frame outside the diffusion model sees the
+    call return an output that nobody reads (zeros)."""
+    raise _UNetCallEnded
+
+
+def _end_unet_call_here(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    try:
+        return executor(x, *args, **kwargs)
+    except _UNetCallEnded:
+        unet = executor.class_obj                                           # the UNetModel the wrapper is around
+        return x.new_zeros((x.shape[0], unet.out_channels, *x.shape[2:]))   # (B, C_out, h, w), never read

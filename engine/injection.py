@@ -74,7 +74,7 @@ class Injection(Method):
             if not self.conv_active(run.step, run.steps):
                 return None
             if run.pass_ is Pass.SOURCE:
-                run.source.resblocks[block_id] = h                                    # (F, C, h, w)
+                run.keep_source_resblock(block_id, h)                                 # (F, C, h, w)
             elif run.pass_ in (Pass.EDIT, Pass.KEYFRAMES) and block_id in run.source.resblocks:
                 source = run.source_at_pass(run.source.resblocks[block_id])
                 return source.repeat(h.shape[0] // source.shape[0], 1, 1, 1)          # (chunks·F, C, h, w)

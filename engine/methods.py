@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .stack import MethodStack
 
 BlockKey = tuple[str, int, int]                  # a transformer block's attn1 replace key (name, id, index)
+ReadPoint = tuple[int, int, int]                 # where a UNet call computes a feature (tokens_point, resblock_point)
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]   # (q, k, v, extra) -> out
 
 
@@ -54,6 +55,26 @@ class SourceReads:
 
     def __bool__(self) -> bool:
         return bool(self.tokens or self.resblocks)
+
+    def last_point(self) -> ReadPoint | None:
+        """The point of a UNet call after which nothing read is computed (None: nothing is read): a source pass may
+        end there, since every later layer feeds only features nobody reads."""
+        points = [tokens_point(key) for key in self.tokens] + [resblock_point(i) for i in self.resblocks]
+        return max(points, default=None)
+
+
+_PARTS = {"input": 0, "middle": 1, "output": 2}       # the UNet's order: input blocks, middle block, output blocks
+
+
+def tokens_point(key: BlockKey) -> ReadPoint:
+    """Where block ``key``'s self-attention input is computed: in its UNet block, after the block's ResBlock, in
+    transformer order."""
+    return _PARTS[key[0]], key[1], key[2]
+
+
+def resblock_point(output_block: int) -> ReadPoint:
+    """Where output block ``output_block``'s ResBlock branch is computed: first in that block."""
+    return _PARTS["output"], output_block, -1
 
 
 class Refused(ValueError):

@@ -8,7 +8,8 @@ inversion included: statistics over the frames each pass holds, per CFG chunk). 
 (CALC_COND_BATCH) is one step over the call's frames (the host may have split them into a core context window): a
 ``Step`` whose passes run, in frame windows of the model's ``FrameWindows``, as
   SOURCE     when a method reads the source video: the inversion's source latents at this σ with the source
-             conditioning (PnP, Tumanyan et al. 2023 §4; TokenFlow §3.2),
+             conditioning (PnP, Tumanyan et al. 2023 §4; TokenFlow §3.2); its UNet call ends right after the
+             last feature a method reads at this step (``Step.source_end``): the later layers feed nothing read,
   EDIT       the sampler's call on the window's frames;
 or as a step-driving method runs them (TokenFlow's KEYFRAMES and propagated EDIT passes; with its
 ``official`` propagation, a SOURCE pass whose self-attention is propagated too). INVERSION labels every
@@ -33,7 +34,7 @@ from .masked_source import MaskedSource
 from .run import Pass, SamplingRun, SourceFeatures, call_frame_ids, current_run
 
 if TYPE_CHECKING:
-    from .methods import Attention, BlockKey, Method
+    from .methods import Attention, BlockKey, Method, ReadPoint
     from .stack import MethodStack
 
 
@@ -113,11 +114,22 @@ class Step:
         conds = host.encode_conditioning(self.model, inversion.conditioning, x_src)
         run.source = SourceFeatures(positions=positions)
         run.pass_, run.pass_positions, run.pass_frame_ids = Pass.SOURCE, positions, ids
+        run.source_end = self.source_end()
         try:
             prepare_pass(run, x_src.device)
             self.executor(self.model, [conds], x_src, t_src, self.model_options)
         finally:
             run.pass_, run.pass_positions, run.pass_frame_ids = None, None, None
+            run.source_end = None
+
+    def source_end(self) -> "ReadPoint | None":
+        """Where this step's source pass may end its UNet call: after the last feature a method reads at this
+        step (None: it runs the whole UNet). Every later layer feeds only what nobody reads, so the features kept,
+        and the edit, are bit-identical either way (``MethodStack.source_exit`` off: the whole UNet)."""
+        run = self.run
+        if not run.stack.source_exit or not host.ends_unet_calls(self.model_options["transformer_options"]):
+            return None
+        return run.stack.source_reads(run.step, run.steps).last_point()
 
     def _conds_for(self, conds: list[dict] | None, positions: torch.Tensor | None) -> list[dict] | None:
         if conds is None:
@@ -242,7 +254,7 @@ def route_attention_input(n: torch.Tensor, context: torch.Tensor, value: torch.T
     key = host.block_key(extra_options)
     if run.pass_ is Pass.SOURCE:
         if key in run.stack.source_reads(run.step, run.steps).tokens:
-            run.source.tokens[key] = n                                                # (F, T, C)
+            run.keep_source_tokens(key, n)                                            # (F, T, C)
     elif run.pass_ in (Pass.EDIT, Pass.KEYFRAMES):
         for method in reversed(run.stack.methods):
             tokens = method.attention_input(key, n, run)

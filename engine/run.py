@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from . import host
+from .methods import ReadPoint, resblock_point, tokens_point
 
 if TYPE_CHECKING:
     from .stack import MethodStack
@@ -54,6 +55,7 @@ class SamplingRun:
     source: SourceFeatures = field(default_factory=SourceFeatures)
     pass_source_rows: Any = None                  # rows of ``source`` holding the pass's frames, on the device, set
     #                                               once per pass (None: the same rows; an error: not all held)
+    source_end: ReadPoint | None = None           # the source pass now running ends after this point (None: runs all)
     controls: dict = field(default_factory=dict)  # ControlNet copies per (control, frame ids), host.control_for_frames
     method_state: dict = field(default_factory=dict)   # id(method) -> what a method keeps for a step or a pass
     alike_chunks: tuple[int, ...] | None = None   # per CFG chunk of the UNet call now running, the first chunk equal
@@ -62,6 +64,20 @@ class SamplingRun:
     def frames_per_chunk(self) -> int:
         """Frames each CFG chunk of the current UNet call holds: those of the pass now running, else the call's."""
         return len(self.pass_frame_ids if self.pass_frame_ids is not None else self.frame_ids)
+
+    def keep_source_tokens(self, key: tuple[str, int, int], n: torch.Tensor) -> None:
+        """The source pass keeps block ``key``'s self-attention input (F, T, C); ends its UNet call if that was the
+        last feature read this step."""
+        self.source.tokens[key] = n
+        if self.source_end == tokens_point(key):
+            host.end_unet_call()
+
+    def keep_source_resblock(self, output_block: int, h: torch.Tensor) -> None:
+        """The source pass keeps output block ``output_block``'s ResBlock branch (F, C, h, w); ends its UNet call if
+        that was the last feature read this step."""
+        self.source.resblocks[output_block] = h
+        if self.source_end == resblock_point(output_block):
+            host.end_unet_call()
 
     def positions_of(self, frame_ids: tuple[int, ...]) -> torch.Tensor:
         """Call positions of ``frame_ids``."""

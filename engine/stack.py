@@ -28,6 +28,7 @@ class MethodStack:
     windows_set: bool = False                     # a Frame Windows (TVE) node set ``windows`` (else the default)
     foreign: Mapping[BlockKey, Callable] = field(default_factory=dict)
     inverting: bool = False                       # a clone DDIM Inversion (TVE) inverts with: every call INVERSION
+    source_exit: bool = True                      # source passes end after the last feature read (Step.source_end)
     notes: tuple[str, ...] = field(default=(), compare=False)   # what the node that made it replaced, to show it
 
     # ------------------------------------------------------------------------------------------ what it holds
@@ -197,6 +198,12 @@ def apply_frame_windows(model: Any, frames_per_window: int, overlap: int) -> Any
     return install(model.clone(), stack_of(model).with_windows(windows))
 
 
+def with_full_source_pass(model: Any) -> Any:
+    """A clone of ``model`` whose source passes run the whole UNet (no early end): the same edit, bit for bit, and
+    the reference the early end is tested and benchmarked against."""
+    return install(model.clone(), dataclasses.replace(stack_of(model), source_exit=False, notes=()))
+
+
 def for_inversion(model: Any) -> Any:
     """A clone of ``model`` whose TVE passes label every call INVERSION (no source or keyframe passes)."""
     return install(model.clone(), dataclasses.replace(stack_of(model), inverting=True, notes=()))
@@ -230,6 +237,7 @@ def install(model: Any, stack: MethodStack) -> Any:
     host.set_attn1_replace(model, passes.route_attention, sorted(blocks - routed))
     if any(m.inversion is not None for m in stack.methods):
         host.ensure_attn1_patch(model, passes.route_attention_input)
+        host.set_unet_call_end(model)           # a source pass ends after the last feature read
     host.set_attachment(model, stack)
     host.set_wrapper(model, host.OUTER_SAMPLE, passes.outer_sample)
     host.set_wrapper(model, host.CALC_COND_BATCH, passes.calc_cond_batch)

@@ -275,6 +275,38 @@ def test_diffusion_model_wrappers_see_every_unet_call_in_the_order_added():
     assert seen == [(name, (4, 4, 8, 8), pytest.approx(float(s))) for s in grid[:2] for name in ("first", "second")]
 
 
+def test_a_hook_ends_a_unet_call_early_on_a_clone_whose_call_end_wrapper_returns_zeros_of_the_output_shape():
+    from tve.engine import host
+    base = make_tiny_model("sd15")
+    reference = sample(base.clone())
+    model = base.clone()
+    seen = []
+    host.add_wrapper(model, host.DIFFUSION_MODEL, "test_outer", lambda executor, x, *args, **kw: (
+        out := executor(x, *args, **kw), seen.append((host.ends_unet_calls(args[4]), x.shape, out)))[0])
+    host.set_unet_call_end(model)
+    host.set_unet_call_end(model)                                        # once per clone, however often set
+    ran = []
+    hooks = {host.resblock_branch(model, 0): lambda h: host.end_unet_call(),
+             host.resblock_branch(model, 1): lambda h: ran.append(1)}
+    with host.forward_hooks(hooks):
+        sample(model, steps=2)
+    assert len(seen) == 2 and not ran                                     # both calls ended at output block 0
+    for ends, shape, out in seen:
+        assert ends and out.shape == shape and not out.any()
+    assert torch.equal(sample(base.clone()), reference)                  # nothing stays on the base model
+    plain = base.clone()
+    host.add_wrapper(plain, host.DIFFUSION_MODEL, "test_outer", lambda executor, *args, **kw: (
+        seen.append(host.ends_unet_calls(args[5])), executor(*args, **kw))[1])
+    sample(plain, steps=1)
+    assert seen[-1] is False
+
+    def fails(h):
+        raise ValueError("not the end of a call")
+
+    with host.forward_hooks({host.resblock_branch(model, 0): fails}), pytest.raises(ValueError, match="not the end"):
+        sample(model, steps=1)                                           # only the call end is caught
+
+
 def test_add_lora_patches_a_clone_and_load_model_patches_the_weights_in():
     from tve.engine import host
     model = make_tiny_model("sd15")
