@@ -45,20 +45,26 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Ten
 
 @dataclass(frozen=True)
 class SourceReads:
-    """What methods read from one step's source pass: the self-attention input ``n`` of ``tokens`` blocks and the
-    ResBlock branch output of ``resblocks`` output blocks."""
+    """What methods read from one step's source pass: the self-attention input ``n`` of ``tokens`` blocks, the
+    ResBlock branch output of ``resblocks`` output blocks, and what the self-attention of ``outputs`` blocks returns
+    (TokenFlow ``official``: the keyframes' source outputs it propagates, and the fields its propagated source
+    branch computes in that slot)."""
     tokens: frozenset = frozenset()               # BlockKey
     resblocks: frozenset = frozenset()            # output block ids
+    outputs: frozenset = frozenset()              # BlockKey
 
     def __or__(self, other: "SourceReads") -> "SourceReads":
-        return SourceReads(self.tokens | other.tokens, self.resblocks | other.resblocks)
+        return SourceReads(self.tokens | other.tokens, self.resblocks | other.resblocks, self.outputs | other.outputs)
 
     def __bool__(self) -> bool:
-        return bool(self.tokens or self.resblocks)
+        return bool(self.tokens or self.resblocks or self.outputs)
 
     def last_point(self) -> ReadPoint | None:
-        """The point of a UNet call after which nothing read is computed (None: nothing is read): a source pass may
-        end there, since every later layer feeds only features nobody reads."""
+        """The point of a UNet call after which nothing read is computed: a source pass may end there, since every
+        later layer feeds only features nobody reads. None: no such point, the whole call runs (nothing is read,
+        or a self-attention's output is: no call is ended after an attention, which is the last block's at most)."""
+        if self.outputs:
+            return None
         points = [tokens_point(key) for key in self.tokens] + [resblock_point(i) for i in self.resblocks]
         return max(points, default=None)
 

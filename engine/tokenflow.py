@@ -63,6 +63,8 @@ class TokenFlow(Method):
         return [self.inversion]
 
     def source_reads(self, step: int, steps: int) -> SourceReads:
+        if self.propagates_source:        # the keyframes' source outputs are propagated, fields taken in that slot
+            return SourceReads(tokens=self.attention_blocks, outputs=self.attention_blocks)
         return SourceReads(tokens=self.attention_blocks)             # every block's tokens: the NN fields
 
     # ------------------------------------------------------------------------------------------ the step

@@ -38,8 +38,9 @@ def edit_model(family, preset):
         model = apply_flatten(model, trajectories_for(FRAMES))
     x_T, inversion = invert(model, make_latent(FRAMES, 8, 8)["samples"], make_conditioning(family, seed=1), STEPS,
                             "ddim_uniform")
-    if preset == "tokenflow":
-        return ApplyTokenFlow().apply(model, inversion, 2, 7, "paper", 0.5, 0.75)[0], inversion, x_T
+    if preset in ("tokenflow", "tokenflow-official"):
+        propagation = "official" if preset == "tokenflow-official" else "paper"
+        return ApplyTokenFlow().apply(model, inversion, 2, 7, propagation, 0.5, 0.75)[0], inversion, x_T
     block_preset = "tokenflow" if preset == "pnp-tokenflow" else "flatten"
     return apply_feature_injection(model, inversion, 0.5, 0.75, block_preset, "sigma-matched"), inversion, x_T
 
@@ -134,9 +135,25 @@ def test_each_source_call_stops_right_after_the_last_feature_read_and_runs_whole
         assert steps == [0, 1, 2] and last_read(model, 2) <= last_read(model, 0)    # no more once attention ends
 
 
+def test_tokenflow_official_source_calls_run_whole_as_it_reads_every_self_attention_output():
+    """The keyframes' source outputs it propagates and the fields its propagated source branch takes in the
+    self-attention slot are read up to the last block's attention: no source call may end before it."""
+    from tve.engine import host
+    from tve.engine.stack import with_full_source_pass
+    model, inversion, x_T = edit_model("sd15", "tokenflow-official")
+    full = with_full_source_pass(model)
+    ran = PointsRun(model)
+    with host.forward_hooks(ran.hooks):
+        ended = edit(model, x_T, inversion.sigmas, "sd15")
+    whole, sources = ran.of("edit")[0], ran.of("source")
+    assert len(sources) == 2 * STEPS and all(points == whole for points in sources)   # per step: keyframes, propagated
+    assert torch.equal(ended, edit(full, x_T, inversion.sigmas, "sd15"))
+
+
 def test_reads_order_as_the_unet_computes_them():
     from tve.engine.methods import SourceReads
     assert SourceReads().last_point() is None
+    assert SourceReads(tokens=frozenset({("input", 4, 0)}), outputs=frozenset({("input", 4, 0)})).last_point() is None
     reads = SourceReads(tokens=frozenset({("input", 4, 0), ("middle", 0, 1), ("output", 3, 0)}),
                         resblocks=frozenset({3}))
     assert reads.last_point() == (2, 3, 0)                      # output block 3's transformer after its ResBlock
