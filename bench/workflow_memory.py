@@ -2,7 +2,7 @@
 which node holds what (real host; the e2e helpers of ``tests/e2e``).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/workflow_memory.py [--workflows tokenflow_edit flatten_edit]
-        [--frames 12 48 120] [--clip 854x480] [--resize 128] [--steps 2] [--cache default none]
+        [--frames 12 48 120] [--clip 854x480] [--resize 128] [--steps 2] [--cache default none] [--vae tiled]
 
 For each workflow, frame count and cache mode, a fresh server (``tests/e2e/headless_comfyui.py``, CPU) with the e2e
 tiny SD1.5 checkpoint runs the shipped graph (``tests/e2e/ui_workflow.to_api``) on a procedural clip of exactly that
@@ -12,7 +12,8 @@ frame taken (the cap raised to the clip). While it runs, the server's resident s
 node it is executing (the websocket's ``executing`` messages) are recorded. Printed: the peak resident set above
 the idle server and its growth per frame between frame counts; per node, the resident set when it ends (what stays
 held) and its peak while it runs, above the idle server, with the growth per frame of each; the nodes are marked
-[pack] (TVE_*) or [core]. ``--cache none`` runs the server with ``--cache-none``: what core's output cache keeps.
+[pack] (TVE_*) or [core]. ``--cache none`` runs the server with ``--cache-none``: what core's output cache keeps. ``--vae tiled`` swaps in
+core's VAE Encode / Decode (Tiled), which code one frame at a time.
 """
 import argparse
 import asyncio
@@ -79,10 +80,11 @@ def start_server(files: dict, log: Path, cache: str):
                  "--whitelist-custom-nodes", files["folder"]]
     if cache == "none":
         arguments.append("--cache-none")
-    return start(Path(os.environ["COMFYUI_PATH"]).resolve(), arguments, log, 600)
+    return start(Path(os.environ["COMFYUI_PATH"]).resolve(), arguments, log)
 
 
-def graph_of(workflow: str, object_info: dict, clip: str, frames: int, resize: int, steps: int) -> dict:
+def graph_of(workflow: str, object_info: dict, clip: str, frames: int, resize: int, steps: int,
+             vae: str = "plain") -> dict:
     from tve.tests.e2e.session_files import CHECKPOINT
     from tve.tests.e2e.ui_workflow import to_api
     graph = to_api(json.loads((ROOT / "workflows" / f"{workflow}.json").read_text()), object_info)
@@ -94,7 +96,28 @@ def graph_of(workflow: str, object_info: dict, clip: str, frames: int, resize: i
         for name, value in overrides.get(node["class_type"], {}).items():
             assert name in node["inputs"], f"{node['class_type']} has no input {name}"
             node["inputs"][name] = value
+    if vae == "tiled":
+        swap_to_tiled_vae(graph, object_info)
     return graph
+
+
+TILED_VAE = {"VAEEncode": "VAEEncodeTiled", "VAEDecode": "VAEDecodeTiled"}
+
+
+def swap_to_tiled_vae(graph: dict, object_info: dict) -> None:
+    """Core's VAE Encode / Decode replaced by their tiled forms, links kept, the tiled nodes' own widgets at their
+    defaults: they code one frame at a time (``comfy.utils.tiled_scale`` loops over the batch), where the plain
+    nodes take as many frames per batch as free memory allows (on the CPU: all of them)."""
+    for node in graph.values():
+        tiled = TILED_VAE.get(node["class_type"])
+        if tiled is None:
+            continue
+        required = object_info[tiled]["input"]["required"]
+        inputs = {name: value for name, value in node["inputs"].items() if name in required}
+        for name, spec in required.items():
+            if name not in inputs:
+                inputs[name] = spec[1]["default"]
+        node["class_type"], node["inputs"] = tiled, inputs
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -188,7 +211,7 @@ def measure(files: dict, root: Path, workflow: str, frames: int, cache: str, opt
     server = start_server(files, root / f"server_{workflow}_{frames}_{cache}.log", cache)
     try:
         object_info = server.get("/object_info").json()
-        graph = graph_of(workflow, object_info, clip, frames, opts.resize, opts.steps)
+        graph = graph_of(workflow, object_info, clip, frames, opts.resize, opts.steps, opts.vae)
         with Recorder(server.url, server.process.pid) as recorder:
             time.sleep(0.5)
             idle = min(r for _, r in recorder.samples[-20:])
@@ -240,6 +263,8 @@ def main() -> None:
     ap.add_argument("--resize", type=int, default=128, help="ImageScaleToMaxDimension's long side")
     ap.add_argument("--steps", type=int, default=2, help="DDIM inversion steps (the edit samples on its grid)")
     ap.add_argument("--cache", nargs="+", default=["default"], choices=["default", "none"])
+    ap.add_argument("--vae", default="plain", choices=["plain", "tiled"],
+                    help="tiled: core's VAE Encode / Decode (Tiled) in place of the shipped plain ones")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--keep", help="a folder to keep the session (server logs, clips) in")
     opts = ap.parse_args()
@@ -250,7 +275,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     files = session(root)
     _timing.header(f"whole-workflow memory, clip {opts.clip}, resized to {opts.resize} px, {opts.steps} DDIM steps, "
-                   f"tiny SD1.5 checkpoint, server on the CPU")
+                   f"tiny SD1.5 checkpoint, server on the CPU, {opts.vae} VAE nodes")
     for workflow in opts.workflows:
         for cache in opts.cache:
             results = {f: measure(files, root, workflow, f, cache, opts) for f in opts.frames}

@@ -149,6 +149,15 @@ def vram_line(model: Model) -> str:
             f"frames_per_window {figures}. Lower it or the long side if it does not fit.")
 
 
+# bench/workflow_memory.py (docs/workflows.md, "RAM"): the server's peak grows with the frames, almost all in core's nodes.
+RAM_LINE = ("- **RAM** grows with the frames, almost all in core's nodes (measured on the CPU, 854×480 clip at 128 px: "
+            "about 42 MB per frame at the peak): Get Video Components holds the whole clip decoded at full size and the "
+            "frame range a copy; VAE Encode/Decode code all frames in one batch on the CPU. TVE's nodes add 1–2.5 MB per "
+            "frame. To cap it: fewer frames per run (③); core VAE Encode/Decode (Tiled) code one frame at a time "
+            "(10–17 MB per frame, slower); on ComfyUI 0.33+, core Trim Video between the video and Get Video "
+            "Components decodes only that span.")
+
+
 def frames_lines(model: Model = SD15, vram: bool = True) -> str:
     """What every video workflow's Details say about the frames: range, size, VRAM, fps and audio."""
     return f"""- **Frames (start, number)** (core Get Image from Batch): batch_index is the first frame, length the \
@@ -156,7 +165,8 @@ number of frames ({model.frames} shipped); a longer length takes what the clip h
 takes its last frame. A clip with no frames stops at **Resize (long side)** (core), before any TVE node.
 - **Resize (long side)** scales the frames to {model.long_side} px on the long side (aspect kept), the size the \
 model was trained for; any size works, VAEEncode and every TVE node crop to a multiple of 8 the same way.
-{vram_line(model) + chr(10) if vram else ""}- **fps and audio** go through to the saved video; the audio is in sync from start frame 0 (with a later start it \
+{vram_line(model) + chr(10) if vram else ""}{RAM_LINE}
+- **fps and audio** go through to the saved video; the audio is in sync from start frame 0 (with a later start it \
 still begins at the clip's start: trim it with core TrimAudioDuration if your clip has sound)."""
 
 
