@@ -12,8 +12,8 @@ frame taken (the cap raised to the clip). While it runs, the server's resident s
 node it is executing (the websocket's ``executing`` messages) are recorded. Printed: the peak resident set above
 the idle server and its growth per frame between frame counts; per node, the resident set when it ends (what stays
 held) and its peak while it runs, above the idle server, with the growth per frame of each; the nodes are marked
-[pack] (TVE_*) or [core]. ``--cache none`` runs the server with ``--cache-none``: what core's output cache keeps. ``--vae tiled`` swaps in
-core's VAE Encode / Decode (Tiled), which code one frame at a time.
+[pack] (TVE_*) or [core]. ``--cache none`` runs the server with ``--cache-none``: what core's output cache keeps.
+``--vae tiled`` swaps in core's VAE Encode / Decode (Tiled), which code one frame at a time.
 """
 import argparse
 import asyncio
@@ -112,12 +112,10 @@ def swap_to_tiled_vae(graph: dict, object_info: dict) -> None:
         tiled = TILED_VAE.get(node["class_type"])
         if tiled is None:
             continue
+        from tve.tests.e2e.ui_workflow import default_of
         required = object_info[tiled]["input"]["required"]
-        inputs = {name: value for name, value in node["inputs"].items() if name in required}
-        for name, spec in required.items():
-            if name not in inputs:
-                inputs[name] = spec[1]["default"]
-        node["class_type"], node["inputs"] = tiled, inputs
+        node["class_type"] = tiled
+        node["inputs"] = {name: node["inputs"].get(name, default_of(spec)) for name, spec in required.items()}
 
 
 # ---------------------------------------------------------------------------------------------- recording

@@ -149,17 +149,18 @@ def vram_line(model: Model) -> str:
             f"frames_per_window {figures}. Lower it or the long side if it does not fit.")
 
 
-# bench/workflow_memory.py (docs/workflows.md, "RAM"): the server's peak grows with the frames, almost all in core's nodes.
-RAM_LINE = ("- **RAM** grows with the frames, almost all in core's nodes (measured on the CPU, 854×480 clip at 128 px: "
-            "about 42 MB per frame at the peak): Get Video Components holds the whole clip decoded at full size and the "
-            "frame range a copy; VAE Encode/Decode code all frames in one batch on the CPU. TVE's nodes add 1–2.5 MB per "
-            "frame. To cap it: fewer frames per run (③); core VAE Encode/Decode (Tiled) code one frame at a time "
-            "(10–17 MB per frame, slower); on ComfyUI 0.33+, core Trim Video between the video and Get Video "
-            "Components decodes only that span.")
+# bench/workflow_memory.py (docs/workflows.md, "RAM"): the server's peak grows with the frames, almost all in
+# core's nodes.
+RAM_LINE = ("- **RAM** grows with the frames, almost all in core's nodes (measured on the CPU, 854×480 clip at "
+            "128 px: about 42 MiB per frame at the peak): Get Video Components holds the whole clip decoded at full "
+            "size and the frame range a copy; VAE Encode/Decode code all frames in one batch on the CPU. TVE's nodes "
+            "add 1–2.5 MiB per frame. To cap it: fewer frames per run (③); core VAE Encode/Decode (Tiled) code one "
+            "frame at a time (10–17 MiB per frame, slower); on ComfyUI 0.33+, core Trim Video between the video and "
+            "Get Video Components decodes only that span.")
 
 
 def frames_lines(model: Model = SD15, vram: bool = True) -> str:
-    """What every video workflow's Details say about the frames: range, size, VRAM, fps and audio."""
+    """What every video workflow's Details say about the frames: range, size, VRAM, RAM, fps and audio."""
     return f"""- **Frames (start, number)** (core Get Image from Batch): batch_index is the first frame, length the \
 number of frames ({model.frames} shipped); a longer length takes what the clip has, a start past the clip's end \
 takes its last frame. A clip with no frames stops at **Resize (long side)** (core), before any TVE node.
