@@ -1,7 +1,8 @@
 """FLATTEN cost: grouped trajectory attention against per-query key lists (the peers), one block's dense and
-trajectory attention against per-frame attention, and the FLATTEN edit against plain CFG; ratios first.
+trajectory attention against per-frame attention, the FLATTEN edit against plain CFG, and FLATTEN with the source's
+features stored by the inversion against a live source pass; ratios first.
 
-    python bench/flatten.py [--frames 8 16 32] [--figures per-query memory block trajectory edit]
+    python bench/flatten.py [--frames 8 16 32] [--figures per-query memory block trajectory edit stored]
         [--threads 1] [--repeats 3] [--backends sub_quad pytorch] [--baseline main]
     # COMFYUI_PATH set: the host's attention backends too, and the edit figure (real host)
 
@@ -13,7 +14,8 @@ Targets: grouped peak / dense output ≤ 2×; the per-query/grouped memory ratio
 
 Block cost (``figure_block_cost``), trajectory attention now against a git revision's, by torch SDPA and by the
 host's attention backends (``figure_trajectory_backends``), and the edit with its profile per host backend
-(``figure_edit_vs_cfg``, the trained test model at ``bench/consistency.py``'s size): see their docstrings. Timings
+(``figure_edit_vs_cfg``, the trained test model at ``bench/consistency.py``'s size), and stored vs live source
+features with their memory (``figure_stored_features``): see their docstrings. Timings
 on a shared CPU are noisy: one torch thread by default, every ratio from one interleaved run (``_timing``), best and
 median printed, with the load average in the header.
 """
@@ -268,6 +270,77 @@ def _profile(flatten_node, edit, frames: int) -> None:
           f"check, the sampler)", flush=True)
 
 
+# FLATTEN's PnP blocks on SD1.5 at 512x512 (64x64 latent): the self-attention inputs of output blocks 4-5 (16x16 tokens,
+# 1280 channels), 6-8 (32x32, 640) and 9 (64x64, 320), and the ResBlock branches of output blocks 3-4 (1280 at 16x16)
+# and 6 (640 at 32x32): what the inversion keeps per frame and stored step (engine/injection.py, preset flatten).
+SD15_512_FEATURES = 2 * 16 * 16 * 1280 + 3 * 32 * 32 * 640 + 64 * 64 * 320 + 2 * 1280 * 16 * 16 + 640 * 32 * 32
+
+
+def figure_stored_features(frames: int = 16, steps: int = 25, cfg: float = 5.0, repeats: int = 3,
+                           backends: tuple = ("sub_quad", "pytorch")) -> None:
+    """FLATTEN + PnP (FLATTEN's blocks, the official thresholds 0.8/0.8) with the source's features from a live
+    source pass each step or stored by the inversion (``source_features: stored``, 0.8 of the steps), against
+    plain CFG; the inversions (with and without storing) against each other; the memory the stored features take,
+    measured here and worked out for SD1.5 at 512x512 in fp16. The trained test model (real host), 16x16 latent,
+    ``bench/consistency.py``'s clip; each edit inverts with its own FLATTEN model (the paper's way), formula
+    next_sigma (the default). Interleaved per backend, best and median of ``repeats``."""
+    if not os.environ.get("COMFYUI_PATH"):
+        print("skipped: FLATTEN stored features need the real host (set COMFYUI_PATH)")
+        return
+    import comfy.sample
+    import comfy.samplers
+    from tve.engine.flatten import apply_flatten
+    from tve.engine.injection import apply_feature_injection
+    from tve.engine.inversion import invert
+    from tve.flow.estimate import FlowField
+    from tve.flow.trajectories import build_trajectories
+    from tve.tests.trained_model import load_trained_model, trained_conditioning
+    from tve.tools.train_test_model import FRAME_SIZE, HELD_OUT_SEED
+    from tve.tools.video_world import frames_to_latent, render_clip
+    clip = render_clip(frames, FRAME_SIZE, FRAME_SIZE, seed=HELD_OUT_SEED, sprites=2)
+    flow = FlowField(clip.flow_forward, clip.flow_backward, clip.occlusion_forward, "ground truth")
+    base = load_trained_model()
+    latent = frames_to_latent(clip.frames)
+    trajectories = build_trajectories(flow, tuple(latent.shape[-2:]), seed=0)
+    source = trained_conditioning("source")
+
+    def edit(patched, x_T, sigmas) -> torch.Tensor:
+        return comfy.sample.sample_custom(patched, torch.zeros_like(x_T), cfg, comfy.samplers.sampler_object("euler"),
+                                          sigmas, trained_conditioning("target"), trained_conditioning("empty"),
+                                          x_T, disable_pbar=True, seed=0)
+
+    setting = f"{frames} frames, 16x16 latent, {steps} steps, cfg {cfg}, trained test model, CPU"
+    _timing.header(f"FLATTEN with stored vs live source features, {setting}")
+    for backend in backends:
+        model = _timing.with_attention(base, backend)
+        flatten = {mode: apply_flatten(model, trajectories, "highest resolution", "dense_output", True, mode, 0.8)
+                   for mode in ("live", "stored")}
+        inverted = {mode: invert(m, latent, source, steps, "ddim_uniform") for mode, m in flatten.items()}
+        edits = {mode: apply_feature_injection(flatten[mode], inverted[mode][1], 0.8, 0.8, "flatten",
+                                               "sigma-matched") for mode in flatten}
+        x_T, sigmas = inverted["live"][0], inverted["live"][1].sigmas
+        same = torch.equal(edit(edits["live"], x_T, sigmas), edit(edits["stored"], x_T, sigmas))
+        runs = {"plain": lambda: edit(model, x_T, sigmas),
+                "FLATTEN, live source": lambda: edit(edits["live"], x_T, sigmas),
+                "FLATTEN, stored source": lambda: edit(edits["stored"], x_T, sigmas),
+                "inversion": lambda: invert(flatten["live"], latent, source, steps, "ddim_uniform"),
+                "inversion, storing": lambda: invert(flatten["stored"], latent, source, steps, "ddim_uniform")}
+        times = _timing.interleaved(runs, repeats)
+        label = _timing.backend_label(backend)
+        print(f"## host attention: {label}; the two edits are bit-identical: {same}")
+        for num, den in (("FLATTEN, live source", "plain"), ("FLATTEN, stored source", "plain"),
+                         ("FLATTEN, stored source", "FLATTEN, live source"), ("inversion, storing", "inversion")):
+            print(_timing.ratio_line(times, num, den, f"{num} / {den} [{label}]"), flush=True)
+    stored = inverted["stored"][1].stored
+    per_frame_step = stored.nbytes / frames / stored.steps
+    print(f"stored features here: {stored.describe(frames, steps)}, {per_frame_step / 1024:.1f} KiB per frame and "
+          "step")
+    sd15 = SD15_512_FEATURES * 2
+    print(f"stored features, SD1.5 at 512x512, fp16: {sd15 / (1 << 20):.1f} MiB per frame and step; 40 of 50 "
+          f"steps: {40 * sd15 / (1 << 20):.0f} MiB per frame, {16 * 40 * sd15 / (1 << 30):.1f} GiB for 16 frames, "
+          f"{120 * 40 * sd15 / (1 << 30):.1f} GiB for 120", flush=True)
+
+
 def figure_trajectory_backends(baseline: str, frames: int = 16, grids: tuple = ((32, 32), (64, 64)),
                                channels: int = 320, heads: int = 8, repeats: int = 3,
                                backends: tuple = ("sub_quad", "pytorch"), device: str = "cpu",
@@ -345,8 +418,8 @@ def figure_block_cost(grids: tuple = ((16, 16), (32, 32), (64, 64)), channels: i
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--figures", nargs="+", default=["per-query", "memory", "block", "trajectory", "edit"],
-                    choices=["per-query", "memory", "block", "trajectory", "edit"])
+    ap.add_argument("--figures", nargs="+", default=["per-query", "memory", "block", "trajectory", "edit", "stored"],
+                    choices=["per-query", "memory", "block", "trajectory", "edit", "stored"])
     ap.add_argument("--baseline", default="main", help="git revision whose trajectory attention the working tree's "
                     "is timed against (figure 'trajectory')")
     ap.add_argument("--device", default="cpu", help="figure 'trajectory': the device (e.g. cuda)")
@@ -376,6 +449,8 @@ def main() -> None:
         _timing.header("trajectory attention of one block")
         figure_trajectory_backends(opts.baseline, repeats=opts.repeats, backends=tuple(opts.backends),
                                    device=opts.device, dtype=getattr(torch, opts.dtype))
+    if "stored" in opts.figures:
+        figure_stored_features(opts.edit_frames, opts.edit_steps, repeats=opts.repeats, backends=tuple(opts.backends))
     if "edit" in opts.figures:
         figure_edit_vs_cfg(opts.edit_frames, opts.edit_steps, repeats=opts.repeats, backends=tuple(opts.backends),
                            profile=not opts.no_profile)

@@ -10,6 +10,9 @@ over all frames of each CFG chunk, as FLATTEN's inflated 3-D UNet computes them 
 (b, c, f, h, w) tensors; its inversion and source features go through the same UNet): in every pass of the model,
 inversion included, over the frames that pass holds (a frame window's, a core context window's). The math:
 ``attention/group_norm.py``.
+
+With ``source_features: stored`` the inversion keeps the features FLATTEN's PnP preset injects and the edit replays
+them instead of a live source pass (the official code's way; ``stored_source.py``).
 """
 from __future__ import annotations
 
@@ -23,9 +26,11 @@ from ..attention.flatten import trajectory_attention, trajectory_index
 from ..attention.frames import once_per_distinct_chunk
 from ..flow.trajectories import Trajectories
 from . import host, identity, validation
-from .methods import Method, Refused
+from .injection import injection_targets
+from .methods import Method, Refused, SourceReads
 from .run import call_layout
 from .stack import apply
+from .stored_source import StoredSource
 
 if TYPE_CHECKING:
     from .run import SamplingRun
@@ -33,6 +38,7 @@ if TYPE_CHECKING:
 
 GRID_CHOICES = ["highest resolution", "all"]
 QK_SOURCES = ["dense_output", "projections"]
+SOURCE_FEATURES = ["live", "stored"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,6 +50,8 @@ class Flatten(Method):
     attention_blocks: frozenset = field()
     pooled_norm: bool = True                      # ResBlock and output GroupNorms pool the frames of each chunk
     first_block: tuple | None = None              # the UNet's first self-attention block: before any text
+    source_features: str = "live"                 # stored: the inversion keeps PnP's features (stored_source.py)
+    stored_steps: float = 0.8                     # fraction of the steps, from the first, whose features it keeps
     indices: dict = field(default_factory=dict, compare=False, repr=False)
     node = identity.FLATTEN
     attends_across_frames = True
@@ -54,6 +62,15 @@ class Flatten(Method):
 
     def sources(self) -> list:
         return [self.trajectories]
+
+    def stored_source(self, model: Any, steps: int) -> StoredSource | None:
+        """``stored``: the inversion keeps the features of FLATTEN's PnP blocks for the first ``stored_steps`` of
+        the steps, as the official code does (it keeps all of them and injects 40 of 50)."""
+        if self.source_features != "stored":
+            return None
+        attn_blocks, conv_ids = injection_targets(model, "flatten")
+        reads = SourceReads(frozenset(b.key for b in attn_blocks), frozenset(conv_ids))
+        return StoredSource(reads, int(steps * self.stored_steps), reads.last_point())
 
     def frame_pooled_norms(self, model: Any) -> list:
         return list(host.resblock_group_norms(model).values()) if self.pooled_norm else []
@@ -104,11 +121,15 @@ class Flatten(Method):
 
 
 def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_source: str,
-                  frame_pooled_norm: bool = True) -> Any:
+                  frame_pooled_norm: bool = True, source_features: str = "live", stored_steps: float = 0.8) -> Any:
     validation.model(model)
     validation.choice(token_grids, "token_grids", GRID_CHOICES)
     validation.choice(qk_source, "qk_source", QK_SOURCES)
     validation.boolean(frame_pooled_norm, "frame_pooled_norm")
+    validation.choice(source_features, "source_features", SOURCE_FEATURES)
+    validation.number(stored_steps, "stored_steps", 0.0, 1.0)
+    if source_features == "stored":
+        injection_targets(model, "flatten")       # a UNet without FLATTEN's PnP blocks is refused here
     blocks = host.attention_blocks(model)
     grids = sorted(trajectories.grids, key=lambda hw: -hw[0] * hw[1])
     top_level = min(b.level for b in blocks)
@@ -116,4 +137,4 @@ def apply_flatten(model: Any, trajectories: Trajectories, token_grids: str, qk_s
     if frame_pooled_norm:
         host.resblock_group_norms(model)          # a UNet without them is refused here, not at the first step
     return apply(model, Flatten(trajectories, chosen, qk_source, frozenset(b.key for b in blocks),
-                                bool(frame_pooled_norm), blocks[0].key))
+                                bool(frame_pooled_norm), blocks[0].key, source_features, float(stored_steps)))

@@ -9,12 +9,14 @@ code does (``sample_ddim_inversion``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
 from . import host, validation
-from .stack import for_inversion
+from .stack import for_inversion, stack_of
+from .stored_source import StoredSource
 
 SIGMA_RTOL = 1e-4
 REMEMBERED_ENDS = 8              # per grid index: the last runs that ended there
@@ -45,6 +47,8 @@ class Inversion:
     ends: dict = field(default_factory=dict, compare=False, repr=False)
     # what was said about editing it with other weights (``say_once``): each difference once in the server log
     said: set = field(default_factory=set, compare=False, repr=False)
+    # the source features kept for the edits to replay (FLATTEN's stored mode, ``stored_source.py``), or None
+    stored: StoredSource | None = field(default=None, compare=False, repr=False)
 
     @property
     def frames(self) -> int:
@@ -130,7 +134,10 @@ def sample_ddim_inversion(model: Callable, x: torch.Tensor, sigmas: torch.Tensor
                           callback: Callable | None = None, disable: bool | None = None, *,
                           sigma_floor: float, record: Callable[[int, torch.Tensor], None] | None = None,
                           formula: str = "current_sigma",
-                          input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                          input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          features_at: Collection[int] = (),
+                          keep_features: Callable[[int, bool], AbstractContextManager] | None = None
+                          ) -> torch.Tensor:
     """DDIM (η = 0) over an ascending σ grid, k-diffusion sampler signature. ``model(x, σ)`` returns D(x; σ).
 
     Every step is ``x_{i+1} = x_i + (σ_{i+1} − σ_i)·ε̂``; ``formula`` (``FORMULAS``) says where ε̂ is evaluated:
@@ -144,7 +151,10 @@ def sample_ddim_inversion(model: Callable, x: torch.Tensor, sigmas: torch.Tensor
       σ_{i+1} → σ_i of DDIM sampling is undone exactly by ε̂(x_{i+1}, σ_{i+1}); ``next_sigma`` stands in x_i for
       x_{i+1} only, ``current_sigma`` also σ_i for σ_{i+1}.
 
-    ``record(i, x)`` receives the latent reached at ``sigmas[i]``.
+    ``record(i, x)`` receives the latent reached at ``sigmas[i]``. At each index i of ``features_at`` the model's
+    call on (x_i, max(σ_i, ``sigma_floor``)) runs inside ``keep_features(i, features_only)``, which keeps its
+    features (``stored_source.py``): with ``current_sigma`` that is the step's own call; with ``next_sigma``, and at
+    the last σ, where no step evaluates there, one more call, ``features_only`` (its output is not used).
     """
     if formula not in FORMULAS:
         raise ValueError(f"formula: expected one of {list(FORMULAS)}, got {formula!r}")
@@ -154,6 +164,13 @@ def sample_ddim_inversion(model: Callable, x: torch.Tensor, sigmas: torch.Tensor
     s_in = x.new_ones([x.shape[0]])
     if record is not None:
         record(0, x)
+    if features_at and keep_features is None:
+        raise ValueError("keep_features: features_at names calls whose features nobody keeps")
+
+    def features_only(i: int) -> None:
+        with keep_features(i, True):
+            model(x, torch.clamp(sigmas[i], min=sigma_floor) * s_in, **extra_args)
+
     for i in range(len(sigmas) - 1):
         if formula == "current_sigma":
             sigma = torch.clamp(sigmas[i], min=sigma_floor)
@@ -161,13 +178,19 @@ def sample_ddim_inversion(model: Callable, x: torch.Tensor, sigmas: torch.Tensor
         else:
             sigma = torch.clamp(sigmas[i + 1], min=sigma_floor)
             x_in = x * (input_scale(sigmas[i]) / input_scale(sigma)).reshape(())   # 0-dim: keeps x's dtype
-        denoised = model(x_in, sigma * s_in, **extra_args)
+            if i in features_at:
+                features_only(i)
+        own = formula == "current_sigma" and i in features_at
+        with keep_features(i, False) if own else nullcontext():
+            denoised = model(x_in, sigma * s_in, **extra_args)
         eps = (x_in - denoised) / sigma
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma, "denoised": denoised})
         x = x + (sigmas[i + 1] - sigmas[i]) * eps
         if record is not None:
             record(i + 1, x)
+    if len(sigmas) - 1 in features_at:
+        features_only(len(sigmas) - 1)
     return x
 
 
@@ -206,14 +229,19 @@ def invert(model: Any, samples: torch.Tensor, conditioning: list, steps: int, sc
             latents[grid_index] = x.detach().to(keep, dtype)
             trace[grid_index] = validation.fingerprint(x)
 
-    m = for_inversion(model)
+    stored = stack_of(model).stored_source(model, steps)          # FLATTEN's stored mode: the features it keeps
+    m = for_inversion(model, stored)
     options = {"sigma_floor": host.sigma_min(model), "record": record, "formula": formula,
                "input_scale": host.input_scale(model)}
+    if stored is not None:
+        grid_step = {len(fine) - 1 - f: i for f, i in kept.items()}          # ascending fine index → grid step
+        options["features_at"] = {a for a, i in grid_step.items() if i < stored.steps}
+        options["keep_features"] = lambda a, features_only: stored.recording_at(grid_step[a], features_only)
     x_T = host.sample_with(m, sample_ddim_inversion, options, ascending, conditioning, samples,
                            callback=host.step_callback(len(fine) - 1))
     return x_T, Inversion(sigmas=sigmas, latents=latents, conditioning=conditioning, family=host.model_family(model),
                           sampling=host.effective_sampling(model), source=validation.fingerprint(samples),
-                          trace=trace, weights=weights)
+                          trace=trace, weights=weights, stored=stored)
 
 
 def invert_latent(model: Any, latent: dict, conditioning: list, steps: int, scheduler: str, multiple: int = 1,

@@ -11,6 +11,8 @@ A method is an immutable settings object applied by one node (``node``). It may:
 - name the frames every frame window must hold besides its own (``shared_frames``);
 - read features of the step's source pass, in its ``source_order`` (``source_reads``: blocks whose self-attention input, output blocks whose
   ResBlock branch, the engine keeps from the source pass) and use them (``attention_input``, ``run_hooks``);
+- have the inversion made with it keep source features for its edits to replay instead of a live source pass
+  (``stored_source``: FLATTEN's stored-feature mode);
 - pool the statistics of some GroupNorms over the frames of each chunk in all its passes, the inversion's
   included (``frame_pooled_norms``: FLATTEN's inflated UNet);
 - prepare what its attention needs on the device once per pass, outside the UNet (``prepare_pass``), and compute
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from .passes import Step
     from .run import SamplingRun
     from .stack import MethodStack
+    from .stored_source import StoredSource
 
 BlockKey = tuple[str, int, int]                  # a transformer block's attn1 replace key (name, id, index)
 ReadPoint = tuple[int, int, int]                 # where a UNet call computes a feature (tokens_point, resblock_point)
@@ -132,6 +135,11 @@ class Method:
     def run_hooks(self, model: Any, run: "SamplingRun") -> Mapping[torch.nn.Module, Callable]:
         """Forward hooks for one sampling run: module -> ``fn(output) -> output or None`` (a replacement)."""
         return {}
+
+    def stored_source(self, model: Any, steps: int) -> "StoredSource | None":
+        """What a DDIM inversion of ``steps`` sampling steps made with ``model`` (which carries this method) keeps
+        of the source for the edits to replay, or None (they run a live source pass)."""
+        return None
 
     def frame_pooled_norms(self, model: Any) -> Sequence[torch.nn.Module]:
         """GroupNorms of ``model`` whose statistics pool the frames of each CFG chunk of every call of a sampling run

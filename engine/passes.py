@@ -104,9 +104,16 @@ class Step:
             run.pass_, run.pass_positions, run.pass_frame_ids, run.pass_source_rows = None, None, None, None
 
     def source_pass(self, positions: torch.Tensor | None) -> None:
-        """SOURCE over the call ``positions`` (None: all): the inverted source at this σ, source conditioning."""
+        """SOURCE over the call ``positions`` (None: all): the inverted source at this σ, source conditioning; or,
+        where the inversion stored them (``stored_source.py``), its features of that pass, replayed."""
         run, inversion = self.run, self.run.stack.inversion
         ids = run.frame_ids_at(positions)
+        if inversion.stored is not None:             # kept by the inversion: the same features, no UNet call
+            reads = run.stack.source_reads(run.step, run.steps)
+            run.source = inversion.stored.features_at(stored_grid_step(inversion, self.sigma), ids, reads,
+                                                      self.x_in.device)
+            run.source.positions = positions
+            return
         x_src, source_sigma = inversion.source_at(self.sigma, ids, run.stack.source_order)
         x_src = x_src.to(self.x_in.device, self.x_in.dtype)                               # (n, C, h, w)
         t_src = torch.full((x_src.shape[0],), max(source_sigma, run.sigma_floor), device=self.x_in.device,
@@ -140,6 +147,17 @@ class Step:
         return [host.cond_for_frames(c, positions, frames, ids, self.video_frames, self.run.controls) for c in conds]
 
 
+def stored_grid_step(inversion: Any, sigma: float) -> int:
+    """The grid step of ``sigma`` for stored source features, which exist at the grid's σ only."""
+    position = inversion.position_of(sigma)
+    step = round(position)
+    if abs(position - step) > 1e-3:
+        raise ValueError(f"sampler: evaluates the model at σ={sigma:.5f}, between two σ of the inversion's grid, "
+                         "where its stored source features do not exist; use a sampler that evaluates at the grid's "
+                         "σ only (euler, ddim, dpmpp_2m, ...) or set Apply FLATTEN's source_features to live")
+    return step
+
+
 # ---------------------------------------------------------------------------------------------- the wrappers
 def outer_sample(executor: Callable, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
                  sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -162,8 +180,10 @@ def outer_sample(executor: Callable, noise: torch.Tensor, latent_image: torch.Te
     validation.sampled_noise_mask(args[0] if args else kwargs.get("denoise_mask"), latent_image.shape, "latent_image")
     run = SamplingRun(stack=stack, sigma_floor=host.sigma_min(patcher))
     host.set_sampling_run(executor, run)
-    hooks = {} if stack.inverting else {module: fn for m in stack.methods
-                                        for module, fn in m.run_hooks(patcher, run).items()}
+    if stack.inverting:
+        hooks = {} if stack.recording is None else stack.recording.run_hooks(patcher, lambda: run.pass_frame_ids)
+    else:
+        hooks = {module: fn for m in stack.methods for module, fn in m.run_hooks(patcher, run).items()}
     pooled = [module for m in stack.methods for module in m.frame_pooled_norms(patcher)]
     with host.forward_hooks(hooks), host.calls_in_layout(pooled, lambda x: video_layout(x, run.frames_per_chunk()),
                                                          frame_layout):
@@ -252,7 +272,12 @@ def route_attention_input(n: torch.Tensor, context: torch.Tensor, value: torch.T
     if run is None:
         return n, context, value
     key = host.block_key(extra_options)
-    if run.pass_ is Pass.SOURCE:
+    if run.pass_ is Pass.INVERSION:
+        stored = run.stack.recording
+        if stored is not None and stored.recording is not None and key in stored.reads.tokens:
+            if stored.keep_tokens(run.pass_frame_ids, key, n):                      # (F, T, C)
+                host.end_unet_call()
+    elif run.pass_ is Pass.SOURCE:
         if key in run.stack.source_reads(run.step, run.steps).tokens:
             run.keep_source_tokens(key, n)                                            # (F, T, C)
     elif run.pass_ in (Pass.EDIT, Pass.KEYFRAMES):

@@ -29,6 +29,7 @@ class MethodStack:
     foreign: Mapping[BlockKey, Callable] = field(default_factory=dict)
     inverting: bool = False                       # a clone DDIM Inversion (TVE) inverts with: every call INVERSION
     source_exit: bool = True                      # source passes end after the last feature read (Step.source_end)
+    recording: Any = None                         # inverting: the StoredSource its calls fill (stored_source.py)
     notes: tuple[str, ...] = field(default=(), compare=False)   # what the node that made it replaced, to show it
 
     # ------------------------------------------------------------------------------------------ what it holds
@@ -81,6 +82,11 @@ class MethodStack:
             reads = reads | m.source_reads(step, steps)
         return reads
 
+    def stored_source(self, model: Any, steps: int) -> Any:
+        """What an inversion of ``steps`` steps made with this stack keeps for its edits (a StoredSource; one
+        method at most asks), or None."""
+        return next((s for s in (m.stored_source(model, steps) for m in self.methods) if s is not None), None)
+
     def has(self, node: identity.Node) -> bool:
         return any(m.node == node for m in self.methods)
 
@@ -95,6 +101,8 @@ class MethodStack:
             if other is not None:
                 raise Refused(f"{method.node} after {other.node}: they read different inversions, but a model runs "
                               "one source pass per step; connect the same DDIM Inversion (TVE) output to both.")
+        if method.inversion is not None and method.inversion.stored is not None:
+            method.inversion.stored.check_reader(method, method.inversion.steps)
         replaced = [m for m in self.methods if method.replaces(m)]
         stack = dataclasses.replace(self, methods=tuple(m for m in self.methods if m not in replaced) + (method,),
                                     notes=())
@@ -204,9 +212,11 @@ def with_full_source_pass(model: Any) -> Any:
     return install(model.clone(), dataclasses.replace(stack_of(model), source_exit=False, notes=()))
 
 
-def for_inversion(model: Any) -> Any:
-    """A clone of ``model`` whose TVE passes label every call INVERSION (no source or keyframe passes)."""
-    return install(model.clone(), dataclasses.replace(stack_of(model), inverting=True, notes=()))
+def for_inversion(model: Any, recording: Any = None) -> Any:
+    """A clone of ``model`` whose TVE passes label every call INVERSION (no source or keyframe passes); with
+    ``recording`` (a StoredSource) its calls keep the source features the inversion stores."""
+    return install(model.clone(), dataclasses.replace(stack_of(model), inverting=True, recording=recording,
+                                                      notes=()))
 
 
 def check_no_hidden_attention(model: Any, method: Method) -> None:
@@ -235,9 +245,9 @@ def install(model: Any, stack: MethodStack) -> Any:
     if stack.inversion is not None:             # a masked run follows the source outside the mask
         host.set_inpaint_latent(model, MaskedSource(stack.inversion).latent_at)
     host.set_attn1_replace(model, passes.route_attention, sorted(blocks - routed))
-    if any(m.inversion is not None for m in stack.methods):
+    if any(m.inversion is not None for m in stack.methods) or stack.recording is not None:
         host.ensure_attn1_patch(model, passes.route_attention_input)
-        host.set_unet_call_end(model)           # a source pass ends after the last feature read
+        host.set_unet_call_end(model)           # a source pass (or a call for stored features) ends early
     host.set_attachment(model, stack)
     host.set_wrapper(model, host.OUTER_SAMPLE, passes.outer_sample)
     host.set_wrapper(model, host.CALC_COND_BATCH, passes.calc_cond_batch)

@@ -7,7 +7,7 @@ import logging
 
 from ..engine import identity, sockets
 from ..engine.cross_frame import MODES, TOKEN_GRIDS, apply_cross_frame
-from ..engine.flatten import GRID_CHOICES, QK_SOURCES, apply_flatten
+from ..engine.flatten import GRID_CHOICES, QK_SOURCES, SOURCE_FEATURES, apply_flatten
 from ..engine.injection import ORDERS, PRESETS, apply_feature_injection
 from ..engine.stack import apply_frame_windows, stack_of
 from ..engine.inversion import Inversion
@@ -177,6 +177,17 @@ class ApplyFLATTEN:
                 "On: the ResBlock GroupNorms and the output norm take their statistics over all frames a pass holds "
                 "(per CFG chunk; a frame window's frames with Frame Windows), as FLATTEN's official inflated UNet "
                 "does, in the inversion too. Off: each frame is normalised alone (plain SD).")}),
+        }, "optional": {
+            "source_features": (SOURCE_FEATURES, {"default": "live", "tooltip": (
+                "Where PnP injection (Apply Feature Injection, block_preset flatten) gets the source's features. "
+                "live: a source pass each step computes them (no memory held). stored: DDIM Inversion keeps them "
+                "and the edit replays them, as the official code does: the same features, each edit step ~1/3 "
+                "faster, and every later edit of the same inversion too; costs RAM: about 10 MiB per frame and "
+                "stored step at 512x512 with SD1.5 (fp16), 400 MiB per frame for 40 of 50 steps. Apply FLATTEN "
+                "before DDIM Inversion.")}),
+            "stored_steps": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "stored: the fraction of the steps, from the first, whose source features the inversion keeps "
+                "(the official injects 40 of 50: 0.8); the injection must end by then.")}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -184,9 +195,10 @@ class ApplyFLATTEN:
     CATEGORY = CATEGORY
 
     def apply(self, model, trajectories: Trajectories, token_grids: str, qk_source: str,
-              frame_pooled_norm: bool = True):
+              frame_pooled_norm: bool = True, source_features: str = "live", stored_steps: float = 0.8):
         sockets.expect(trajectories, Trajectories, "trajectories", sockets.TRAJECTORIES)
-        return with_notes(apply_flatten(model, trajectories, token_grids, qk_source, frame_pooled_norm))
+        return with_notes(apply_flatten(model, trajectories, token_grids, qk_source, frame_pooled_norm,
+                                        source_features, stored_steps))
 
 
 class ApplyFrameWindows:

@@ -1,6 +1,8 @@
 """DDIM Inversion (TVE): a node class over ``engine/inversion.py``."""
 from __future__ import annotations
 
+import logging
+
 from ..engine import host, identity, sockets, validation
 from ..engine.inversion import DEFAULT_FORMULA, FORMULAS, invert_latent
 
@@ -47,7 +49,12 @@ class DDIMInversion:
                formula: str = DEFAULT_FORMULA):
         x_T, inversion = invert_latent(model, latent, conditioning, steps, scheduler, inversion_multiple, formula)
         # noise_mask and batch_index stay on the LATENT: a masked edit samples x_T with the source's mask.
-        return {**latent, "samples": x_T}, inversion, inversion.sigmas.clone()
+        result = ({**latent, "samples": x_T}, inversion, inversion.sigmas.clone())
+        if inversion.stored is None:
+            return result
+        note = f"{identity.DDIM_INVERSION}: {inversion.stored.describe(inversion.frames, inversion.steps)}"
+        logging.info("[TVE] %s", note)                                     # what FLATTEN's stored mode holds
+        return {"ui": {"text": [note]}, "result": result}
 
 
 NODES = {identity.DDIM_INVERSION: DDIMInversion}

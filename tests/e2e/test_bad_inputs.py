@@ -684,3 +684,42 @@ def test_allowed_other_weights_and_replaced_settings_run_and_are_said_on_the_nod
     assert re.search(probe.says, note), note
     log = comfyui.log.read_text(encoding="utf-8", errors="replace")
     assert log.count(f"[TVE] {note}") == 1 and log.count("[TVE] ") == said_before + 1, comfyui.log_tail()
+
+
+# ==============================================================================================================
+# Issue 25, item 2: FLATTEN's stored source features. The inversion keeps what FLATTEN's PnP blocks read; a reader
+# of other features, and a sampler that evaluates between the grid's σ, are refused naming what to change; a
+# stored edit runs and DDIM Inversion says on the node (and once in the log) what it holds.
+# ==============================================================================================================
+def _stored(g: Graph, **changes: dict) -> None:
+    g.set("TVE_ApplyFLATTEN", source_features="stored")
+    for class_type, values in changes.items():
+        g.set(class_type, **values)
+
+
+ISSUE_25_PROBES = [
+    SaysProbe("stored_features_read_with_the_tokenflow_preset", "TVE_ApplyFeatureInjection", MISMATCH, FL,
+              lambda g: _stored(g, TVE_ApplyFeatureInjection={"block_preset": "tokenflow"}), "inversion",
+              says=r"keeps the source features of FLATTEN's PnP blocks .*Apply Feature Injection \(TVE\) reads "
+                   r"others"),
+    SaysProbe("stored_features_with_a_sampler_between_grid_sigmas", "TVE_ApplyFLATTEN", MISMATCH, FL,
+              lambda g: _stored(g, KSamplerSelect={"sampler_name": "dpm_2"}), "sampler",
+              raised_by="SamplerCustomAdvanced", says=r"between two σ of the inversion's grid.*source_features to live"),
+]
+
+
+@pytest.mark.parametrize("probe", ISSUE_25_PROBES, ids=lambda p: p.name)
+def test_a_reader_or_sampler_the_stored_source_features_do_not_serve_is_refused_naming_the_input(
+        probe, comfyui, object_info):
+    refused_saying(probe, comfyui, object_info)
+
+
+def test_a_flatten_edit_with_stored_source_features_runs_and_the_inversion_says_what_it_holds(
+        comfyui, object_info):
+    keep_all = {"TVE_ApplyFLATTEN": {"stored_steps": 1.0}}       # settings no probe before ran (no cached outputs)
+    probe = NoteProbe("stored_source_features", "TVE_DDIMInversion", MISMATCH, FL, lambda g: _stored(g, **keep_all),
+                      "",
+                      says=r"^DDIM Inversion \(TVE\): stored source features for (\d+) of \1 steps, \d+ frames: "
+                           r"[\d.]+ MiB \([\d.]+ MiB per frame\)$")
+    test_allowed_other_weights_and_replaced_settings_run_and_are_said_on_the_node_and_once_in_the_log(
+        probe, comfyui, object_info, None)
