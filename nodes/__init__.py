@@ -1,4 +1,5 @@
-"""TVE's ComfyUI nodes: node classes only, each a thin shell over one engine call (``engine/``)."""
+"""TVE's ComfyUI nodes: node classes only, on ComfyUI's V3 node schema (``comfy_api.latest.io``), each a thin shell
+over one engine call (``engine/``)."""
 from ..engine import host, identity
 from .edit_nodes import NODES as _EDIT_NODES
 from .flow_nodes import NODES as _FLOW_NODES

@@ -5,35 +5,33 @@ from __future__ import annotations
 import logging
 
 import torch
+from comfy_api.latest import io
 
 from ..engine import host, identity, sockets, validation
 from ..engine.feature_preview import FEATURE_BLOCKS, preview_features
 from ..engine.inversion import Inversion
 from ..engine.edit_metrics import measure_frames
 from ..flow.estimate import FlowField
+from .schema import Flow, Inversion as InversionSocket, allow_other_weights, schema
 
-CATEGORY = "video editing/TVE"
 
-
-class ConsistencyMetrics:
-    DESCRIPTION = ("Temporal consistency of edited frames under the SOURCE video's flow: warp error ×10³ (Lai et al. "
-                   "2018: frame t+1 warped into frame t, squared RGB error over non-occluded pixels, mean over "
-                   "pairs) and a flicker index (mean change of mean intensity). Give the source frames too to see "
-                   "the source's own floor.")
+class ConsistencyMetrics(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(identity.CONSISTENCY_METRICS, (
+            "Temporal consistency of edited frames under the SOURCE video's flow: warp error ×10³ (Lai et al. 2018: "
+            "frame t+1 warped into frame t, squared RGB error over non-occluded pixels, mean over pairs) and a "
+            "flicker index (mean change of mean intensity). Give the source frames too to see the source's own "
+            "floor."), [
+            io.Image.Input("images", tooltip="The edited frames."),
+            Flow.Input("flow", tooltip="Optical flow of the source video."),
+            io.Image.Input("source_images", optional=True, tooltip="The source frames (for the floor)."),
+        ], [io.Float.Output(display_name="warp_error_x1000"), io.Float.Output(display_name="flicker"),
+            io.String.Output(display_name="summary")], output_node=True)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"images": ("IMAGE", {"tooltip": "The edited frames."}),
-                             "flow": (sockets.FLOW, {"tooltip": "Optical flow of the source video."})},
-                "optional": {"source_images": ("IMAGE", {"tooltip": "The source frames (for the floor)."})}}
-
-    RETURN_TYPES = ("FLOAT", "FLOAT", "STRING")
-    RETURN_NAMES = ("warp_error_x1000", "flicker", "summary")
-    FUNCTION = "measure"
-    OUTPUT_NODE = True
-    CATEGORY = CATEGORY
-
-    def measure(self, images: torch.Tensor, flow: FlowField, source_images: torch.Tensor | None = None):
+    def execute(cls, images: torch.Tensor, flow: FlowField,
+                source_images: torch.Tensor | None = None) -> io.NodeOutput:
         sockets.expect(flow, FlowField, "flow", sockets.FLOW)
         validation.flow(flow, "flow")
         edited = measure_frames(images, flow, "images")
@@ -46,42 +44,36 @@ class ConsistencyMetrics:
         size = flow.crop.describe() if flow.crop is not None else f"{flow.width}x{flow.height}"
         lines.append(f"flow: {flow.method} at {size}, {flow.frames} frames")
         summary = "\n".join(lines)
-        return {"ui": {"text": [summary]}, "result": (edited.warp_error * 1e3, edited.flicker, summary)}
+        return io.NodeOutput(edited.warp_error * 1e3, edited.flicker, summary, ui={"text": [summary]})
 
 
-class PreviewFeatures:
-    DESCRIPTION = ("What TokenFlow sees, shown on the node and returned: the PCA of the source video's "
-                   "self-attention features per frame (similar colours = similar features) and each frame rebuilt "
-                   "from its nearest keyframe through the nearest-neighbour field (where it matches the PCA picture, "
-                   "propagation will be clean).")
-
+class PreviewFeatures(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the inversion was made with."}),
-            "inversion": (sockets.INVERSION, {"tooltip": "From DDIM Inversion (TVE) of the source video."}),
-            "step_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "Where on the σ grid to look (0 = noisiest)."}),
-            "block": (FEATURE_BLOCKS, {"default": "output latent",
-                                       "tooltip": "Which self-attention block's input features to show."}),
-            "keyframe_interval": ("INT", {"default": 8, "min": 1, "max": 1024,
-                                          "tooltip": "Every this many frames is a keyframe of the NN-field picture."}),
-            "scale": ("INT", {"default": 8, "min": 1, "max": 64, "tooltip": "Pixels per token in the pictures."}),
-        }, "optional": {
-            "allow_other_weights": ("BOOLEAN", {"default": False, "tooltip": (
+    def define_schema(cls) -> io.Schema:
+        return schema(identity.PREVIEW_FEATURES, (
+            "What TokenFlow sees, shown on the node and returned: the PCA of the source video's self-attention "
+            "features per frame (similar colours = similar features) and each frame rebuilt from its nearest "
+            "keyframe through the nearest-neighbour field (where it matches the PCA picture, propagation will be "
+            "clean)."), [
+            io.Model.Input("model", tooltip="The model the inversion was made with."),
+            InversionSocket.Input("inversion", tooltip="From DDIM Inversion (TVE) of the source video."),
+            io.Float.Input("step_percent", default=0.5, min=0.0, max=1.0, step=0.01,
+                           tooltip="Where on the σ grid to look (0 = noisiest)."),
+            io.Combo.Input("block", options=FEATURE_BLOCKS, default="output latent",
+                           tooltip="Which self-attention block's input features to show."),
+            io.Int.Input("keyframe_interval", default=8, min=1, max=1024,
+                         tooltip="Every this many frames is a keyframe of the NN-field picture."),
+            io.Int.Input("scale", default=8, min=1, max=64, tooltip="Pixels per token in the pictures."),
+            allow_other_weights(
                 "Off: refuse a model whose weights differ from the model the inversion was made with (another "
                 "checkpoint, a LoRA added or removed, other tuning). On: show that model's features of the inverted "
-                "source anyway (what an edit with it allowed sees); the node says so.")}),
-        }}
+                "source anyway (what an edit with it allowed sees); the node says so."),
+        ], [io.Image.Output(display_name="features_pca"), io.Image.Output(display_name="nn_field")],
+            output_node=True)
 
-    RETURN_TYPES = ("IMAGE", "IMAGE")
-    RETURN_NAMES = ("features_pca", "nn_field")
-    OUTPUT_NODE = True
-    FUNCTION = "preview"
-    CATEGORY = CATEGORY
-
-    def preview(self, model, inversion: Inversion, step_percent: float, block: str, keyframe_interval: int,
-                scale: int, allow_other_weights: bool = False):
+    @classmethod
+    def execute(cls, model, inversion: Inversion, step_percent: float, block: str, keyframe_interval: int,
+                scale: int, allow_other_weights: bool = False) -> io.NodeOutput:
         sockets.expect(inversion, Inversion, "inversion", sockets.INVERSION)
         pca, field, note = preview_features(model, inversion, step_percent, block, keyframe_interval, scale,
                                             allow_other_weights)
@@ -90,7 +82,7 @@ class PreviewFeatures:
         if note is not None:
             logging.warning("[TVE] %s", note)
             ui["text"] = [note]
-        return {"ui": ui, "result": (pca, field)}
+        return io.NodeOutput(pca, field, ui=ui)
 
 
 NODES = {identity.CONSISTENCY_METRICS: ConsistencyMetrics, identity.PREVIEW_FEATURES: PreviewFeatures}

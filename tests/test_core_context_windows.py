@@ -98,7 +98,7 @@ def test_tokenflow_inside_core_windows_draws_keyframes_and_propagates_within_eac
 def test_flatten_inside_core_windows_attends_along_the_trajectories_of_each_calls_frames():
     from tve.nodes.edit_nodes import ApplyFLATTEN
     from tve.tests.test_flatten_node import trajectories_for
-    model = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories_for(FRAMES), "all", "dense_output")[0]
+    model = ApplyFLATTEN.execute(make_tiny_model("sd15"), trajectories_for(FRAMES), "all", "dense_output").result[0]
     x_T, inversion = inverted(model, FRAMES)
     windowed = core_windows(pnp(model, inversion))
     spy = recorded(windowed)

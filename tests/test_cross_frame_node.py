@@ -19,7 +19,7 @@ def apply(model, mode="dense", **kw):
     args = dict(keyframe_interval=2, anchor_frame=0, anchor_include_self=False, coarse_factor=2, seed=3,
                 token_grids="all", start_percent=0.0, end_percent=1.0)
     args.update(kw)
-    return ApplyCrossFrameAttention().apply(model, mode, **args)[0]
+    return ApplyCrossFrameAttention.execute(model, mode, **args).result[0]
 
 
 def attn1_replaces(model):

@@ -21,7 +21,7 @@ def trajectories_for(frames=16, latent_hw=(8, 8), seed=0):
 
 
 def apply(model, trajectories, grids="highest resolution", qk="dense_output"):
-    return ApplyFLATTEN().apply(model, trajectories, grids, qk)[0]
+    return ApplyFLATTEN.execute(model, trajectories, grids, qk).result[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -239,7 +239,7 @@ def test_frame_pooled_norm_off_leaves_every_norm_per_frame_and_the_edit_as_befor
     frames = 3
     trajectories = trajectories_for(frames)
     base = make_tiny_model("sd15")
-    off = ApplyFLATTEN().apply(base, trajectories, "highest resolution", "dense_output", False)[0]
+    off = ApplyFLATTEN.execute(base, trajectories, "highest resolution", "dense_output", False).result[0]
     on = apply(base, trajectories)
     assert [m.pooled_norm for m in stack_of(off).methods] == [False]
     x = make_latent(frames, 8, 8)["samples"]
@@ -259,7 +259,7 @@ def test_frame_pooled_norm_over_identical_frames_is_per_frame_norm():
     frames = 3
     trajectories = trajectories_for(frames)
     base = make_tiny_model("sd15")
-    off = ApplyFLATTEN().apply(base, trajectories, "highest resolution", "dense_output", False)[0]
+    off = ApplyFLATTEN.execute(base, trajectories, "highest resolution", "dense_output", False).result[0]
     on = apply(base, trajectories)
     x = make_latent(1, 8, 8)["samples"].repeat(frames, 1, 1, 1)
     sigmas = host.sigma_grid(base, "ddim_uniform", 2)

@@ -30,8 +30,8 @@ def clip(frames=3, height=48, width=64):
 
 def test_raft_weights_saved_into_models_optical_flow_load_and_run(flow_folder):
     torch.save(torchvision.models.optical_flow.raft_small(weights=None).state_dict(), flow_folder / "mine.pth")
-    assert "mine.pth" in OpticalFlow.INPUT_TYPES()["required"]["raft_weights"][0]
-    (flow,) = OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2)
+    assert "mine.pth" in OpticalFlow.INPUT_TYPES()["required"]["raft_weights"][1]["options"]
+    (flow,) = OpticalFlow.execute(clip().frames, VAE, "raft_small", "mine.pth", 2).result
     assert flow.forward.shape == flow.backward.shape == (2, 2, 48, 64)
     assert flow.occlusion.shape == (2, 48, 64) and flow.occlusion.dtype == torch.bool
     assert flow.method == "raft_small"
@@ -40,11 +40,11 @@ def test_raft_weights_saved_into_models_optical_flow_load_and_run(flow_folder):
 def test_missing_or_wrong_raft_weights_are_clear_errors(flow_folder):
     torch.save(torchvision.models.optical_flow.raft_small(weights=None).state_dict(), flow_folder / "small.pth")
     with pytest.raises(ValueError, match="raft_large_C_T_SKHT_V2-ff5fadd5.pth"):
-        OpticalFlow().estimate(clip().frames, VAE, "raft_large", NO_WEIGHTS, 2)
+        OpticalFlow.execute(clip().frames, VAE, "raft_large", NO_WEIGHTS, 2)
     with pytest.raises(ValueError, match="not found"):
-        OpticalFlow().estimate(clip().frames, VAE, "raft_large", "gone.pth", 2)
+        OpticalFlow.execute(clip().frames, VAE, "raft_large", "gone.pth", 2)
     with pytest.raises(ValueError, match="raft_large"):
-        OpticalFlow().estimate(clip().frames, VAE, "raft_large", "small.pth", 2)
+        OpticalFlow.execute(clip().frames, VAE, "raft_large", "small.pth", 2)
 
 
 class NotWeights:
@@ -60,14 +60,14 @@ def test_empty_pickled_or_damaged_raft_files_are_one_error_saying_what_the_file_
                 "damaged.pth": "could not be read as a checkpoint .* damaged or not a RAFT checkpoint"}
     for name, message in expected.items():
         with pytest.raises(ValueError, match=f"^raft_weights: '{name}' {message}"):
-            OpticalFlow().estimate(clip().frames, VAE, "raft_large", name, 2)
+            OpticalFlow.execute(clip().frames, VAE, "raft_large", name, 2)
 
 
 def test_dis_needs_no_weights_and_reports_progress_per_pair():
     updates = []
     host.report_progress_to(lambda done, total: updates.append((done, total)))
     try:
-        (flow,) = OpticalFlow().estimate(clip(4).frames, VAE, "dis", NO_WEIGHTS, 8)
+        (flow,) = OpticalFlow.execute(clip(4).frames, VAE, "dis", NO_WEIGHTS, 8).result
     finally:
         host.report_progress_to(None)
     assert flow.frames == 4 and flow.method == "dis"
@@ -79,7 +79,7 @@ def test_cancel_stops_the_flow_node():
     host.interrupt()
     try:
         with pytest.raises(host.Interrupted):
-            OpticalFlow().estimate(clip(4).frames, VAE, "dis", NO_WEIGHTS, 1)
+            OpticalFlow.execute(clip(4).frames, VAE, "dis", NO_WEIGHTS, 1)
         assert not host.interrupt_requested()
     finally:
         host.interrupt(False)
@@ -87,19 +87,19 @@ def test_cancel_stops_the_flow_node():
 
 def test_fewer_than_two_frames_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 2 frames"):
-        OpticalFlow().estimate(clip(1).frames, VAE, "dis", NO_WEIGHTS, 8)
+        OpticalFlow.execute(clip(1).frames, VAE, "dis", NO_WEIGHTS, 8)
 
 
 def test_trajectories_refuse_a_latent_of_another_frame_count_or_aspect():
     video = clip(4, 64, 64)
-    (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
+    (flow,) = OpticalFlow.execute(video.frames, VAE, "dis", NO_WEIGHTS, 8).result
     latent = {"samples": frames_to_latent(video.frames)}
-    (trajectories,) = FlowTrajectories().build(flow, latent, 0, True)
+    (trajectories,) = FlowTrajectories.execute(flow, latent, 0, True).result
     assert trajectories.frames == 4 and sorted(trajectories.grids)[-1] == (8, 8)
     with pytest.raises(ValueError, match="frames"):
-        FlowTrajectories().build(flow, {"samples": latent["samples"][:3]}, 0, True)
+        FlowTrajectories.execute(flow, {"samples": latent["samples"][:3]}, 0, True)
     with pytest.raises(ValueError, match=r"latent: 12x8 .* flow's frames \(64x64\) encode to a 8x8 latent"):
-        FlowTrajectories().build(flow, {"samples": torch.zeros(4, 4, 8, 12)}, 0, True)
+        FlowTrajectories.execute(flow, {"samples": torch.zeros(4, 4, 8, 12)}, 0, True)
 
 
 def shown_files(ui: dict) -> list:
@@ -114,20 +114,20 @@ def shown_files(ui: dict) -> list:
 
 def test_previews_show_on_the_node_and_return_one_picture_per_pair_and_per_frame():
     video = clip(4, 64, 64)
-    (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
-    shown = PreviewFlow().preview(flow)
-    colours, occlusion = shown["result"]
+    (flow,) = OpticalFlow.execute(video.frames, VAE, "dis", NO_WEIGHTS, 8).result
+    shown = PreviewFlow.execute(flow)
+    colours, occlusion = shown.result
     assert colours.shape == occlusion.shape == (3, 64, 64, 3)
-    assert len(shown_files(shown["ui"])) == 3 + 3                       # flow pictures, then occlusion masks
-    (trajectories,) = FlowTrajectories().build(flow, {"samples": frames_to_latent(video.frames)}, 0, True)
-    shown = PreviewTrajectories().preview(trajectories, video.frames, "latent", 16, 0)
-    (tracks,) = shown["result"]
+    assert len(shown_files(shown.ui)) == 3 + 3                       # flow pictures, then occlusion masks
+    (trajectories,) = FlowTrajectories.execute(flow, {"samples": frames_to_latent(video.frames)}, 0, True).result
+    shown = PreviewTrajectories.execute(trajectories, video.frames, "latent", 16, 0)
+    (tracks,) = shown.result
     assert tracks.shape == video.frames.shape and not torch.equal(tracks, video.frames)
-    assert len(shown_files(shown["ui"])) == 4
-    (coarse,) = PreviewTrajectories().preview(trajectories, video.frames, "latent/8", 16, 0)["result"]
+    assert len(shown_files(shown.ui)) == 4
+    (coarse,) = PreviewTrajectories.execute(trajectories, video.frames, "latent/8", 16, 0).result
     assert coarse.shape == video.frames.shape
     with pytest.raises(ValueError, match="images"):
-        PreviewTrajectories().preview(trajectories, video.frames[:3], "latent", 16, 0)
+        PreviewTrajectories.execute(trajectories, video.frames[:3], "latent", 16, 0)
 
 
 # ------------------------------------------------------------------------------------------------ frames of any size
@@ -141,9 +141,9 @@ def vae_encoded_pixels(images: torch.Tensor) -> torch.Tensor:
 
 def test_flow_covers_exactly_the_pixels_vae_encode_encodes():
     video = clip(*ODD)
-    (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
+    (flow,) = OpticalFlow.execute(video.frames, VAE, "dis", NO_WEIGHTS, 8).result
     assert (flow.height, flow.width) == (48, 88) and flow.crop.latent_hw == (6, 11)
-    (of_cropped,) = OpticalFlow().estimate(vae_encoded_pixels(video.frames), VAE, "dis", NO_WEIGHTS, 8)
+    (of_cropped,) = OpticalFlow.execute(vae_encoded_pixels(video.frames), VAE, "dis", NO_WEIGHTS, 8).result
     assert torch.equal(flow.forward, of_cropped.forward) and torch.equal(flow.occlusion, of_cropped.occlusion)
 
 
@@ -151,16 +151,16 @@ def test_trajectories_previews_and_metrics_line_up_with_the_latent_of_odd_sized_
     from tve.nodes.measure_nodes import ConsistencyMetrics
     video = clip(*ODD)
     encoded = vae_encoded_pixels(video.frames)                        # what VAEEncode encodes / VAEDecode returns
-    (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
+    (flow,) = OpticalFlow.execute(video.frames, VAE, "dis", NO_WEIGHTS, 8).result
     latent = {"samples": frames_to_latent(encoded)}
     assert latent["samples"].shape[-2:] == (6, 11)
-    (trajectories,) = FlowTrajectories().build(flow, latent, 0, True)
+    (trajectories,) = FlowTrajectories.execute(flow, latent, 0, True).result
     assert max(trajectories.grids, key=lambda hw: hw[0] * hw[1]) == (6, 11)
-    (from_source,) = PreviewTrajectories().preview(trajectories, video.frames, "latent", 16, 0)["result"]
-    (from_decoded,) = PreviewTrajectories().preview(trajectories, encoded, "latent", 16, 0)["result"]
+    (from_source,) = PreviewTrajectories.execute(trajectories, video.frames, "latent", 16, 0).result
+    (from_decoded,) = PreviewTrajectories.execute(trajectories, encoded, "latent", 16, 0).result
     assert from_source.shape == (3, 48, 88, 3) and torch.equal(from_source, from_decoded)
-    edited = ConsistencyMetrics().measure(encoded.flip(-1), flow, video.frames)["result"]
-    source_only = ConsistencyMetrics().measure(encoded, flow)["result"]
+    edited = ConsistencyMetrics.execute(encoded.flip(-1), flow, video.frames).result
+    source_only = ConsistencyMetrics.execute(encoded, flow).result
     assert edited[0] > 0 and f"{source_only[0]:.3f}" in edited[2]        # the source floor, from raw frames
     assert "90x54, cropped by the VAE to 88x48" in edited[2]
 
@@ -168,16 +168,16 @@ def test_trajectories_previews_and_metrics_line_up_with_the_latent_of_odd_sized_
 def test_frames_of_another_video_or_length_are_errors_naming_both_sockets():
     from tve.nodes.measure_nodes import ConsistencyMetrics
     video = clip(*ODD)
-    (flow,) = OpticalFlow().estimate(video.frames, VAE, "dis", NO_WEIGHTS, 8)
+    (flow,) = OpticalFlow.execute(video.frames, VAE, "dis", NO_WEIGHTS, 8).result
     with pytest.raises(ValueError, match=r"latent: 12x6 .*90x54, cropped by the VAE to 88x48.* 11x6 latent"):
-        FlowTrajectories().build(flow, {"samples": torch.zeros(3, 4, 6, 12)}, 0, True)
+        FlowTrajectories.execute(flow, {"samples": torch.zeros(3, 4, 6, 12)}, 0, True)
     with pytest.raises(ValueError, match=r"images: 90x50 \(w x h\) frames, but the flow .*90x54 or 88x48"):
-        ConsistencyMetrics().measure(video.frames[:, :50], flow)
+        ConsistencyMetrics.execute(video.frames[:, :50], flow)
     with pytest.raises(ValueError, match="source_images: has 2 frames but the flow spans 3"):
-        ConsistencyMetrics().measure(video.frames, flow, video.frames[:2])
-    (trajectories,) = FlowTrajectories().build(flow, {"samples": torch.zeros(3, 4, 6, 11)}, 0, True)
+        ConsistencyMetrics.execute(video.frames, flow, video.frames[:2])
+    (trajectories,) = FlowTrajectories.execute(flow, {"samples": torch.zeros(3, 4, 6, 11)}, 0, True).result
     with pytest.raises(ValueError, match="images: 96x54 .* trajectories"):
-        PreviewTrajectories().preview(trajectories, torch.rand(3, 54, 96, 3), "latent", 16, 0)
+        PreviewTrajectories.execute(trajectories, torch.rand(3, 54, 96, 3), "latent", 16, 0)
 
 
 @pytest.mark.parametrize("height, width", [(240, 426), (480, 854), (288, 512), (61, 77), (1080, 1920)])
@@ -192,7 +192,7 @@ def test_latent_crop_is_the_hosts_vae_encode_crop(height, width):
 
 def test_a_value_that_is_not_an_image_vae_is_refused():
     with pytest.raises(ValueError, match="vae: expected an image VAE"):
-        OpticalFlow().estimate(clip().frames, object(), "dis", NO_WEIGHTS, 8)
+        OpticalFlow.execute(clip().frames, object(), "dis", NO_WEIGHTS, 8)
 
 
 # ------------------------------------------------------------------------------------------------ lean RAFT
@@ -201,9 +201,9 @@ def test_raft_is_built_once_and_loaded_by_cores_model_management(flow_folder):
     from tve.engine import host
     torch.save(torchvision.models.optical_flow.raft_small(weights=None).state_dict(), flow_folder / "mine.pth")
     flow_nodes._RAFT_CACHE.clear()
-    OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
+    OpticalFlow.execute(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
     (raft,) = flow_nodes._RAFT_CACHE.values()
-    OpticalFlow().estimate(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
+    OpticalFlow.execute(clip().frames, VAE, "raft_small", "mine.pth", 2, 512)
     assert list(flow_nodes._RAFT_CACHE.values()) == [raft]                   # not rebuilt for the second run
     patcher = host.helper_model(raft)
     assert host.helper_model(raft) is patcher and host.helper_loaded(patcher)     # one ModelPatcher, core loads it
@@ -230,13 +230,13 @@ def core_optical_flow(flow_folder, name: str):
 def test_a_raft_loaded_by_cores_optical_flow_loader_runs_instead_of_the_file(flow_folder):
     torch.save(torchvision.models.optical_flow.raft_large(weights=None).state_dict(), flow_folder / "large.pth")
     frames = clip().frames
-    (from_file,) = OpticalFlow().estimate(frames, VAE, "raft_large", "large.pth", 2, 512)
+    (from_file,) = OpticalFlow.execute(frames, VAE, "raft_large", "large.pth", 2, 512).result
     connected = core_optical_flow(flow_folder, "large.pth")
-    (from_core,) = OpticalFlow().estimate(frames, VAE, "raft_large", NO_WEIGHTS, 2, 512, optical_flow=connected)
+    (from_core,) = OpticalFlow.execute(frames, VAE, "raft_large", NO_WEIGHTS, 2, 512, optical_flow=connected).result
     assert torch.allclose(from_core.forward, from_file.forward, atol=1e-4)
     assert torch.equal(from_core.occlusion, from_file.occlusion)
     with pytest.raises(ValueError, match="method: 'dis' computes the flow with OpenCV, but a RAFT is connected"):
-        OpticalFlow().estimate(frames, VAE, "dis", NO_WEIGHTS, 2, 512, optical_flow=connected)
+        OpticalFlow.execute(frames, VAE, "dis", NO_WEIGHTS, 2, 512, optical_flow=connected)
 
 
 def test_an_optical_flow_model_that_is_not_raft_is_refused_naming_the_input():
@@ -244,9 +244,9 @@ def test_an_optical_flow_model_that_is_not_raft_is_refused_naming_the_input():
     other = host.helper_model(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="optical_flow: expected a torchvision RAFT loaded by core's Load Optical "
                                          "Flow Model, got a Linear"):
-        OpticalFlow().estimate(clip().frames, VAE, "raft_large", NO_WEIGHTS, 2, 512, optical_flow=other)
+        OpticalFlow.execute(clip().frames, VAE, "raft_large", NO_WEIGHTS, 2, 512, optical_flow=other)
     with pytest.raises(ValueError, match="optical_flow: expected a torchvision RAFT"):
-        OpticalFlow().estimate(clip().frames, VAE, "raft_large", NO_WEIGHTS, 2, 512, optical_flow="raft")
+        OpticalFlow.execute(clip().frames, VAE, "raft_large", NO_WEIGHTS, 2, 512, optical_flow="raft")
 
 
 def test_helpers_run_in_float32_on_the_cpu_as_comfy_does():
@@ -264,15 +264,15 @@ def test_the_motion_input_reaches_the_trajectories_cell_mean_by_default():
     forward[:, 0, ::8, ::8] = 0.0                                   # the top-left pixel of every cell
     flow = FlowField(forward, -forward, torch.zeros(frames - 1, 8 * h, 8 * w, dtype=torch.bool), "known motion")
     latent = {"samples": torch.zeros(frames, 4, h, w)}
-    node = FlowTrajectories()
+    node = FlowTrajectories
 
     def next_cell(trajectories):
         grid = trajectories.at((h, w))
         return grid.tracks[grid.track_of[0, 2 * w + 1], 1].item()   # where cell (row 2, column 1) is in frame 1
 
-    assert next_cell(node.build(flow, latent, 0, False)[0]) == 2 * w + 2             # default: cell_mean
-    assert next_cell(node.build(flow, latent, 0, False, "cell_mean")[0]) == 2 * w + 2
-    assert next_cell(node.build(flow, latent, 0, False, "top_left")[0]) == 2 * w + 1
+    assert next_cell(node.execute(flow, latent, 0, False).result[0]) == 2 * w + 2             # default: cell_mean
+    assert next_cell(node.execute(flow, latent, 0, False, "cell_mean").result[0]) == 2 * w + 2
+    assert next_cell(node.execute(flow, latent, 0, False, "top_left").result[0]) == 2 * w + 1
     assert FlowTrajectories.INPUT_TYPES()["required"]["motion"][1]["default"] == "cell_mean"
     with pytest.raises(ValueError, match="motion"):
-        node.build(flow, latent, 0, False, "nearest")
+        node.execute(flow, latent, 0, False, "nearest")

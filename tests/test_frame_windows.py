@@ -12,8 +12,7 @@ pytestmark = pytest.mark.real_host
 
 def windows(model, size, overlap=0):
     from tve.nodes.edit_nodes import ApplyFrameWindows
-    out = ApplyFrameWindows().apply(model, size, overlap)
-    return (out["result"] if isinstance(out, dict) else out)[0]      # a dict with the note when applied again
+    return ApplyFrameWindows.execute(model, size, overlap).result[0]
 
 
 def inverted(model, frames, steps=2, size=8):
@@ -29,12 +28,12 @@ def pnp(model, inversion):
 
 def cross_frame(model, mode, interval=4, anchor=0):
     from tve.nodes.edit_nodes import ApplyCrossFrameAttention
-    return ApplyCrossFrameAttention().apply(model, mode, interval, anchor, False, 2, 7, "all", 0.0, 1.0)[0]
+    return ApplyCrossFrameAttention.execute(model, mode, interval, anchor, False, 2, 7, "all", 0.0, 1.0).result[0]
 
 
 def tokenflow(model, inversion, interval, mode="paper"):
     from tve.nodes.edit_nodes import ApplyTokenFlow
-    return ApplyTokenFlow().apply(model, inversion, interval, 7, mode, 0.5, 0.8)[0]
+    return ApplyTokenFlow.execute(model, inversion, interval, 7, mode, 0.5, 0.8).result[0]
 
 
 def test_per_frame_inversion_and_pnp_edit_in_batches_equal_one_batch_and_no_pass_holds_more():
@@ -169,8 +168,8 @@ def test_frame_windows_compose_in_any_order_and_applied_twice_the_later_wins():
 def test_inversion_of_a_flatten_model_runs_in_overlapping_windows_on_global_trajectory_ids():
     from tve.nodes.edit_nodes import ApplyFLATTEN
     from tve.tests.test_flatten_node import trajectories_for
-    model = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories_for(14), "highest resolution",
-                                 "dense_output")[0]
+    model = ApplyFLATTEN.execute(make_tiny_model("sd15"), trajectories_for(14), "highest resolution",
+                                 "dense_output").result[0]
     windowed = windows(model, 6, 2)
     spy = recorded(windowed)
     x_T, inversion = inverted(windowed, 14)

@@ -202,15 +202,15 @@ def test_node_next_sigma_inversion_is_ddpm_inversion_with_the_next_timesteps_noi
     s = 0.8
     model = analytic_model(s)
     latent = make_latent(2, 8, 8)["samples"] / 0.18215 * s          # model space: data ~ N(0, s²)
-    x_T, inversion, sigmas = DDIMInversion().invert(model, {"samples": latent}, make_conditioning("sd15"), 10,
-                                                    "ddim_uniform", 1, "next_sigma")
+    x_T, inversion, sigmas = DDIMInversion.execute(model, {"samples": latent}, make_conditioning("sd15"), 10,
+                                                   "ddim_uniform", 1, "next_sigma").result
     expected = ddpm_next_timestep_inversion(latent * 0.18215, sigmas.flip(0).tolist(), s)
     assert torch.allclose((x_T["samples"] * 0.18215).double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
-    current, _ = DDIMInversion().invert(model, {"samples": latent}, make_conditioning("sd15"), 10, "ddim_uniform", 1,
-                                        "current_sigma")[:2]
+    current, _ = DDIMInversion.execute(model, {"samples": latent}, make_conditioning("sd15"), 10, "ddim_uniform", 1,
+                                       "current_sigma").result[:2]
     assert not torch.allclose(current["samples"], x_T["samples"], rtol=1e-3)
     with pytest.raises(ValueError, match="formula"):
-        DDIMInversion().invert(model, {"samples": latent}, make_conditioning("sd15"), 10, "ddim_uniform", 1, "tve")
+        DDIMInversion.execute(model, {"samples": latent}, make_conditioning("sd15"), 10, "ddim_uniform", 1, "tve")
 
 
 @real_host
@@ -220,7 +220,7 @@ def test_inversion_keys_are_the_sampling_grid_sigmas_and_float32_latents_are_kep
     from tve.nodes.inversion_node import DDIMInversion
     model = make_tiny_model(family)
     latent = make_latent(4, 16, 16)
-    x_T, inversion, sigmas = DDIMInversion().invert(model, latent, make_conditioning(family), 4, "ddim_uniform")
+    x_T, inversion, sigmas = DDIMInversion.execute(model, latent, make_conditioning(family), 4, "ddim_uniform").result
     grid = host.sigma_grid(model, "ddim_uniform", 4)
     assert torch.equal(inversion.sigmas, grid) and torch.equal(sigmas, grid)
     assert host.model_dtype(model) == torch.float32

@@ -92,8 +92,8 @@ def test_a_window_of_one_frame_is_refused_for_attention_across_frames_in_either_
 
 
 def node_output_notes(out):
-    """The notes a MODEL node shows (none where it returns a plain tuple)."""
-    return out["ui"]["text"] if isinstance(out, dict) else []
+    """The notes a MODEL node shows on its output (none where it shows nothing)."""
+    return out.ui["text"] if out.ui is not None else []
 
 
 @pytest.mark.real_host
@@ -105,10 +105,10 @@ def test_injection_and_tokenflow_in_either_order_say_whose_injection_settings_re
     _, inversion = invert(model, make_latent(3, 8, 8)["samples"], make_conditioning("sd15"), 2, "ddim_uniform")
 
     def injection(m):
-        return ApplyFeatureInjection().apply(m, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
+        return ApplyFeatureInjection.execute(m, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
 
     def tokenflow(m):
-        return ApplyTokenFlow().apply(m, inversion, 2, 0, "paper", 0.5, 0.8)
+        return ApplyTokenFlow.execute(m, inversion, 2, 0, "paper", 0.5, 0.8)
 
     first_injection, first_tokenflow = injection(model)[0], tokenflow(model)[0]
     with caplog.at_level("WARNING"):
@@ -128,14 +128,14 @@ def test_injection_and_tokenflow_in_either_order_say_whose_injection_settings_re
 def test_frame_windows_applied_again_says_its_settings_replace_the_earlier_ones():
     from tve.nodes.edit_nodes import ApplyFrameWindows
     model = make_tiny_model("sd15")
-    once = ApplyFrameWindows().apply(model, 8, 2)
+    once = ApplyFrameWindows.execute(model, 8, 2)
     assert node_output_notes(once) == []                   # the default windows are no node's settings
-    twice = ApplyFrameWindows().apply(once[0], 0, 0)
+    twice = ApplyFrameWindows.execute(once.result[0], 0, 0)
     assert node_output_notes(twice) == [
         f"{identity.FRAME_WINDOWS}: applied again; these settings (all frames per window, overlap 0) replace the "
         "earlier ones (8 frames per window, overlap 2): one per model, the later node's win"]
-    assert stack_of(twice["result"][0]).windows.size == 0
-    assert node_output_notes(ApplyFrameWindows().apply(cross_frame(once[0], "dense"), 4, 0)) != []   # still said
+    assert stack_of(twice.result[0]).windows.size == 0
+    assert node_output_notes(ApplyFrameWindows.execute(cross_frame(once.result[0], "dense"), 4, 0)) != []   # still said
 
 
 @pytest.mark.real_host

@@ -58,9 +58,9 @@ def test_flicker_index_is_the_mean_change_of_mean_intensity():
 
 def test_node_reports_numbers_summary_and_source_floor():
     clip = render_clip(6, 48, 64, seed=4, sprites=1)
-    out = ConsistencyMetrics().measure(gain_flicker(clip.frames), flow_of(clip), clip.frames)
-    warp_x1000, flicker, summary = out["result"]
-    assert out["ui"]["text"] == [summary]
+    out = ConsistencyMetrics.execute(gain_flicker(clip.frames), flow_of(clip), clip.frames)
+    warp_x1000, flicker, summary = out.result
+    assert out.ui["text"] == [summary]
     assert warp_x1000 > 0 and flicker > 0
     assert "source warp error" in summary and "ground truth at 64x48" in summary
 
@@ -68,9 +68,9 @@ def test_node_reports_numbers_summary_and_source_floor():
 def test_frames_or_sizes_that_differ_from_the_flow_are_clear_errors():
     clip = render_clip(6, 48, 64, seed=4, sprites=1)
     with pytest.raises(ValueError, match="images"):
-        ConsistencyMetrics().measure(clip.frames[:5], flow_of(clip))
+        ConsistencyMetrics.execute(clip.frames[:5], flow_of(clip))
     with pytest.raises(ValueError, match="source_images"):
-        ConsistencyMetrics().measure(clip.frames, flow_of(clip), clip.frames[:, :40])
+        ConsistencyMetrics.execute(clip.frames, flow_of(clip), clip.frames[:, :40])
 
 
 def test_pca_picture_is_in_range_and_a_keyframe_rebuilds_itself_through_its_own_field():
@@ -93,11 +93,11 @@ def test_preview_features_node_draws_both_pictures_for_the_source():
     from tve.nodes.measure_nodes import PreviewFeatures
     model = make_tiny_model("sd15")
     _, inversion = invert(model, make_latent(4, 8, 8)["samples"], make_conditioning(), 4, "ddim_uniform")
-    shown = PreviewFeatures().preview(model, inversion, 0.5, "output latent", 2, 4)
-    pca, field = shown["result"]
-    assert len(shown["ui"]["images"]) == 4 + 4
+    shown = PreviewFeatures.execute(model, inversion, 0.5, "output latent", 2, 4)
+    pca, field = shown.result
+    assert len(shown.ui["images"]) == 4 + 4
     assert pca.shape == field.shape == (4, 32, 32, 3)
     assert torch.equal(field[0], pca[0]) and torch.equal(field[2], pca[2])
     assert 0 <= float(pca.min()) and float(pca.max()) <= 1
     with pytest.raises(ValueError, match="inversion"):
-        PreviewFeatures().preview(make_tiny_model("sd2"), inversion, 0.5, "output latent", 2, 4)
+        PreviewFeatures.execute(make_tiny_model("sd2"), inversion, 0.5, "output latent", 2, 4)

@@ -43,7 +43,7 @@ def with_every_tve_patch(model):
     """A clone with what TVE's nodes add to a MODEL: attn1 patches and replaces, a middle patch, keyed wrappers, an
     attachment and an object patch (the masked-edit inpaint latent)."""
     from tve.nodes.edit_nodes import ApplyCrossFrameAttention
-    m, = ApplyCrossFrameAttention().apply(model, "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0)
+    m, = ApplyCrossFrameAttention.execute(model, "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0).result
     m = m.clone()
     host.ensure_attn1_patch(m, lambda n, c, v, extra_options: (n, c, v))
     host.set_middle_patch(m, lambda x, extra_options: x)
@@ -92,8 +92,8 @@ def test_temporal_adapter_deltas_and_a_tuned_model_are_other_weights():
     adapter = untrained_adapter(model, "stam")
     adapter.query_diffs.update({k: torch.full_like(d, 1e-3) for k, d in adapter.query_diffs.items()})
     assert "other weight patches" in difference(model, apply_adapter(model, adapter))
-    tuned, _, _ = OneShotTune().tune(model, make_latent(3, 8, 8), make_conditioning("sd15"), 1, 1e-2, 0, "stam",
-                                     "temporal+queries", False)
+    tuned, _, _ = OneShotTune.execute(model, make_latent(3, 8, 8), make_conditioning("sd15"), 1, 1e-2, 0, "stam",
+                                      "temporal+queries", False).result
     assert "other weight patches" in difference(model, tuned)
 
 
@@ -173,20 +173,15 @@ def edit(model, x_T, inversion):
                        make_conditioning("sd15", 6), x_T)
 
 
-def model_of(out):
-    """The MODEL of a node's output (a dict with the notes it shows, where it says something)."""
-    return (out["result"] if isinstance(out, dict) else out)[0]
-
-
 def readers(allow=False):
     """Each node that reads an INVERSION, as ``(name, apply(model, inversion) -> node output)``."""
     from tve.nodes.edit_nodes import ApplyFeatureInjection, ApplyTokenFlow
     from tve.nodes.measure_nodes import PreviewFeatures
     return [
         ("Apply Feature Injection (TVE)",
-         lambda m, inv: ApplyFeatureInjection().apply(m, inv, 0.5, 0.8, "tokenflow", "sigma-matched", allow)),
-        ("Apply TokenFlow (TVE)", lambda m, inv: ApplyTokenFlow().apply(m, inv, 2, 0, "paper", 0.5, 0.8, allow)),
-        ("Preview Features (TVE)", lambda m, inv: PreviewFeatures().preview(m, inv, 0.5, "output latent", 2, 1, allow)),
+         lambda m, inv: ApplyFeatureInjection.execute(m, inv, 0.5, 0.8, "tokenflow", "sigma-matched", allow)),
+        ("Apply TokenFlow (TVE)", lambda m, inv: ApplyTokenFlow.execute(m, inv, 2, 0, "paper", 0.5, 0.8, allow)),
+        ("Preview Features (TVE)", lambda m, inv: PreviewFeatures.execute(m, inv, 0.5, "output latent", 2, 1, allow)),
     ]
 
 
@@ -220,8 +215,8 @@ def test_tve_patches_on_either_side_are_not_other_weights():
     from tve.nodes.edit_nodes import ApplyFeatureInjection
     model = make_tiny_model("sd15")
     x_T, inversion = inverted(with_every_tve_patch(model))         # FLATTEN-style: inverted with TVE patches on
-    out = ApplyFeatureInjection().apply(model, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
-    assert isinstance(out, tuple)                                  # nothing to say
+    out = ApplyFeatureInjection.execute(model, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
+    assert out.ui is None                                          # nothing to say
     for _, apply in readers():
         apply(with_every_tve_patch(model), inversion)
 
@@ -234,12 +229,12 @@ def test_allowed_other_weights_are_said_on_the_node_and_once_in_the_server_log(c
         with caplog.at_level("WARNING"):
             caplog.clear()
             shown = apply(styled, inversion)
-        (note,) = shown["ui"]["text"]
+        (note,) = shown.ui["text"]
         assert note.startswith(f"{name}: edits with other weights than the inversion was made with: other weight "
                                "patches (a LoRA"), note
         assert "allowed by allow_other_weights" in note
         assert [r.getMessage() for r in caplog.records if "[TVE]" in r.getMessage()] == [f"[TVE] {note}"]
-    patched = readers(allow=True)[0][1](styled, inversion)["result"][0]
+    patched = readers(allow=True)[0][1](styled, inversion).result[0]
     with caplog.at_level("WARNING"):
         caplog.clear()
         out = edit(patched, x_T, inversion)                          # said by the node already: not again
@@ -251,12 +246,13 @@ def test_a_lora_added_after_the_node_is_refused_when_sampling_starts_or_said_onc
     from tve.nodes.edit_nodes import ApplyFeatureInjection, ApplyTokenFlow
     model = make_tiny_model("sd15")
     x_T, inversion = inverted(model)
-    for node in (lambda m: ApplyFeatureInjection().apply(m, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")[0],
-                 lambda m: ApplyTokenFlow().apply(m, inversion, 2, 0, "paper", 0.5, 0.8)[0]):
+    for node in (lambda m: ApplyFeatureInjection.execute(m, inversion, 0.5, 0.8, "tokenflow",
+                                                         "sigma-matched").result[0],
+                 lambda m: ApplyTokenFlow.execute(m, inversion, 2, 0, "paper", 0.5, 0.8).result[0]):
         with pytest.raises(ValueError, match=r"^inversion: made with a model whose weights differ from this model's: "
                                              r"other weight patches .*allow_other_weights on Apply"):
             edit(lora(node(model), 0.3), x_T, inversion)
-    allowed = ApplyTokenFlow().apply(model, inversion, 2, 0, "paper", 0.5, 0.8, True)[0]   # same weights: no note
+    allowed = ApplyTokenFlow.execute(model, inversion, 2, 0, "paper", 0.5, 0.8, True).result[0]   # same weights
     styled_after = lora(allowed, 0.3)
     with caplog.at_level("WARNING"):
         caplog.clear()
@@ -273,10 +269,10 @@ def test_with_injection_and_tokenflow_the_node_whose_settings_remain_decides_abo
     x_T, inversion = inverted(model)
 
     def injection(m, allow):
-        return model_of(ApplyFeatureInjection().apply(m, inversion, 0.5, 0.8, "tokenflow", "sigma-matched", allow))
+        return ApplyFeatureInjection.execute(m, inversion, 0.5, 0.8, "tokenflow", "sigma-matched", allow).result[0]
 
     def tokenflow(m, allow):
-        return model_of(ApplyTokenFlow().apply(m, inversion, 2, 0, "paper", 0.5, 0.8, allow))
+        return ApplyTokenFlow.execute(m, inversion, 2, 0, "paper", 0.5, 0.8, allow).result[0]
 
     # TokenFlow allows, then Feature Injection (not allowing) replaces its injection settings: refused, naming it
     with pytest.raises(ValueError, match=r"^inversion: .*allow_other_weights on Apply Feature Injection \(TVE\)"):

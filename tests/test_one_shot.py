@@ -97,8 +97,8 @@ def test_tuning_leaves_the_base_weights_and_the_input_model_untouched():
     state = patch_state(model)
     samples, cond = make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
     reference = denoised(model, samples, cond)
-    tuned, adapter, graph = OneShotTune().tune(model, {"samples": samples}, cond, 3, 1e-2, 0, "stam",
-                                               "temporal+queries", True)
+    tuned, adapter, graph = OneShotTune.execute(model, {"samples": samples}, cond, 3, 1e-2, 0, "stam",
+                                                "temporal+queries", True).result
     assert not torch.equal(denoised(tuned, samples, cond), reference)
     assert torch.equal(denoised(model, samples, cond), reference)
     assert all(torch.equal(v, weights[k]) for k, v in model.model.state_dict().items())
@@ -131,12 +131,12 @@ def test_gradient_checkpointing_gives_the_same_tuning_as_plain_backward():
 
 def test_save_then_load_reproduces_the_tuned_outputs(adapter_folder):
     model, samples, cond = make_tiny_model("sd2"), make_latent(3, 8, 8)["samples"], make_conditioning("sd2")
-    tuned, adapter, _ = OneShotTune().tune(model, {"samples": samples}, cond, 2, 1e-2, 0, "stam",
-                                           "temporal+queries", True)
-    ui = SaveTemporalAdapter().save(adapter, "clips/dog")
+    tuned, adapter, _ = OneShotTune.execute(model, {"samples": samples}, cond, 2, 1e-2, 0, "stam",
+                                            "temporal+queries", True).result
+    written = SaveTemporalAdapter.execute(adapter, "clips/dog")
     (name,) = host.adapter_files()
-    assert name.replace("\\", "/") == "clips/dog_00001.safetensors" and ui["ui"]["text"][0].endswith(name)
-    loaded_model, loaded = LoadTemporalAdapter().load(model, name)
+    assert name.replace("\\", "/") == "clips/dog_00001.safetensors" and written.ui["text"][0].endswith(name)
+    loaded_model, loaded = LoadTemporalAdapter.execute(model, name).result
     assert (loaded.kind, loaded.family, loaded.steps, loaded.losses) == (adapter.kind, adapter.family, 2,
                                                                          adapter.losses)
     assert torch.equal(denoised(loaded_model, samples, cond), denoised(tuned, samples, cond))
@@ -184,7 +184,7 @@ def test_bad_input_is_one_clear_error_with_nothing_patched(case, error):
         model = apply_adapter(model, untrained_adapter(model, "stam"))
     state = patch_state(model)
     with pytest.raises(ValueError, match=error):
-        OneShotTune().tune(model, {"samples": samples}, cond, steps, lr, 0, "stam", "temporal+queries", True)
+        OneShotTune.execute(model, {"samples": samples}, cond, steps, lr, 0, "stam", "temporal+queries", True)
     assert patch_state(model) == state
 
 
@@ -216,8 +216,8 @@ def test_tuning_a_model_loaded_in_inference_mode_inside_inference_mode_as_comfyu
         samples, cond = make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
         assert all(p.is_inference() for p in model.model.parameters())
         before = [p.requires_grad for p in model.model.parameters()]      # True at 0.3.64, False at 0.33
-        tuned, adapter, _ = OneShotTune().tune(model, {"samples": samples}, cond, 2, 1e-2, 0, "stam",
-                                               "temporal+queries", True)
+        tuned, adapter, _ = OneShotTune.execute(model, {"samples": samples}, cond, 2, 1e-2, 0, "stam",
+                                                "temporal+queries", True).result
         after = [p.requires_grad for p in model.model.parameters()]
     assert len(adapter.losses) == 2 and any(float(s["gain"]) != 0 for s in adapter.temporal.values())
     assert after == before                              # restored as they were
@@ -268,7 +268,7 @@ def adapter_folder(tmp_path):
 
 
 def saved(adapter, name="a"):
-    SaveTemporalAdapter().save(adapter, name)
+    SaveTemporalAdapter.execute(adapter, name)
     return f"{name}_00001.safetensors"
 
 
@@ -279,26 +279,26 @@ def with_lora(model, strength):
 
 def test_an_adapter_records_the_weights_it_was_tuned_on_and_loads_only_onto_them_unless_allowed(adapter_folder):
     model, samples, cond = make_tiny_model("sd15"), make_latent(3, 8, 8)["samples"], make_conditioning("sd15")
-    tuned, adapter, _ = OneShotTune().tune(model, {"samples": samples}, cond, 1, 1e-2, 0, "stam", "temporal+queries",
-                                           False)
+    tuned, adapter, _ = OneShotTune.execute(model, {"samples": samples}, cond, 1, 1e-2, 0, "stam", "temporal+queries",
+                                            False).result
     name = saved(adapter)
     path = host.adapter_path(name)
-    loaded_model, _ = LoadTemporalAdapter().load(model.clone(), name)
+    loaded_model, _ = LoadTemporalAdapter.execute(model.clone(), name).result
     assert torch.equal(denoised(loaded_model, samples, cond), denoised(tuned, samples, cond))
     for other, what in [(make_tiny_model("sd15", seed=1), "other base weights"),
                         (with_lora(model, 0.05), "other weight patches")]:
         state = patch_state(other)
         with pytest.raises(ValueError, match=rf"^adapter_name: {re.escape(path)}: was tuned on a model whose weights "
                                              rf"differ from this model's: {what} .*set allow_other_checkpoint"):
-            LoadTemporalAdapter().load(other, name)
+            LoadTemporalAdapter.execute(other, name)
         assert patch_state(other) == state                                       # nothing patched
-        shown = LoadTemporalAdapter().load(other, name, allow_other_checkpoint=True)   # said on the node
-        (note,) = shown["ui"]["text"]
+        shown = LoadTemporalAdapter.execute(other, name, allow_other_checkpoint=True)   # said on the node
+        (note,) = shown.ui["text"]
         assert note.startswith(f"adapter_name: {path}: was tuned on other weights than this model's: {what}")
         assert "loaded anyway (allow_other_checkpoint is on)" in note
-        allowed, _ = shown["result"]
+        allowed, _ = shown.result
         assert len(allowed.model_options["transformer_options"]["patches"]["middle_patch"]) == 1
-    assert isinstance(LoadTemporalAdapter().load(model.clone(), name, allow_other_checkpoint=True), tuple)  # no note
+    assert LoadTemporalAdapter.execute(model.clone(), name, allow_other_checkpoint=True).ui is None   # no note
 
 
 def test_a_format_1_adapter_without_identity_loads_only_when_allowed(adapter_folder):
@@ -307,9 +307,9 @@ def test_a_format_1_adapter_without_identity_loads_only_when_allowed(adapter_fol
     name = saved(dataclasses.replace(untrained_adapter(model, "stam"), identity=None), "old")
     with pytest.raises(ValueError, match=r"^adapter_name: .*old_00001.safetensors: records no identity of the model "
                                          r"it was tuned on \(saved in format tve_temporal_adapter/1\)"):
-        LoadTemporalAdapter().load(model, name)
-    shown = LoadTemporalAdapter().load(model, name, allow_other_checkpoint=True)
-    assert "loaded unchecked (allow_other_checkpoint is on)" in shown["ui"]["text"][0]
+        LoadTemporalAdapter.execute(model, name)
+    shown = LoadTemporalAdapter.execute(model, name, allow_other_checkpoint=True)
+    assert "loaded unchecked (allow_other_checkpoint is on)" in shown.ui["text"][0]
 
 
 @pytest.mark.parametrize("case, error", [
@@ -331,5 +331,5 @@ def test_a_query_delta_that_does_not_fit_the_model_is_refused_before_anything_is
     state = patch_state(model)
     for allow in (False, True):
         with pytest.raises(ValueError, match=rf"^adapter_name: .*{case}_00001.safetensors: {error}"):
-            LoadTemporalAdapter().load(model, name, allow_other_checkpoint=allow)
+            LoadTemporalAdapter.execute(model, name, allow_other_checkpoint=allow)
     assert patch_state(model) == state

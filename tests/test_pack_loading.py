@@ -1,5 +1,7 @@
-"""The pack loads the way ComfyUI loads custom nodes, from a folder of any name, and registers V1 nodes."""
+"""The pack loads the way ComfyUI loads custom nodes, from a folder of any name, and registers V3 nodes (ComfyUI's
+node schema, ``comfy_api.latest``) that core's loader reads through the V1 view it derives from each schema."""
 import importlib.util
+import json
 import os
 import sys
 
@@ -8,6 +10,7 @@ import pytest
 from tve.tests.hosts import REAL_HOST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAND_IN = os.path.join(ROOT, "tests", "stand_in")
 EXPECTED_NODES = {"TVE_OpticalFlow", "TVE_FlowTrajectories", "TVE_PreviewFlow", "TVE_PreviewTrajectories",
                   "TVE_DDIMInversion", "TVE_ApplyFeatureInjection", "TVE_ApplyCrossFrameAttention",
                   "TVE_ApplyTokenFlow", "TVE_ApplyFLATTEN", "TVE_MotionDynamicsLatents", "TVE_ConsistencyMetrics",
@@ -32,18 +35,54 @@ def odd_folder(tmp_path):
     return str(link)
 
 
-def test_root_registers_every_node_with_prefix_category_and_v1_shape(odd_folder):
+def test_root_registers_every_node_with_prefix_category_and_v3_schema(odd_folder):
     pack = load_as(odd_folder, "_tve_loading_probe")
     mappings, names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
     assert set(mappings) == EXPECTED_NODES and set(names) == EXPECTED_NODES
     for node_id, cls in mappings.items():
         assert node_id.startswith("TVE_") and names[node_id].endswith("(TVE)")
-        assert cls.CATEGORY == "video editing/TVE"
+        schema = cls.define_schema()                                     # V3: the schema is the one declaration
+        assert (schema.node_id, schema.display_name, schema.category) == (node_id, names[node_id], "video editing/TVE")
+        assert {"define_schema", "execute"} <= set(vars(cls))
+        # the V1 view core's loader, server and executor read, derived from the schema
+        assert cls.CATEGORY == "video editing/TVE" and cls.DESCRIPTION == schema.description
         spec = cls.INPUT_TYPES()
         assert set(spec) <= {"required", "optional", "hidden"}
-        assert callable(getattr(cls(), cls.FUNCTION))
-        assert isinstance(cls.RETURN_TYPES, tuple)
+        assert cls.FUNCTION == "EXECUTE_NORMALIZED" and callable(getattr(cls(), cls.FUNCTION))
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(schema.outputs)
     assert pack.WEB_DIRECTORY == "./web"
+
+
+def v1_views(mappings: dict) -> dict:
+    """What core reads of each node class (through the JSON the server sends, so tuples and lists compare equal)."""
+    return json.loads(json.dumps({node_id: {
+        "input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES), "output_name": list(cls.RETURN_NAMES),
+        "output_node": cls.OUTPUT_NODE, "description": cls.DESCRIPTION, "category": cls.CATEGORY,
+        "function": cls.FUNCTION} for node_id, cls in mappings.items()}))
+
+
+@pytest.fixture
+def modules_restored():
+    """``sys.modules`` as it was before the test: modules it imported are dropped, those it replaced put back."""
+    before = dict(sys.modules)
+    yield
+    for name in set(sys.modules) - set(before):
+        del sys.modules[name]
+    sys.modules.update(before)
+
+
+@pytest.mark.real_host
+def test_the_stand_in_node_schema_derives_what_comfyuis_derives(modules_restored, monkeypatch):
+    """The stand-in suite runs the node classes on ``tests/stand_in/comfy_api``: loaded on it, the pack must show
+    core the inputs, outputs and flags that ComfyUI's own ``comfy_api.latest.io`` derives from the same schemas."""
+    real = v1_views(load_as(ROOT, "_tve_real_schema_probe").NODE_CLASS_MAPPINGS)
+    for name in [name for name in sys.modules if name.split(".")[0] == "comfy_api"]:
+        del sys.modules[name]                                 # ComfyUI's comfy and the rest stay as imported
+    monkeypatch.syspath_prepend(STAND_IN)
+    stand_in = v1_views(load_as(ROOT, "_tve_stand_in_schema_probe").NODE_CLASS_MAPPINGS)
+    assert os.path.dirname(sys.modules["comfy_api"].__file__) == os.path.join(STAND_IN, "comfy_api")
+    assert set(stand_in) == EXPECTED_NODES
+    assert stand_in == real
 
 
 def test_optical_flow_folder_keeps_paths_from_extra_model_paths():

@@ -163,7 +163,7 @@ def test_trajectories_of_another_latent_than_the_inverted_one_are_refused():
     from tve.engine.inversion import invert
     flow = estimate_flow(torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0)), "dis")
     latent, other = make_latent(3, 8, 8, seed=2), make_latent(3, 8, 8, seed=3)
-    trajectories, = FlowTrajectories().build(flow, latent, 0, True)
+    trajectories, = FlowTrajectories.execute(flow, latent, 0, True).result
     flat = apply_flatten(make_tiny_model("sd15"), trajectories, "highest resolution", "dense_output")
     with pytest.raises(ValueError, match="^trajectories: built on another latent than the one DDIM Inversion"):
         invert(flat, other["samples"], make_conditioning(), 2, "ddim_uniform")
@@ -178,8 +178,8 @@ def test_trajectories_of_another_latent_than_the_inverted_one_are_refused():
 def test_ddim_inversion_keeps_noise_mask_and_batch_index_on_its_latent():
     from tve.nodes.inversion_node import DDIMInversion
     latent = {**make_latent(2, 8, 8), "noise_mask": torch.ones(1, 64, 64), "batch_index": [4, 5]}
-    out, inversion, _ = DDIMInversion().invert(make_tiny_model("sd15"), latent, make_conditioning(), 2,
-                                               "ddim_uniform")
+    out, inversion, _ = DDIMInversion.execute(make_tiny_model("sd15"), latent, make_conditioning(), 2,
+                                              "ddim_uniform").result
     assert out["noise_mask"] is latent["noise_mask"] and out["batch_index"] == [4, 5]
     assert not torch.equal(out["samples"], latent["samples"])
 
@@ -250,7 +250,8 @@ def test_an_outer_sample_wrapper_sees_the_sampled_patcher():
 def test_a_cross_frame_model_refuses_an_empty_nan_or_foreign_latent_before_the_first_step(bad, message):
     from tve.engine import host
     from tve.nodes.edit_nodes import ApplyCrossFrameAttention
-    model, = ApplyCrossFrameAttention().apply(make_tiny_model("sd15"), "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0)
+    model, = ApplyCrossFrameAttention.execute(make_tiny_model("sd15"), "dense", 2, 0, False, 2, 0, "all", 0.0,
+                                              1.0).result
     with pytest.raises(ValueError, match=message):
         sample(model, bad, host.sigma_grid(model, "ddim_uniform", 2))
 
@@ -267,7 +268,7 @@ def test_multigpu_cfg_split_on_a_tve_model_is_refused_before_the_first_step(appl
     if applied == "injection":
         patched, start, sigmas = injected(model, inversion), x_T, inversion.sigmas
     else:
-        (patched,) = ApplyCrossFrameAttention().apply(model, "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0)
+        (patched,) = ApplyCrossFrameAttention.execute(model, "dense", 2, 0, False, 2, 0, "all", 0.0, 1.0).result
         start, sigmas = latent, host.sigma_grid(model, "ddim_uniform", 2)
     split = patched.clone()
     split.set_additional_models("multigpu", [patched.clone()])
@@ -284,8 +285,8 @@ def test_preview_features_refuses_non_finite_features_naming_the_model():
     model, latent, x_T, inversion = inverted(frames=2, steps=2)
     broken = dataclasses.replace(inversion, latents=torch.full_like(inversion.latents, float("nan")))
     with pytest.raises(ValueError, match="^model: .* NaN or infinite in its features of the source at step 1"):
-        PreviewFeatures().preview(model, broken, 0.5, "output latent", 2, 2)
-    pca, field = PreviewFeatures().preview(model, inversion, 0.5, "output latent", 2, 2)["result"]
+        PreviewFeatures.execute(model, broken, 0.5, "output latent", 2, 2)
+    pca, field = PreviewFeatures.execute(model, inversion, 0.5, "output latent", 2, 2).result
     assert pca.shape == field.shape == (2, 16, 16, 3) and bool(torch.isfinite(pca).all())
 
 
@@ -321,7 +322,7 @@ def test_ddim_inversion_refuses_a_noise_mask_the_edit_could_not_use_naming_its_l
     from tve.nodes.inversion_node import DDIMInversion
     latent = {**make_latent(6, 6, 8), "noise_mask": mask}
     with pytest.raises(ValueError, match=error):
-        DDIMInversion().invert(make_tiny_model("sd15"), latent, make_conditioning(), 2, "ddim_uniform")
+        DDIMInversion.execute(make_tiny_model("sd15"), latent, make_conditioning(), 2, "ddim_uniform")
 
 
 def test_an_edit_refuses_a_nan_noise_mask_set_after_the_inversion_naming_latent_image():

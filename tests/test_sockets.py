@@ -18,7 +18,7 @@ def socket_types(cls) -> set[str]:
 
 def test_every_custom_socket_type_has_the_pack_prefix():
     builtin = {"MODEL", "LATENT", "IMAGE", "CONDITIONING", "SIGMAS", "VAE", "INT", "FLOAT", "STRING", "BOOLEAN",
-               "OPTICAL_FLOW"}                      # core's own: Load Optical Flow Model (0.33+)
+               "COMBO", "OPTICAL_FLOW"}             # core's own: Load Optical Flow Model (0.33+)
     used = set().union(*(socket_types(cls) for cls in NODE_CLASS_MAPPINGS.values())) - builtin
     assert used == CUSTOM
 
@@ -37,8 +37,8 @@ def arguments(cls, foreign_input: str) -> dict:
     values = {}
     for name, (socket, *rest) in spec.items():
         options = rest[0] if rest else {}
-        if isinstance(socket, list):
-            values[name] = options.get("default", socket[0])
+        if socket == "COMBO":
+            values[name] = options.get("default", options["options"][0])
         elif socket in ("INT", "FLOAT", "BOOLEAN"):
             values[name] = options.get("default", 0)
         elif socket == "MODEL":

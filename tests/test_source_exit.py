@@ -40,7 +40,7 @@ def edit_model(family, preset):
                             "ddim_uniform")
     if preset in ("tokenflow", "tokenflow-official"):
         propagation = "official" if preset == "tokenflow-official" else "paper"
-        return ApplyTokenFlow().apply(model, inversion, 2, 7, propagation, 0.5, 0.75)[0], inversion, x_T
+        return ApplyTokenFlow.execute(model, inversion, 2, 7, propagation, 0.5, 0.75).result[0], inversion, x_T
     block_preset = "tokenflow" if preset == "pnp-tokenflow" else "flatten"
     return apply_feature_injection(model, inversion, 0.5, 0.75, block_preset, "sigma-matched"), inversion, x_T
 

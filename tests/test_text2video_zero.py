@@ -105,9 +105,9 @@ def sd15():
 def test_node_outputs_frames_at_sigma_t1_and_the_rest_of_the_grid(family):
     from tve.engine import host
     model = make_tiny_model(family)
-    out_latent, sigmas, start = MotionDynamicsLatents().make(
+    out_latent, sigmas, start = MotionDynamicsLatents.execute(
         model, make_conditioning(family, seed=1), make_conditioning(family, seed=2), make_latent(2, 8, 8), seed=0,
-        frames=3, motion_x=1.0, motion_y=0.0, **FAST)
+        frames=3, motion_x=1.0, motion_y=0.0, **FAST).result
     grid = host.sigma_grid(model, "ddim_uniform", 6)
     assert len(grid) == 8 and start == 7 - 1 - 4
     assert out_latent["samples"].shape == (3, 4, 8, 8)

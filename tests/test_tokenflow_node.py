@@ -38,7 +38,7 @@ def edit(model, x_T, sigmas, family="sd15", cfg=4.0):
 
 def tokenflow(model, inversion, interval=4, seed=7, mode="paper", attn=0.5, conv=0.8):
     from tve.nodes.edit_nodes import ApplyTokenFlow
-    return ApplyTokenFlow().apply(model, inversion, interval, seed, mode, attn, conv)[0]
+    return ApplyTokenFlow.execute(model, inversion, interval, seed, mode, attn, conv).result[0]
 
 
 def recorded(model):
@@ -84,7 +84,7 @@ def test_interval_one_equals_keyframe_attention_plus_injection():
     from tve.engine.injection import apply_feature_injection
     model, cond, x_T, inversion = inverted(frames=4, steps=3)
     via_tokenflow = edit(tokenflow(model, inversion, interval=1), x_T, inversion.sigmas)
-    extended = ApplyCrossFrameAttention().apply(model, "keyframes", 1, 0, False, 2, 7, "all", 0.0, 1.0)[0]
+    extended = ApplyCrossFrameAttention.execute(model, "keyframes", 1, 0, False, 2, 7, "all", 0.0, 1.0).result[0]
     reference = apply_feature_injection(extended, inversion, 0.5, 0.8, "tokenflow", "sigma-matched")
     expected = edit(reference, x_T, inversion.sigmas)
     assert torch.allclose(via_tokenflow, expected, atol=1e-4 * expected.abs().max())

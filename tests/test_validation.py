@@ -81,30 +81,30 @@ def test_fingerprint_survives_a_half_precision_cast_but_not_another_latent():
 
 
 def test_cross_frame_attention_refuses_nan_and_bool_widgets():
-    node, model = ApplyCrossFrameAttention(), make_tiny_model("sd15")
+    node, model = ApplyCrossFrameAttention, make_tiny_model("sd15")
     good = dict(mode="keyframes", keyframe_interval=2, anchor_frame=0, anchor_include_self=False, coarse_factor=2,
                 seed=0, token_grids="all", start_percent=0.0, end_percent=1.0)
     for name, bad in [("start_percent", math.nan), ("end_percent", math.inf), ("keyframe_interval", True),
                       ("coarse_factor", 0), ("anchor_include_self", 1), ("mode", "sparse")]:
         with pytest.raises(ValueError, match=f"^{name}: "):
-            node.apply(model, **{**good, name: bad})
-    node.apply(model, **good)
+            node.execute(model, **{**good, name: bad})
+    node.execute(model, **good)
 
 
 def test_flow_nodes_refuse_tiny_nan_or_single_frames_before_opencv_sees_them():
-    node = OpticalFlow()
+    node = OpticalFlow
     with pytest.raises(ValueError, match=r"^images: frames are 15x15 px; at least 16x16 px needed \(OpenCV DIS's "
                                          r"12 px patch after VAEEncode's crop to a multiple of 8"):
-        node.estimate(clip(2, 15, 15), VAE, "dis", "none (method dis)", 8)
-    node.estimate(clip(2, 16, 16), VAE, "dis", "none (method dis)", 8)
+        node.execute(clip(2, 15, 15), VAE, "dis", "none (method dis)", 8)
+    node.execute(clip(2, 16, 16), VAE, "dis", "none (method dis)", 8)
     with pytest.raises(ValueError, match=r"^images: frames are 32x6 px; at least 8x8 px needed"):
-        node.estimate(clip(2, 6, 32), VAE, "raft_small", "none (method dis)", 8)
+        node.execute(clip(2, 6, 32), VAE, "raft_small", "none (method dis)", 8)
     with pytest.raises(ValueError, match=r"^images: has 1 frame\(s\)"):
-        node.estimate(clip(1), VAE, "dis", "none (method dis)", 8)
+        node.execute(clip(1), VAE, "dis", "none (method dis)", 8)
     nan = clip(2)
     nan[0, 4:12, 4:12] = math.nan
     with pytest.raises(ValueError, match="^images: .* NaN"):
-        node.estimate(nan, VAE, "dis", "none (method dis)", 8)
+        node.execute(nan, VAE, "dis", "none (method dis)", 8)
 
 
 def test_flow_consumers_refuse_non_finite_flow_and_frames():
@@ -113,38 +113,38 @@ def test_flow_consumers_refuse_non_finite_flow_and_frames():
                      method="dis")
     latent = make_latent(3, 3, 4)
     with pytest.raises(ValueError, match="^flow: .* NaN or infinite in its forward flow"):
-        FlowTrajectories().build(bad, latent, 0, True)
+        FlowTrajectories.execute(bad, latent, 0, True)
     with pytest.raises(ValueError, match="^flow: "):
-        PreviewFlow().preview(bad)
+        PreviewFlow.execute(bad)
     with pytest.raises(ValueError, match="^flow: "):
-        ConsistencyMetrics().measure(clip(3), bad)
+        ConsistencyMetrics.execute(clip(3), bad)
     nan = clip(3)
     nan[2] = math.nan
     with pytest.raises(ValueError, match="^images: .* NaN"):
-        ConsistencyMetrics().measure(nan, flow)
+        ConsistencyMetrics.execute(nan, flow)
     with pytest.raises(ValueError, match="^source_images: .* NaN"):
-        ConsistencyMetrics().measure(clip(3), flow, source_images=nan)
-    trajectories, = FlowTrajectories().build(flow, latent, 0, True)
+        ConsistencyMetrics.execute(clip(3), flow, source_images=nan)
+    trajectories, = FlowTrajectories.execute(flow, latent, 0, True).result
     with pytest.raises(ValueError, match="^images: .* NaN"):
-        PreviewTrajectories().preview(trajectories, nan, "latent", 8, 0)
+        PreviewTrajectories.execute(trajectories, nan, "latent", 8, 0)
     with pytest.raises(ValueError, match="^latent: has 16-channel"):
-        FlowTrajectories().build(flow, {"samples": torch.zeros(3, 16, 3, 4)}, 0, True)
+        FlowTrajectories.execute(flow, {"samples": torch.zeros(3, 16, 3, 4)}, 0, True)
 
 
 def test_trajectories_carry_the_fingerprint_of_their_latent_and_sources_of_two_latents_are_refused():
     flow = estimate_flow(clip(3), "dis")
     latent = make_latent(3, 3, 4)
-    trajectories, = FlowTrajectories().build(flow, latent, 0, True)
+    trajectories, = FlowTrajectories.execute(flow, latent, 0, True).result
     assert validation.same_fingerprint(trajectories.source, validation.fingerprint(latent["samples"]))
-    other, = FlowTrajectories().build(flow, make_latent(3, 3, 4, seed=9), 0, True)
+    other, = FlowTrajectories.execute(flow, make_latent(3, 3, 4, seed=9), 0, True).result
     validation.same_sources([trajectories, trajectories])
     with pytest.raises(ValueError, match="^trajectories: made from another latent than the trajectories"):
         validation.same_sources([trajectories, other])
     # FLATTEN applied again is one FLATTEN with the later settings (issue 15): its trajectories replace the first.
-    model, = ApplyFLATTEN().apply(make_tiny_model("sd15"), trajectories, "highest resolution", "dense_output")
-    shown = ApplyFLATTEN().apply(model, other, "highest resolution", "dense_output")
-    again, = shown["result"]
-    assert shown["ui"]["text"] == ["Apply FLATTEN (TVE): applied again; these settings replace the earlier ones"]
+    model, = ApplyFLATTEN.execute(make_tiny_model("sd15"), trajectories, "highest resolution", "dense_output").result
+    shown = ApplyFLATTEN.execute(model, other, "highest resolution", "dense_output")
+    again, = shown.result
+    assert shown.ui["text"] == ["Apply FLATTEN (TVE): applied again; these settings replace the earlier ones"]
     from tve.engine.stack import stack_of
     assert stack_of(again).sources() == [other]
 
