@@ -117,7 +117,7 @@ def test_readers_the_stored_features_do_not_cover_are_refused_when_their_node_ru
     with pytest.raises(Refused, match="^order: clean-first.*use sigma-matched"):
         injected(model, inversion, order="clean-first")
     with pytest.raises(Refused, match=r"^inversion: .*Apply TokenFlow \(TVE\) reads others.*source_features to live"):
-        ApplyTokenFlow().apply(model, inversion, 2, 7, "paper", 0.5, 0.75)
+        ApplyTokenFlow.execute(model, inversion, 2, 7, "paper", 0.5, 0.75)
     injected(model, inversion, attn_end=0.75, conv_end=0.75)                           # covered: accepted
 
 
