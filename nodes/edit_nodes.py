@@ -39,8 +39,8 @@ class ApplyFeatureInjection(io.ComfyNode):
         return schema(identity.FEATURE_INJECTION, (
             "Plug-and-Play injection: for the first part of sampling, the edit's decoder self-attention "
             "queries/keys and one ResBlock's features are taken from the source video at the same noise level (a "
-            "live source pass each step), which keeps layout and motion. Sample the inverted latent on the "
-            "inversion's σ grid."), [
+            "live source pass each step, or what the inversion stored: Apply FLATTEN's source_features), which "
+            "keeps layout and motion. Sample the inverted latent on the inversion's σ grid."), [
             io.Model.Input("model", tooltip="The model you edit with; it must be the one the inversion was made with."),
             InversionSocket.Input("inversion", tooltip="From DDIM Inversion (TVE): the source video at every σ."),
             fraction("attention_injection_end", 0.5, "Fraction of the steps with q/k injection."),
