@@ -30,10 +30,10 @@ def flatten_model(family, source_features, windows=None):
                          source_features, 0.75)
 
 
-def inverted(model, family, formula="next_sigma"):
+def inverted(model, family, formula="next_sigma", multiple=1):
     from tve.engine.inversion import invert
     return invert(model, make_latent(FRAMES, 8, 8)["samples"], make_conditioning(family, seed=1), STEPS,
-                  "ddim_uniform", 1, formula)
+                  "ddim_uniform", multiple, formula)
 
 
 def injected(model, inversion, attn_end=0.5, conv_end=0.75, preset="flatten", order="sigma-matched"):
@@ -61,6 +61,18 @@ def test_an_edit_replaying_stored_features_is_bit_identical_to_the_live_source_p
     ran = PointsRun(replaying)
     assert torch.equal(edit(replaying, x_T, stored.sigmas, family), reference)
     assert ran.of("source") == [] and len(ran.of("edit")) == STEPS                  # no source call, one per step
+
+
+@pytest.mark.parametrize("formula", ["next_sigma", "current_sigma"])
+def test_a_finer_inversion_stores_the_features_at_the_sampling_grids_sigma(formula):
+    """inversion_multiple 2: the inversion walks 8 steps and keeps the source (and its features) at the 4-step
+    sampling grid's σ only."""
+    live_model, stored_model = flatten_model("sd15", "live"), flatten_model("sd15", "stored")
+    x_T, live = inverted(live_model, "sd15", formula, multiple=2)
+    _, stored = inverted(stored_model, "sd15", formula, multiple=2)
+    assert {step for step, _ in stored.stored.kept} == {0, 1, 2}
+    assert torch.equal(edit(injected(stored_model, stored), x_T, stored.sigmas, "sd15"),
+                       edit(injected(live_model, live), x_T, live.sigmas, "sd15"))
 
 
 @pytest.mark.parametrize("windows", [(2, 0), (3, 1)])
