@@ -158,6 +158,30 @@ def figure_grouped_memory_vs_output(frame_counts: list[int], cache: dict) -> Non
               f"{grouped['trajectories']} trajectories, index built once in {grouped['index_seconds']:.2f} s)")
 
 
+def _testbed(frames: int, cfg: float) -> tuple:
+    """``bench/consistency.py``'s held-out clip on the trained test model (real host): (the model, the clip's
+    latent, its trajectories from the ground-truth flow, ``edit(model, x_T, sigmas)`` sampling the target prompt
+    with euler at ``cfg`` from x_T)."""
+    import comfy.sample
+    import comfy.samplers
+    from tve.flow.estimate import FlowField
+    from tve.flow.trajectories import build_trajectories
+    from tve.tests.trained_model import load_trained_model, trained_conditioning
+    from tve.tools.train_test_model import FRAME_SIZE, HELD_OUT_SEED
+    from tve.tools.video_world import frames_to_latent, render_clip
+    clip = render_clip(frames, FRAME_SIZE, FRAME_SIZE, seed=HELD_OUT_SEED, sprites=2)
+    flow = FlowField(clip.flow_forward, clip.flow_backward, clip.occlusion_forward, "ground truth")
+    latent = frames_to_latent(clip.frames)
+    trajectories = build_trajectories(flow, tuple(latent.shape[-2:]), seed=0)
+
+    def edit(patched, x_T: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        return comfy.sample.sample_custom(patched, torch.zeros_like(x_T), cfg, comfy.samplers.sampler_object("euler"),
+                                          sigmas, trained_conditioning("target"), trained_conditioning("empty"),
+                                          x_T, disable_pbar=True, seed=0)
+
+    return load_trained_model(), latent, trajectories, edit
+
+
 def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repeats: int = 3,
                        backends: tuple = ("sub_quad", "pytorch"), profile: bool = True) -> None:
     """FLATTEN edit / plain CFG and per-frame PnP / plain CFG, the trained test model (real host), per backend.
@@ -176,27 +200,15 @@ def figure_edit_vs_cfg(frames: int = 16, steps: int = 25, cfg: float = 5.0, repe
     if not os.environ.get("COMFYUI_PATH"):
         print("skipped: FLATTEN edit / plain CFG needs the real host (set COMFYUI_PATH)")
         return
-    import comfy.sample
-    import comfy.samplers
     import tve.engine.flatten as flatten_node
-    from tve.flow.estimate import FlowField
-    from tve.flow.trajectories import build_trajectories
     from tve.engine.injection import apply_feature_injection
     from tve.engine.inversion import invert
-    from tve.tests.trained_model import load_trained_model, trained_conditioning
-    from tve.tools.train_test_model import FRAME_SIZE, HELD_OUT_SEED
-    from tve.tools.video_world import frames_to_latent, render_clip
-    clip = render_clip(frames, FRAME_SIZE, FRAME_SIZE, seed=HELD_OUT_SEED, sprites=2)
-    flow = FlowField(clip.flow_forward, clip.flow_backward, clip.occlusion_forward, "ground truth")
-    base = load_trained_model()
-    latent = frames_to_latent(clip.frames)
+    from tve.tests.trained_model import trained_conditioning
+    base, latent, trajectories, sample = _testbed(frames, cfg)
     x_T, inversion = invert(base, latent, trained_conditioning("source"), steps, "ddim_uniform")
-    trajectories = build_trajectories(flow, tuple(latent.shape[-2:]), seed=0)
 
     def edit(patched) -> None:
-        comfy.sample.sample_custom(patched, torch.zeros_like(x_T), cfg, comfy.samplers.sampler_object("euler"),
-                                   inversion.sigmas, trained_conditioning("target"), trained_conditioning("empty"),
-                                   x_T, disable_pbar=True, seed=0)
+        sample(patched, x_T, inversion.sigmas)
 
     pack_trajectory = flatten_node.trajectory_attention
 
@@ -287,27 +299,12 @@ def figure_stored_features(frames: int = 16, steps: int = 25, cfg: float = 5.0, 
     if not os.environ.get("COMFYUI_PATH"):
         print("skipped: FLATTEN stored features need the real host (set COMFYUI_PATH)")
         return
-    import comfy.sample
-    import comfy.samplers
     from tve.engine.flatten import apply_flatten
     from tve.engine.injection import apply_feature_injection
     from tve.engine.inversion import invert
-    from tve.flow.estimate import FlowField
-    from tve.flow.trajectories import build_trajectories
-    from tve.tests.trained_model import load_trained_model, trained_conditioning
-    from tve.tools.train_test_model import FRAME_SIZE, HELD_OUT_SEED
-    from tve.tools.video_world import frames_to_latent, render_clip
-    clip = render_clip(frames, FRAME_SIZE, FRAME_SIZE, seed=HELD_OUT_SEED, sprites=2)
-    flow = FlowField(clip.flow_forward, clip.flow_backward, clip.occlusion_forward, "ground truth")
-    base = load_trained_model()
-    latent = frames_to_latent(clip.frames)
-    trajectories = build_trajectories(flow, tuple(latent.shape[-2:]), seed=0)
+    from tve.tests.trained_model import trained_conditioning
+    base, latent, trajectories, edit = _testbed(frames, cfg)
     source = trained_conditioning("source")
-
-    def edit(patched, x_T, sigmas) -> torch.Tensor:
-        return comfy.sample.sample_custom(patched, torch.zeros_like(x_T), cfg, comfy.samplers.sampler_object("euler"),
-                                          sigmas, trained_conditioning("target"), trained_conditioning("empty"),
-                                          x_T, disable_pbar=True, seed=0)
 
     setting = f"{frames} frames, 16x16 latent, {steps} steps, cfg {cfg}, trained test model, CPU"
     _timing.header(f"FLATTEN with stored vs live source features, {setting}")

@@ -70,7 +70,7 @@ class Flatten(Method):
             return None
         attn_blocks, conv_ids = injection_targets(model, "flatten")
         reads = SourceReads(frozenset(b.key for b in attn_blocks), frozenset(conv_ids))
-        return StoredSource(reads, int(steps * self.stored_steps), reads.last_point())
+        return StoredSource(reads, int(steps * self.stored_steps))
 
     def frame_pooled_norms(self, model: Any) -> list:
         return list(host.resblock_group_norms(model).values()) if self.pooled_norm else []

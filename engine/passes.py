@@ -149,13 +149,13 @@ class Step:
 
 def stored_grid_step(inversion: Any, sigma: float) -> int:
     """The grid step of ``sigma`` for stored source features, which exist at the grid's σ only."""
-    position = inversion.position_of(sigma)
-    step = round(position)
-    if abs(position - step) > 1e-3:
+    try:
+        return inversion.index_of(sigma)
+    except ValueError:
         raise ValueError(f"sampler: evaluates the model at σ={sigma:.5f}, between two σ of the inversion's grid, "
                          "where its stored source features do not exist; use a sampler that evaluates at the grid's "
-                         "σ only (euler, ddim, dpmpp_2m, ...) or set Apply FLATTEN's source_features to live")
-    return step
+                         "σ only (euler, ddim, dpmpp_2m, ...) or set Apply FLATTEN's source_features to live"
+                         ) from None
 
 
 # ---------------------------------------------------------------------------------------------- the wrappers
@@ -273,10 +273,8 @@ def route_attention_input(n: torch.Tensor, context: torch.Tensor, value: torch.T
         return n, context, value
     key = host.block_key(extra_options)
     if run.pass_ is Pass.INVERSION:
-        stored = run.stack.recording
-        if stored is not None and stored.recording is not None and key in stored.reads.tokens:
-            if stored.keep_tokens(run.pass_frame_ids, key, n):                      # (F, T, C)
-                host.end_unet_call()
+        if run.stack.recording is not None:                                          # FLATTEN's stored features
+            run.stack.recording.keep_tokens(run.pass_frame_ids, key, n)             # (F, T, C)
     elif run.pass_ is Pass.SOURCE:
         if key in run.stack.source_reads(run.step, run.steps).tokens:
             run.keep_source_tokens(key, n)                                            # (F, T, C)

@@ -37,7 +37,6 @@ class StoredSource:
     window. Filled while the inversion runs (``recording``), read-only after it."""
     reads: SourceReads                     # what is kept: self-attention inputs (tokens), ResBlock branches
     steps: int                             # grid steps kept, from the top σ: 0 .. steps − 1
-    last_point: "ReadPoint | None" = None  # a call made only for these features ends after this point
     # (grid step, frame ids of the pass) -> SourceFeatures on the intermediate device
     kept: dict = field(default_factory=dict, repr=False)
     recording: int | None = None           # grid step whose features the UNet call now running gives (inversion)
@@ -61,27 +60,38 @@ class StoredSource:
         finally:
             self.recording, self.ends_call, self.pending = None, False, {}
 
-    def keep_tokens(self, frame_ids: tuple[int, ...], key: "BlockKey", n: torch.Tensor) -> bool:
-        """Keep block ``key``'s self-attention input of the pass over ``frame_ids`` (its first CFG chunk: the
-        inversion runs at guidance 1, every chunk holds the source conditioning); whether the call may end now."""
-        self._pending(frame_ids).tokens[key] = n[:len(frame_ids)]                    # (F, T, C)
-        return self.ends_call and self.last_point == tokens_point(key)
+    def keep_tokens(self, frame_ids: tuple[int, ...], key: "BlockKey", n: torch.Tensor) -> None:
+        """While recording, keep block ``key``'s self-attention input of the pass over ``frame_ids`` if it is kept
+        (its first CFG chunk: the inversion runs at guidance 1, every chunk holds the source conditioning)."""
+        if self.recording is not None and key in self.reads.tokens:
+            self._keep(frame_ids).tokens[key] = n[:len(frame_ids)]                   # (F, T, C)
+            self._end_call_after(tokens_point(key))
 
-    def keep_resblock(self, frame_ids: tuple[int, ...], output_block: int, h: torch.Tensor) -> bool:
-        """Keep output block ``output_block``'s ResBlock branch output of the pass over ``frame_ids``; whether the
-        call may end now."""
-        self._pending(frame_ids).resblocks[output_block] = h[:len(frame_ids)]       # (F, C, h, w)
-        return self.ends_call and self.last_point == resblock_point(output_block)
+    def keep_resblock(self, frame_ids: tuple[int, ...], output_block: int, h: torch.Tensor) -> None:
+        """While recording, keep output block ``output_block``'s ResBlock branch output of the pass over
+        ``frame_ids``."""
+        if self.recording is not None:
+            self._keep(frame_ids).resblocks[output_block] = h[:len(frame_ids)]      # (F, C, h, w)
+            self._end_call_after(resblock_point(output_block))
 
-    def _pending(self, frame_ids: tuple[int, ...]) -> SourceFeatures:
+    def _keep(self, frame_ids: tuple[int, ...]) -> SourceFeatures:
         return self.pending.setdefault(tuple(frame_ids), SourceFeatures())
+
+    @property
+    def last_point(self) -> "ReadPoint | None":
+        """The point of a UNet call after which no kept feature is computed."""
+        return self.reads.last_point()
+
+    def _end_call_after(self, point: "ReadPoint") -> None:
+        """A call made for the features only ends after the last one kept (``host.end_unet_call``)."""
+        if self.ends_call and point == self.last_point:
+            host.end_unet_call()
 
     def run_hooks(self, model: Any, frame_ids: Callable[[], tuple[int, ...]]) -> Mapping[torch.nn.Module, Callable]:
         """Forward hooks for the inversion's sampling run: each kept ResBlock's branch output, while recording."""
         def hook_of(output_block: int) -> Callable[[torch.Tensor], None]:
             def hook(h: torch.Tensor) -> None:
-                if self.recording is not None and self.keep_resblock(frame_ids(), output_block, h):
-                    host.end_unet_call()
+                self.keep_resblock(frame_ids(), output_block, h)
             return hook
 
         return {host.resblock_branch(model, i): hook_of(i) for i in self.reads.resblocks}
