@@ -3,6 +3,7 @@ which node holds what (real host; the e2e helpers of ``tests/e2e``).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/workflow_memory.py [--workflows tokenflow_edit flatten_edit]
         [--frames 12 48 120] [--clip 854x480] [--resize 128] [--steps 2] [--cache default none] [--vae tiled]
+        [--source-features stored]
 
 For each workflow, frame count and cache mode, a fresh server (``tests/e2e/headless_comfyui.py``, CPU) with the e2e
 tiny SD1.5 checkpoint runs the shipped graph (``tests/e2e/ui_workflow.to_api``) on a procedural clip of exactly that
@@ -14,6 +15,7 @@ the idle server and its growth per frame between frame counts; per node, the res
 held) and its peak while it runs, above the idle server, with the growth per frame of each; the nodes are marked
 [pack] (TVE_*) or [core]. ``--cache none`` runs the server with ``--cache-none``: what core's output cache keeps.
 ``--vae tiled`` swaps in core's VAE Encode / Decode (Tiled), which code one frame at a time.
+``--source-features stored`` sets Apply FLATTEN's ``source_features`` (the inversion keeps the injected features).
 """
 import argparse
 import asyncio
@@ -84,14 +86,15 @@ def start_server(files: dict, log: Path, cache: str):
 
 
 def graph_of(workflow: str, object_info: dict, clip: str, frames: int, resize: int, steps: int,
-             vae: str = "plain") -> dict:
+             vae: str = "plain", source_features: str = "live") -> dict:
     from tve.tests.e2e.session_files import CHECKPOINT
     from tve.tests.e2e.ui_workflow import to_api
     graph = to_api(json.loads((ROOT / "workflows" / f"{workflow}.json").read_text()), object_info)
     overrides = {"CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT}, "LoadVideo": {"file": clip},
                  "TVE_OpticalFlow": {"method": "dis", "raft_weights": "none (method dis)"},
                  "TVE_DDIMInversion": {"steps": steps}, "ImageScaleToMaxDimension": {"largest_size": resize},
-                 "ImageFromBatch": {"batch_index": 0, "length": frames}}
+                 "ImageFromBatch": {"batch_index": 0, "length": frames},
+                 "TVE_ApplyFLATTEN": {"source_features": source_features}}
     for node in graph.values():
         for name, value in overrides.get(node["class_type"], {}).items():
             assert name in node["inputs"], f"{node['class_type']} has no input {name}"
@@ -209,7 +212,8 @@ def measure(files: dict, root: Path, workflow: str, frames: int, cache: str, opt
     server = start_server(files, root / f"server_{workflow}_{frames}_{cache}.log", cache)
     try:
         object_info = server.get("/object_info").json()
-        graph = graph_of(workflow, object_info, clip, frames, opts.resize, opts.steps, opts.vae)
+        graph = graph_of(workflow, object_info, clip, frames, opts.resize, opts.steps, opts.vae,
+                         opts.source_features)
         with Recorder(server.url, server.process.pid) as recorder:
             time.sleep(0.5)
             idle = min(r for _, r in recorder.samples[-20:])
@@ -263,6 +267,8 @@ def main() -> None:
     ap.add_argument("--cache", nargs="+", default=["default"], choices=["default", "none"])
     ap.add_argument("--vae", default="plain", choices=["plain", "tiled"],
                     help="tiled: core's VAE Encode / Decode (Tiled) in place of the shipped plain ones")
+    ap.add_argument("--source-features", default="live", choices=["live", "stored"],
+                    help="Apply FLATTEN's source_features in the FLATTEN workflows")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--keep", help="a folder to keep the session (server logs, clips) in")
     opts = ap.parse_args()
@@ -273,7 +279,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     files = session(root)
     _timing.header(f"whole-workflow memory, clip {opts.clip}, resized to {opts.resize} px, {opts.steps} DDIM steps, "
-                   f"tiny SD1.5 checkpoint, server on the CPU, {opts.vae} VAE nodes")
+                   f"tiny SD1.5 checkpoint, server on the CPU, {opts.vae} VAE nodes, FLATTEN source features "
+                   f"{opts.source_features}")
     for workflow in opts.workflows:
         for cache in opts.cache:
             results = {f: measure(files, root, workflow, f, cache, opts) for f in opts.frames}
